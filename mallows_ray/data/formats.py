@@ -1,0 +1,724 @@
+"""Readers and normalisers: preference data in any supported format -> one pairwise/listwise schema.
+
+Sources (`iter_raw_rows`, `list_source_files`)
+    * a .jsonl, .jsonl.gz or .parquet file, or a folder of them (searched recursively, read in sorted
+      path order);
+    * a Hugging Face `datasets` folder written by `save_to_disk` (a Dataset: dataset_info.json + state.json;
+      a DatasetDict: dataset_dict.json, pick one with `split`);
+    * otherwise a Hugging Face hub dataset name, loaded with `datasets.load_dataset` when the hub is
+      reachable.
+    Row numbers: the 1-based line number for jsonl / jsonl.gz (blank lines are skipped but counted), the
+    0-based row index for parquet files and Hugging Face datasets. Undecodable lines come out as rows with
+    `error` set, and a file that stops being readable (a corrupt gzip member, a bad parquet page) ends with
+    one such row: a reader never raises in the middle of a file.
+
+Formats (`FORMATS`; `detect_format` picks one from a record's columns, see `FORMAT_COLUMNS`)
+    pairwise_text            prompt, chosen, rejected as text (prompt may also be a message list)
+    pairwise_messages        TRL conversational: prompt, chosen, rejected as message lists
+    pairwise_implicit        TRL implicit prompt: chosen, rejected message lists; the shared prefix is the prompt
+    hh                       Anthropic HH: chosen, rejected "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts
+    ultrafeedback_binarized  prompt text; chosen, rejected message lists incl. the user turn;
+                             optional score_chosen, score_rejected
+    listwise                 prompt, responses (N texts), scores {objective: [N numbers]}
+    ultrafeedback            raw UltraFeedback: instruction, completions[].response,
+                             completions[].annotations[aspect].Rating ("1".."5" or "N/A")
+
+Shared prompts (pairwise_messages, pairwise_implicit, hh, ultrafeedback_binarized): chosen and rejected are
+compared turn by turn (whitespace-insensitively); the prompt is their longest common run of turns that ends
+with a user turn and is followed by an assistant turn in both. For message lists exactly one assistant
+message must follow. For HH transcripts the response is all the text after that assistant marker, so a
+reply that itself contains "\\n\\nHuman:" / "\\n\\nAssistant:" (it happens in the real data) is kept whole
+rather than misread as more dialogue; turn texts are stripped.
+
+Normalised schema (`NormalisedRecord`, `NORMALISED_SCHEMA`): one record per prompt
+    id          the record's own `id` / `prompt_id`, else "<basename of source>:<row>"; unique within one
+                `read_normalised` call (a repeat is a `duplicate_id` reject)
+    kind        "pairwise" (responses = [chosen, rejected]) or "listwise" (the N responses)
+    prompt      [{role, content}] with roles system/user/assistant, ending with a user turn
+    responses   list of N >= 2 non-empty texts, distinct even when whitespace is ignored
+    objectives  listwise: objective names, sorted or in the order of `objectives`; pairwise: [] or, when
+                ultrafeedback_binarized rows carry scores, ["score"]
+    scores      [K][N] floats aligned with objectives and responses ([[score_chosen, score_rejected]] for
+                scored ultrafeedback_binarized; [] for other pairwise rows)
+    source, row where the row came from (see row numbers above)
+
+Validation: every row that does not normalise becomes a `Reject` with a reason code from
+`mallows_ray.data.rejects.REASONS`. Missing or non-numeric scores are `bad_score` unless `score_fill` is set:
+"min" / "mean" fill them with the min / mean of the same objective's valid scores for the same prompt, a
+number fills them with that number.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import re
+import statistics
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, TypedDict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mallows_ray.data.rejects import (
+    BAD_FIELD,
+    BAD_MESSAGES,
+    BAD_SCORE,
+    DUPLICATE_ID,
+    EMPTY_PROMPT,
+    EMPTY_RESPONSE,
+    IDENTICAL_RESPONSES,
+    LENGTH_MISMATCH,
+    MISSING_FIELD,
+    PROMPT_TOO_LONG,
+    TOO_FEW_RESPONSES,
+    UNDECODABLE,
+    Reject,
+    raw_excerpt,
+)
+
+__all__ = [
+    "FORMATS", "FORMAT_COLUMNS", "KINDS", "NORMALISED_SCHEMA", "PROMPT_TOO_LONG", "DataSourceError",
+    "FormatError", "Message", "NormalisedRecord", "RawRow", "Reject", "detect_format", "iter_raw_rows",
+    "list_source_files", "normalise", "read_normalised",
+]
+
+FORMATS = (
+    "pairwise_text", "pairwise_messages", "pairwise_implicit", "hh", "ultrafeedback_binarized", "listwise",
+    "ultrafeedback",
+)
+FORMAT_COLUMNS = {
+    "pairwise_text": "prompt (text or messages), chosen (text), rejected (text)",
+    "pairwise_messages": "prompt (messages), chosen (messages), rejected (messages)",
+    "pairwise_implicit": "chosen (messages), rejected (messages), no prompt: the shared prefix is the prompt",
+    "hh": "chosen (text), rejected (text) as '\\n\\nHuman: ...\\n\\nAssistant: ...' transcripts, no prompt",
+    "ultrafeedback_binarized": "prompt (text), chosen (messages incl. the user turn), rejected (messages), "
+    "optional score_chosen / score_rejected",
+    "listwise": "prompt (text or messages), responses (N texts), scores ({objective: [N numbers]})",
+    "ultrafeedback": "instruction (text), completions ([{response, annotations: {aspect: {Rating}}}])",
+}
+KINDS = {fmt: "listwise" if fmt in ("listwise", "ultrafeedback") else "pairwise" for fmt in FORMATS}
+ROLES = ("system", "user", "assistant")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+SCORE_FILLS = ("min", "mean")
+_PARQUET_BATCH_ROWS = 1024
+_HH_TURN = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+ScoreFill = Literal["min", "mean"] | float | None
+
+
+class Message(TypedDict):
+    role: str  # system | user | assistant
+    content: str
+
+
+class NormalisedRecord(TypedDict):
+    """One prompt and its responses; see the module docstring for each field."""
+
+    id: str
+    kind: Literal["pairwise", "listwise"]
+    prompt: list[Message]
+    responses: list[str]
+    objectives: list[str]
+    scores: list[list[float]]
+    source: str
+    row: int
+
+
+NORMALISED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        pa.field("responses", pa.list_(pa.string())),
+        pa.field("objectives", pa.list_(pa.string())),
+        pa.field("scores", pa.list_(pa.list_(pa.float64()))),
+        pa.field("source", pa.string()),
+        pa.field("row", pa.int64()),
+    ]
+)
+
+
+class RawRow(NamedTuple):
+    """One row as read: a decoded JSON object / table row, or the reason it could not be decoded."""
+
+    source: str  # file path, save_to_disk folder[/split] or hub dataset name/split
+    row: int  # 1-based line number (jsonl), 0-based row index (parquet, HF datasets)
+    record: dict[str, Any] | None
+    error: str | None = None  # set (and record None) when the row is undecodable
+    raw_text: str = ""  # the undecodable line, truncated, for the rejects file
+
+
+class FormatError(ValueError):
+    """An unknown format name, or a record whose columns match no format."""
+
+
+class DataSourceError(ValueError):
+    """A path or dataset name that cannot be read as a source."""
+
+
+class _RowError(Exception):
+    """A row-level validation failure; becomes a Reject."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+class _Parts(NamedTuple):
+    prompt: list[Message]
+    responses: list[str]
+    objectives: Sequence[str] = ()
+    scores: Sequence[list[float]] = ()
+
+
+@dataclass(frozen=True)
+class _ScoreSpec:
+    objectives: list[str] | None  # None: the record's objective names, sorted
+    fill: ScoreFill
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "dataset_dict.json").is_file()
+        or ((path / "dataset_info.json").is_file() and (path / "state.json").is_file())
+    )
+
+
+def _is_data_file(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(SUFFIXES)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.endswith(SUFFIXES)
+
+
+def list_source_files(path: str) -> list[str]:
+    """The local files that make up a source, in reading order.
+
+    A data file gives [path]; a folder gives every .jsonl / .jsonl.gz / .parquet file under it, sorted by
+    path (each one readable on its own with `iter_raw_rows`: the unit of parallel reading). A save_to_disk
+    folder gives all of its files (what a content fingerprint hashes; it is read as a whole). A hub dataset
+    name gives [].
+    """
+    local = Path(path).expanduser()
+    if _is_saved_dataset(local):
+        return [str(p) for p in sorted(local.rglob("*")) if p.is_file()]
+    if local.is_dir():
+        files = [str(p) for p in sorted(local.rglob("*")) if _is_data_file(p)]
+        if not files:
+            raise DataSourceError(
+                f"{path}: folder holds no {' / '.join(SUFFIXES)} files (searched recursively) and is not a "
+                "datasets save_to_disk folder (dataset_info.json + state.json, or dataset_dict.json)"
+            )
+        return files
+    if local.is_file():
+        if not _is_data_file(local):
+            raise DataSourceError(f"{path}: unsupported file type; valid: {', '.join(SUFFIXES)}")
+        return [str(local)]
+    if _looks_local(path):
+        raise DataSourceError(f"{path}: no such file or folder")
+    return []
+
+
+def iter_raw_rows(path_or_name: str, *, split: str | None = None) -> Iterator[RawRow]:
+    """Every row of a file, folder, save_to_disk folder or hub dataset, in a deterministic order.
+
+    `split` picks a split of a DatasetDict (save_to_disk or hub); it is an error for local files.
+    """
+    local = Path(path_or_name).expanduser()
+    if _is_saved_dataset(local):
+        yield from _iter_saved_dataset(local, split)
+        return
+    files = list_source_files(path_or_name)
+    if not files:
+        yield from _iter_hub(path_or_name, split)
+        return
+    if split is not None:
+        raise DataSourceError(
+            f"split={split!r} applies only to Hugging Face datasets; {path_or_name} is a local file or folder: "
+            "point at the split's own file or folder instead"
+        )
+    for file in files:
+        yield from _iter_parquet(file) if file.endswith(".parquet") else _iter_jsonl(file)
+
+
+def _unreadable_rest(path: str, row: int, err: Exception) -> RawRow:
+    return RawRow(path, row, None, f"the file cannot be read from here on ({type(err).__name__}: {err})")
+
+
+def _iter_jsonl(path: str) -> Iterator[RawRow]:
+    opener = gzip.open if path.endswith(".gz") else open
+    line_no = 0
+    with opener(path, "rb") as fh:
+        try:
+            for line_no, line in enumerate(fh, start=1):
+                if line.strip():
+                    yield _decode_line(path, line_no, line)
+        except (OSError, EOFError, zlib.error) as err:  # a corrupt or truncated gzip member
+            yield _unreadable_rest(path, line_no + 1, err)
+
+
+def _decode_line(path: str, line_no: int, line: bytes) -> RawRow:
+    try:
+        record = json.loads(line)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        error = f"not valid JSON: {err}"
+    else:
+        if isinstance(record, dict):
+            return RawRow(path, line_no, record)
+        error = f"a JSON {_JSON_TYPES.get(type(record), type(record).__name__)} where an object {{...}} is expected"
+    return RawRow(path, line_no, None, error, raw_excerpt(line.decode("utf-8", errors="replace").rstrip("\n")))
+
+
+def _iter_parquet(path: str) -> Iterator[RawRow]:
+    row = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                yield RawRow(path, row, record)
+                row += 1
+    except (pa.ArrowException, OSError) as err:
+        yield _unreadable_rest(path, row, err)
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataSourceError("reading Hugging Face datasets needs the `datasets` package: pip install datasets") \
+            from err
+    return datasets
+
+
+def _pick_split(data: dict, split: str | None, where: str) -> tuple[str, Any]:
+    """(split name, Dataset) of a DatasetDict; `split` may be None when there is exactly one."""
+    if split is None and len(data) == 1:
+        split = next(iter(data))
+    if split not in data:
+        problem = "no split given" if split is None else f"no split {split!r}"
+        raise DataSourceError(f"{where}: {problem}; available splits: {', '.join(data)} (set data.split)")
+    return split, data[split]
+
+
+def _iter_saved_dataset(path: Path, split: str | None) -> Iterator[RawRow]:
+    datasets = _import_datasets()
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        split, data = _pick_split(data, split, str(path))
+        source = str(path / split)
+    elif split is not None:
+        raise DataSourceError(f"{path} is a single saved Dataset without splits; remove split={split!r}")
+    else:
+        source = str(path)
+    yield from _iter_dataset(source, data)
+
+
+def _iter_hub(name: str, split: str | None) -> Iterator[RawRow]:
+    datasets = _import_datasets()
+    try:
+        data = datasets.load_dataset(name, split=split)
+    except Exception as err:  # hub, network and auth failures come in many exception types
+        raise DataSourceError(
+            f"{name!r} is not a local file or folder, and loading it from the Hugging Face hub failed: the hub "
+            f"is unreachable (offline, HF_HUB_OFFLINE=1, no network) or has no such dataset/split "
+            f"({type(err).__name__}: {err}). Give a local path instead: a {' / '.join(SUFFIXES)} file, a folder "
+            "of them, or a datasets save_to_disk folder."
+        ) from err
+    if isinstance(data, datasets.DatasetDict):
+        split, data = _pick_split(data, split, name)
+    yield from _iter_dataset(f"{name}/{split}", data)
+
+
+def _iter_dataset(source: str, data) -> Iterator[RawRow]:
+    for row, record in enumerate(data):
+        yield RawRow(source, row, record)
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    """The format whose signature columns the record has (non-null); FormatError when none matches."""
+
+    def has(key: str) -> bool:
+        return record.get(key) is not None
+
+    if has("instruction") and has("completions"):
+        return "ultrafeedback"
+    if has("prompt") and has("responses"):
+        return "listwise"
+    if has("chosen") and has("rejected"):
+        chosen, prompt = record["chosen"], record.get("prompt")
+        if isinstance(chosen, list):
+            if prompt is None:
+                return "pairwise_implicit"
+            return "ultrafeedback_binarized" if isinstance(prompt, str) else "pairwise_messages"
+        if isinstance(chosen, str) and prompt is not None:
+            return "pairwise_text"
+        if isinstance(chosen, str) and _HH_TURN.search(chosen):
+            return "hh"
+    formats = "".join(f"\n  {fmt}: {columns}" for fmt, columns in FORMAT_COLUMNS.items())
+    raise FormatError(
+        f"cannot tell the format of a record with columns {sorted(record)}; the formats and the columns each "
+        f"needs:{formats}\n(or name the format explicitly: data.format)"
+    )
+
+
+def _check_format(fmt: str) -> str:
+    if fmt != "auto" and fmt not in FORMATS:
+        raise FormatError(f"unknown format {fmt!r}; valid: auto, {', '.join(FORMATS)}")
+    return fmt
+
+
+def _check_score_fill(score_fill: Any) -> ScoreFill:
+    number = isinstance(score_fill, (int, float)) and not isinstance(score_fill, bool) and math.isfinite(score_fill)
+    if score_fill is not None and score_fill not in SCORE_FILLS and not number:
+        raise ValueError(f"score_fill={score_fill!r}; valid: None, 'min', 'mean' or a finite number")
+    return score_fill
+
+
+def _describe(value: Any) -> str:
+    """`type excerpt`, e.g. `int 5`, `str 'hi'`, for error details."""
+    return f"{type(value).__name__} {raw_excerpt(repr(value) if isinstance(value, str) else value, 60)}"
+
+
+def _field(record: dict[str, Any], key: str, where: str = "") -> Any:
+    value = record.get(key)
+    if value is None:
+        raise _RowError(MISSING_FIELD, f"no {where}{key!r} field (has: {', '.join(sorted(record))})")
+    return value
+
+
+def _text(record: dict[str, Any], key: str, where: str = "") -> str:
+    value = _field(record, key, where)
+    if not isinstance(value, str):
+        raise _RowError(BAD_FIELD, f"{where}{key!r} is {_describe(value)}; expected text")
+    return value
+
+
+def _list(record: dict[str, Any], key: str) -> list:
+    value = _field(record, key)
+    if not isinstance(value, list):
+        raise _RowError(BAD_FIELD, f"{key!r} is {_describe(value)}; expected a list")
+    if len(value) < 2:
+        raise _RowError(TOO_FEW_RESPONSES, f"{key!r} has {len(value)} response(s); a listwise record needs >= 2")
+    return value
+
+
+def _messages(value: Any, where: str) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise _RowError(BAD_MESSAGES, f"{where} is {_describe(value)}; expected a non-empty list of {{role, content}}")
+    messages: list[Message] = []
+    for i, message in enumerate(value):
+        if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
+            detail = f"{where}[{i}] is {_describe(message)}; a message needs a role in {ROLES} and text content"
+            raise _RowError(BAD_MESSAGES, detail)
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def _prompt_messages(record: dict[str, Any]) -> list[Message]:
+    """`prompt` as text (one user turn) or as a message list."""
+    prompt = _field(record, "prompt")
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _shared_prompt_length(chosen: list[Message], rejected: list[Message]) -> int:
+    """The largest k such that chosen[:k] == rejected[:k] (ignoring whitespace) ends with a user turn and
+    both continue with an assistant turn."""
+    same = 0
+    while (
+        same < min(len(chosen), len(rejected))
+        and chosen[same]["role"] == rejected[same]["role"]
+        and _squash(chosen[same]["content"]) == _squash(rejected[same]["content"])
+    ):
+        same += 1
+    for k in range(min(same, len(chosen) - 1, len(rejected) - 1), 0, -1):
+        if chosen[k - 1]["role"] == "user" and chosen[k]["role"] == rejected[k]["role"] == "assistant":
+            return k
+    raise _RowError(
+        BAD_MESSAGES,
+        f"chosen and rejected share no prompt ending with a user turn and followed by an assistant reply in both "
+        f"(they agree on their first {same} turn(s))",
+    )
+
+
+def _split_messages(chosen: list[Message], rejected: list[Message]) -> _Parts:
+    """Shared prompt + the single assistant reply that follows it in chosen and in rejected."""
+    k = _shared_prompt_length(chosen, rejected)
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if len(messages) != k + 1:
+            raise _RowError(
+                BAD_MESSAGES,
+                f"{name} has {len(messages) - k} messages after the shared prompt; expected one assistant reply",
+            )
+    return _Parts(chosen[:k], [chosen[k]["content"], rejected[k]["content"]])
+
+
+def _hh_turns(text: str, key: str) -> tuple[list[Message], list[int]]:
+    """The transcript's turns as messages, and the offset in `text` where each turn's content starts."""
+    marks = list(_HH_TURN.finditer(text))
+    if not marks or text[: marks[0].start()].strip():
+        raise _RowError(
+            BAD_MESSAGES, f"{key!r} is not a '\\n\\nHuman: ...\\n\\nAssistant: ...' transcript (starts {text[:40]!r})"
+        )
+    ends = [mark.start() for mark in marks[1:]] + [len(text)]
+    messages: list[Message] = [
+        {"role": _HH_ROLES[mark.group(1)], "content": text[mark.end(): end].strip()}
+        for mark, end in zip(marks, ends, strict=True)
+    ]
+    return messages, [mark.end() for mark in marks]
+
+
+def _score_value(value: Any) -> float | None:
+    """A finite float from a number or numeric text ("4"); None for anything else ("N/A", NaN, null, ...)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _fill(raw: list[Any], fill: ScoreFill, where: str) -> list[float]:
+    """Scores as floats, with the invalid ones filled per `fill` (per prompt) or rejected as bad_score."""
+    values = [_score_value(v) for v in raw]
+    bad = [i for i, v in enumerate(values) if v is None]
+    if not bad:
+        return values
+    if fill is None:
+        raise _RowError(
+            BAD_SCORE,
+            f"{where}, response {bad[0]}: {raw[bad[0]]!r} is not a finite number (set data.score_fill to "
+            "min, mean or a number to fill missing scores)",
+        )
+    valid = [v for v in values if v is not None]
+    if fill in SCORE_FILLS and not valid:
+        raise _RowError(BAD_SCORE, f"{where}: no valid score to take the {fill} of ({raw_excerpt(raw, 80)})")
+    replacement = {"min": min, "mean": statistics.fmean}[fill](valid) if fill in SCORE_FILLS else float(fill)
+    return [replacement if v is None else v for v in values]
+
+
+def _score_table(table: Any, n: int, spec: _ScoreSpec, where: str) -> tuple[list[str], list[list[float]]]:
+    """(objective names, [K][N] scores) from {objective: [N scores]}."""
+    if not isinstance(table, dict) or not table:
+        raise _RowError(BAD_FIELD, f"{where} is {_describe(table)}; expected {{objective: [{n} numbers]}}")
+    names = list(spec.objectives) if spec.objectives else sorted(table)
+    scores = []
+    for name in names:
+        column = table.get(name)
+        if column is None:
+            raise _RowError(MISSING_FIELD, f"{where} has no objective {name!r} (has: {', '.join(sorted(table))})")
+        if not isinstance(column, list):
+            raise _RowError(BAD_SCORE, f"{where}[{name!r}] is {_describe(column)}; expected a list of {n} numbers")
+        if len(column) != n:
+            raise _RowError(LENGTH_MISMATCH, f"{where}[{name!r}] has {len(column)} scores for {n} responses")
+        scores.append(_fill(column, spec.fill, f"{where}[{name!r}]"))
+    return names, scores
+
+
+def _pairwise_text(record: dict[str, Any], spec: _ScoreSpec) -> _Parts:
+    return _Parts(_prompt_messages(record), [_text(record, "chosen"), _text(record, "rejected")])
+
+
+def _pairwise_messages(record: dict[str, Any], spec: _ScoreSpec) -> _Parts:
+    prompt = _prompt_messages(record)
+    _check_prompt(prompt)  # before the split, whose error would otherwise blame chosen / rejected
+    chosen = _messages(_field(record, "chosen"), "chosen")
+    rejected = _messages(_field(record, "rejected"), "rejected")
+    return _split_messages(prompt + chosen, prompt + rejected)
+
+
+def _pairwise_implicit(record: dict[str, Any], spec: _ScoreSpec) -> _Parts:
+    return _split_messages(
+        _messages(_field(record, "chosen"), "chosen"), _messages(_field(record, "rejected"), "rejected")
+    )
+
+
+def _hh(record: dict[str, Any], spec: _ScoreSpec) -> _Parts:
+    chosen_text, rejected_text = _text(record, "chosen"), _text(record, "rejected")
+    chosen, chosen_at = _hh_turns(chosen_text, "chosen")
+    rejected, rejected_at = _hh_turns(rejected_text, "rejected")
+    k = _shared_prompt_length(chosen, rejected)
+    return _Parts(chosen[:k], [chosen_text[chosen_at[k]:].strip(), rejected_text[rejected_at[k]:].strip()])
+
+
+def _ultrafeedback_binarized(record: dict[str, Any], spec: _ScoreSpec) -> _Parts:
+    """The user turn inside chosen/rejected is the prompt; scores, when given, become objective "score"."""
+    parts = _pairwise_implicit(record, spec)
+    pair = [record.get("score_chosen"), record.get("score_rejected")]
+    if pair == [None, None]:
+        return parts
+    objectives, scores = _score_table({"score": pair}, 2, _ScoreSpec(None, spec.fill), "score_chosen/score_rejected")
+    return parts._replace(objectives=objectives, scores=scores)
+
+
+def _listwise(record: dict[str, Any], spec: _ScoreSpec) -> _Parts:
+    prompt = _prompt_messages(record)
+    responses = _list(record, "responses")
+    for i, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise _RowError(BAD_FIELD, f"responses[{i}] is {_describe(response)}; expected text")
+    objectives, scores = _score_table(_field(record, "scores"), len(responses), spec, "scores")
+    return _Parts(prompt, responses, objectives, scores)
+
+
+def _ultrafeedback(record: dict[str, Any], spec: _ScoreSpec) -> _Parts:
+    prompt: list[Message] = [{"role": "user", "content": _text(record, "instruction")}]
+    completions = _list(record, "completions")
+    responses, ratings = [], {}
+    for i, completion in enumerate(completions):
+        if not isinstance(completion, dict):
+            raise _RowError(BAD_FIELD, f"completions[{i}] is {_describe(completion)}; expected an object")
+        responses.append(_text(completion, "response", f"completions[{i}]."))
+        for aspect, note in (completion.get("annotations") or {}).items():
+            rating = note.get("Rating") if isinstance(note, dict) else None
+            ratings.setdefault(aspect, [None] * len(completions))[i] = rating
+    if not ratings:
+        raise _RowError(MISSING_FIELD, "no completion has annotations[aspect].Rating")
+    objectives, scores = _score_table(ratings, len(responses), spec, "annotations Rating")
+    return _Parts(prompt, responses, objectives, scores)
+
+
+_NORMALISERS: dict[str, Callable[[dict[str, Any], _ScoreSpec], _Parts]] = {
+    "pairwise_text": _pairwise_text,
+    "pairwise_messages": _pairwise_messages,
+    "pairwise_implicit": _pairwise_implicit,
+    "hh": _hh,
+    "ultrafeedback_binarized": _ultrafeedback_binarized,
+    "listwise": _listwise,
+    "ultrafeedback": _ultrafeedback,
+}
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _check_prompt(prompt: list[Message]) -> None:
+    role = prompt[-1]["role"]
+    if role != "user":
+        raise _RowError(BAD_MESSAGES, f"the prompt's last message has role {role!r}; it must end with a user turn")
+    if not prompt[-1]["content"].strip():
+        raise _RowError(EMPTY_PROMPT, "the prompt's last user message is empty")
+
+
+def _check_responses(responses: list[str], kind: str) -> None:
+    names = ["chosen", "rejected"] if kind == "pairwise" else [f"responses[{i}]" for i in range(len(responses))]
+    seen: dict[str, int] = {}
+    for i, response in enumerate(responses):
+        if not response.strip():
+            raise _RowError(EMPTY_RESPONSE, f"{names[i]} is empty or whitespace-only")
+        first = seen.setdefault(_squash(response), i)
+        if first != i:
+            raise _RowError(IDENTICAL_RESPONSES, f"{names[i]} is identical to {names[first]}: nothing to prefer")
+
+
+def _record_id(raw: RawRow) -> str:
+    for key in ("id", "prompt_id"):
+        value = raw.record.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+            raise _RowError(BAD_FIELD, f"{key!r} is {_describe(value)}; expected a non-empty text or integer id")
+        return str(value)
+    return f"{os.path.basename(raw.source)}:{raw.row}"
+
+
+def normalise(
+    raw: RawRow, fmt: str, *, objectives: list[str] | None = None, score_fill: ScoreFill = None
+) -> NormalisedRecord | Reject:
+    """One raw row -> a normalised record, or a Reject naming the reason (never raises for bad data).
+
+    `fmt` is one of FORMATS, or "auto" to detect it from this row alone. `objectives` picks and orders the
+    listwise objectives (others in the row are ignored); `score_fill` handles invalid scores (module docstring).
+    """
+    _check_format(fmt)
+    spec = _ScoreSpec(objectives, _check_score_fill(score_fill))
+    if raw.record is None:
+        return Reject(raw.source, raw.row, UNDECODABLE, raw.error or "no record", raw.raw_text)
+    try:
+        row_fmt = detect_format(raw.record) if fmt == "auto" else fmt
+        parts = _NORMALISERS[row_fmt](raw.record, spec)
+        kind = KINDS[row_fmt]
+        _check_prompt(parts.prompt)
+        _check_responses(parts.responses, kind)
+        record_id = _record_id(raw)
+    except FormatError as err:
+        return Reject(raw.source, raw.row, MISSING_FIELD, str(err), raw_excerpt(raw.record))
+    except _RowError as err:
+        return Reject(raw.source, raw.row, err.reason, err.detail, raw_excerpt(raw.record))
+    return {
+        "id": record_id, "kind": kind, "prompt": parts.prompt, "responses": parts.responses,
+        "objectives": list(parts.objectives), "scores": list(parts.scores), "source": raw.source, "row": raw.row,
+    }
+
+
+def _source_format(raw: RawRow, fmt: str, formats: dict[str, str]) -> str:
+    """`fmt`, or under "auto" the format detected from the first decodable record of raw's source (recorded
+    in `formats`); every source of one dataset must be of the same kind."""
+    if fmt != "auto":
+        return fmt
+    if raw.source not in formats and raw.record is not None:
+        try:
+            detected = detect_format(raw.record)
+        except FormatError as err:
+            raise FormatError(f"{raw.source} row {raw.row} (its first decodable record): {err}") from None
+        for other, other_fmt in formats.items():
+            if KINDS[other_fmt] != KINDS[detected]:
+                raise FormatError(
+                    f"{raw.source} is {detected} ({KINDS[detected]}) but {other} is {other_fmt} "
+                    f"({KINDS[other_fmt]}): one dataset must be all pairwise or all listwise"
+                )
+        formats[raw.source] = detected
+    return formats.get(raw.source, "auto")
+
+
+def read_normalised(
+    path: str,
+    *,
+    fmt: str = "auto",
+    split: str | None = None,
+    objectives: list[str] | None = None,
+    score_fill: ScoreFill = None,
+) -> tuple[list[NormalisedRecord], list[Reject]]:
+    """Read and normalise a whole source: (records, rejects); every row is in exactly one of the two.
+
+    Under fmt="auto" each file's format is detected from its first decodable record. Without `objectives`,
+    the first valid listwise record fixes the objective names for the rest. A repeated id is a
+    `duplicate_id` reject (the first occurrence is kept).
+    """
+    _check_format(fmt)
+    records: list[NormalisedRecord] = []
+    rejects: list[Reject] = []
+    formats: dict[str, str] = {}
+    first_seen: dict[str, str] = {}  # id -> "source:row" of its first record
+    for raw in iter_raw_rows(path, split=split):
+        out = normalise(raw, _source_format(raw, fmt, formats), objectives=objectives, score_fill=score_fill)
+        if isinstance(out, Reject):
+            rejects.append(out)
+        elif out["id"] in first_seen:
+            detail = f"id {out['id']!r} is already used by {first_seen[out['id']]}"
+            rejects.append(Reject(raw.source, raw.row, DUPLICATE_ID, detail, raw_excerpt(raw.record)))
+        else:
+            first_seen[out["id"]] = f"{raw.source}:{raw.row}"
+            if objectives is None and out["kind"] == "listwise":
+                objectives = out["objectives"]
+            records.append(out)
+    return records, rejects

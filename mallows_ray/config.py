@@ -54,7 +54,7 @@ class ScoringConfig:
     num_cpus_per_actor: float = 0.5  # fractional on purpose: whole-CPU actors starve Ray Data's readers on 2 cores
     num_gpus_per_actor: float = 0.0
     batch_size: int = 8  # prompts per scoring batch (all responses of a prompt are scored together)
-    max_chunk_mb: int = 64  # bound on one float32 [tokens, vocab] logits chunk
+    max_chunk_mb: int = 16  # bound on one float32 [tokens, vocab] logits chunk
 
 
 @dataclass
@@ -100,10 +100,72 @@ class LossConfig:
 
 
 @dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["constant", "linear", "cosine"] = "linear"  # decay to 0 over the run, after warmup
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; None: `epochs` passes over the data
+
+
+@dataclass
+class BatchConfig:
+    micro_batch_size: int = 2  # prompts per rank per forward (all their responses go in the same pass)
+    gradient_accumulation: int = 1
+    group_by_length: bool = True  # order prompts of similar length together within a window, to cut padding
+    shuffle: bool = True  # seeded by run.seed and the epoch: the same order on every attempt and resume
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    # precision is not a knob here: bf16 on GPU, fp32 on CPU, from model.dtype=auto
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional by default so Ray Data can still read on a 2-core laptop
+    gpus_per_worker: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    name: str = "mallows-ray"
+    storage_path: str = "~/mallows_ray_runs"  # S3/GCS/NFS path on a multi-node cluster
+    checkpoint_every: int = 0  # optimizer steps; 0: only at the end
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    eval_every: int = 0  # optimizer steps; 0: only at the end
+    log_every: int = 1
+    seed: int = 0
+    fail_at_step: int | None = None  # test-only: rank 0 raises once after this step (fault-tolerance tests)
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    path: str | None = None  # default: <storage_path>/<name>/export
+    merge_lora: bool = False  # also write merged full weights when LoRA is used
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""Typed inputs and outputs shared by every loss (ALGORITHMS.md notation: lp, ref, n, s(x))."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class PairwiseInputs:
+    policy_chosen_logps: Tensor       # [B] lp(y_w): sum of response-token log-probs under the policy
+    policy_rejected_logps: Tensor     # [B] lp(y_l)
+    reference_chosen_logps: Tensor    # [B] ref(y_w) (zeros for reference-free losses)
+    reference_rejected_logps: Tensor  # [B] ref(y_l)
+    chosen_lengths: Tensor            # [B] n(y_w), response token counts
+    rejected_lengths: Tensor          # [B] n(y_l)
+    dispersion: Tensor | None = None  # [B] s(x) >= 0, no grad; needed by the Mallows losses / plug-in
+
+
+@dataclass(frozen=True)
+class ListwiseInputs:
+    policy_logps: Tensor                 # [B, N] lp(y_i)
+    reference_logps: Tensor              # [B, N] ref(y_i)
+    lengths: Tensor                      # [B, N] n(y_i)
+    target: Tensor                       # [B, N] p_lambda, sums to 1 over the valid responses of a row
+    response_mask: Tensor | None = None  # [B, N] bool, False marks padding (prompts with fewer responses)
+    dispersion: Tensor | None = None     # [B] s(x)
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    losses: Tensor            # [B] per-example loss (carries the graph); reduction happens outside
+    chosen_rewards: Tensor    # [B] detached implicit reward of the chosen (listwise: the target's top) response
+    rejected_rewards: Tensor  # [B] detached reward of the rejected (listwise: mean of the other valid) responses
+    accuracy: Tensor          # [B] detached 0/1 (pairwise: chosen reward > rejected; listwise: top-1 agreement)

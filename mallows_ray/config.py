@@ -11,6 +11,7 @@ Workers receive the config as a plain dict (`to_dict`) in `train_loop_config` an
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import yaml
 from mallows_ray.losses import registry as loss_registry
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+# Converted models and scored datasets live here unless configured otherwise.
+CACHE_ROOT = Path(os.environ.get("MALLOWS_RAY_CACHE", "~/.cache/mallows_ray")).expanduser()
 
 
 class ConfigError(ValueError):
@@ -73,7 +76,7 @@ class DataConfig:
     max_length: int | None = None  # prompt + response; default: the sum of the two limits above
     max_bad_fraction: float = 0.0
     dispersion_scale: Union[Literal["auto"], float] = "auto"  # c of ALGORITHMS 2.3
-    cache_dir: str = "~/.cache/mallows_ray/scored"
+    cache_dir: str = str(CACHE_ROOT / "scored")
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
 

@@ -6,16 +6,14 @@ Loading is deliberately strict: safetensors weights only, `trust_remote_code` on
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from mallows_ray.config import EMBEDDED_MODEL
+from mallows_ray.config import CACHE_ROOT, EMBEDDED_MODEL
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CACHE = Path(os.environ.get("MALLOWS_RAY_CACHE", "~/.cache/mallows_ray")).expanduser()
 
 # ChatML, as used by SmolLM2; the tiny test tokenizer gets the same template.
 CHATML_TEMPLATE = (
@@ -24,7 +22,7 @@ CHATML_TEMPLATE = (
 )
 
 
-def resolve_model_path(name_or_path: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+def resolve_model_path(name_or_path: str, cache_dir: Path = CACHE_ROOT) -> Path:
     """A local HF folder for `name_or_path`; the embedded model is converted once into the cache."""
     if name_or_path == EMBEDDED_MODEL:
         return _embedded_model_folder(cache_dir / "models" / "smollm2-135m-instruct")

@@ -12,6 +12,7 @@ the expensive parts, run on the cluster. Nothing is dropped without a line in re
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -140,13 +141,17 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         rows_in[split] = len(records) + len(rejects[split])
         if not records:
             raise ValueError(f"{split} data {src!r}: no usable rows ({len(rejects[split])} rejected)")
-        tokenized = ray.data.from_arrow(_blocks(records, max(scoring.batch_size, 64))).map_batches(
+        # small blocks: progress is reported per block and every actor of the pool gets work; but at most
+        # ~2000 blocks, so huge datasets do not drown the scheduler
+        n = len(records)
+        rows_per_block = max(math.ceil(n / 2000), min(4 * scoring.batch_size, math.ceil(n / (4 * scoring.num_actors))))
+        tokenized = ray.data.from_arrow(_blocks(records, rows_per_block)).map_batches(
             _tokenize_block, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"tokenizer_path": str(model_path), "limits": limits},
         ).materialize()
-        for row in tokenized.filter(lambda row: row["reject_reason"] != "").take_all():
+        for row in tokenized.filter(expr="reject_reason != ''").take_all():
             rejects[split].append(Reject(row["source"], row["row"], row["reject_reason"], row["reject_detail"]))
-        good[split] = tokenized.filter(lambda row: row["reject_reason"] == "")
+        good[split] = tokenized.filter(expr="reject_reason == ''")
 
     all_rejects = [r for split_rejects in rejects.values() for r in split_rejects]
     rejects_path = folder / "rejects.jsonl"
@@ -169,13 +174,14 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         ).write_parquet(str(staging / split))
 
     # 4. calibrate c on train (ALGORITHMS 2.3), 5. add s(x) and write the final parquet
-    train_hbar = pq.read_table(staging / "train", columns=["hbar"]).column("hbar").to_numpy()
+    # .copy(): Arrow buffers are read-only, which torch warns about when wrapping them
+    train_hbar = pq.read_table(staging / "train", columns=["hbar"]).column("hbar").to_numpy().copy()
     c = calibrate_scale(train_hbar) if data_cfg.dispersion_scale == "auto" else float(data_cfg.dispersion_scale)
     splits: dict[str, Any] = {}
     for split in good:
         table = pq.read_table(staging / split).drop_columns(["reject_reason", "reject_detail"])
         table = table.sort_by("id")  # deterministic row order, whatever order the actors finished in
-        s = dispersion_from_entropy(table.column("hbar").to_numpy(), c).numpy()
+        s = dispersion_from_entropy(table.column("hbar").to_numpy().copy(), c).numpy()
         table = table.append_column("dispersion", pa.array(s, pa.float32()))
         (folder / split).mkdir()
         pq.write_table(table, folder / split / "part-00000.parquet")

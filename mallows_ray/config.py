@@ -31,11 +31,16 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key and the valid choices."""
 
 
+def bounded(default: Any, low: float | None = None, high: float | None = None) -> Any:
+    """A numeric field whose value `from_dict` checks against [low, high] (None: unbounded)."""
+    return field(default=default, metadata={"range": (low, high)})
+
+
 @dataclass
 class LoraConfig:
-    rank: int = 16
+    rank: int = bounded(16, 1)
     alpha: float = 32.0
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, 0.0, 1.0)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -53,11 +58,11 @@ class ModelConfig:
 class ScoringConfig:
     """The reference-model actor pool of the data pipeline."""
 
-    num_actors: int = 1
-    num_cpus_per_actor: float = 0.5  # fractional on purpose: whole-CPU actors starve Ray Data's readers on 2 cores
-    num_gpus_per_actor: float = 0.0
-    batch_size: int = 8  # prompts per scoring batch (all responses of a prompt are scored together)
-    max_chunk_mb: int = 16  # bound on one float32 [tokens, vocab] logits chunk
+    num_actors: int = bounded(1, 1)
+    num_cpus_per_actor: float = bounded(0.5, 0.0)  # fractional on purpose: whole-CPU actors starve Ray Data's readers on 2 cores
+    num_gpus_per_actor: float = bounded(0.0, 0.0)
+    batch_size: int = bounded(8, 1)  # prompts per scoring batch (all responses of a prompt are scored together)
+    max_chunk_mb: int = bounded(16, 1)  # bound on one float32 [tokens, vocab] logits chunk
 
 
 @dataclass
@@ -71,10 +76,10 @@ class DataConfig:
     split: str | None = None
     objectives: list[str] | None = None  # listwise objective order; default: sorted names
     score_fill: Union[None, Literal["min", "mean"], float] = None
-    max_prompt_length: int = 512
-    max_response_length: int = 512
+    max_prompt_length: int = bounded(512, 1)
+    max_response_length: int = bounded(512, 1)
     max_length: int | None = None  # prompt + response; default: the sum of the two limits above
-    max_bad_fraction: float = 0.0
+    max_bad_fraction: float = bounded(0.0, 0.0, 1.0)
     dispersion_scale: Union[Literal["auto"], float] = "auto"  # c of ALGORITHMS 2.3
     cache_dir: str = str(CACHE_ROOT / "scored")
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -104,20 +109,20 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-6
+    lr: float = bounded(5e-6, 0.0)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: Literal["constant", "linear", "cosine"] = "linear"  # decay to 0 over the run, after warmup
-    warmup_steps: int = 0
+    warmup_steps: int = bounded(0, 0)
     max_grad_norm: float = 1.0
-    epochs: int = 1
+    epochs: int = bounded(1, 1)
     max_steps: int | None = None  # optimizer steps; None: `epochs` passes over the data
 
 
 @dataclass
 class BatchConfig:
-    micro_batch_size: int = 2  # prompts per rank per forward (all their responses go in the same pass)
-    gradient_accumulation: int = 1
+    micro_batch_size: int = bounded(2, 1)  # prompts per rank per forward (all their responses go in the same pass)
+    gradient_accumulation: int = bounded(1, 1)
     group_by_length: bool = True  # order prompts of similar length together within a window, to cut padding
     shuffle: bool = True  # seeded by run.seed and the epoch: the same order on every attempt and resume
 
@@ -132,21 +137,21 @@ class DeepSpeedConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 1
+    num_workers: int = bounded(1, 1)
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5  # fractional by default so Ray Data can still read on a 2-core laptop
-    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = bounded(0.5, 0.0)  # fractional by default so Ray Data can still read on a 2-core laptop
+    gpus_per_worker: float = bounded(1.0, 0.0)
 
 
 @dataclass
 class RunConfig:
     name: str = "mallows-ray"
     storage_path: str = "~/mallows_ray_runs"  # S3/GCS/NFS path on a multi-node cluster
-    checkpoint_every: int = 0  # optimizer steps; 0: only at the end
-    keep_checkpoints: int = 2
-    max_failures: int = 0
-    eval_every: int = 0  # optimizer steps; 0: only at the end
-    log_every: int = 1
+    checkpoint_every: int = bounded(0, 0)  # optimizer steps; 0: only at the end
+    keep_checkpoints: int = bounded(2, 1)
+    max_failures: int = bounded(0, -1)  # restarts from the last checkpoint; -1: retry forever (Ray convention)
+    eval_every: int = bounded(0, 0)  # optimizer steps; 0: only at the end
+    log_every: int = bounded(1, 1)
     seed: int = 0
     fail_at_step: int | None = None  # test-only: rank 0 raises once after this step (fault-tolerance tests)
 
@@ -237,6 +242,15 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
             f"unknown key {prefix}{unknown[0]}; valid keys{' of ' + where if where else ''}: {', '.join(names)}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    for f in dataclasses.fields(cls):
+        low, high = f.metadata.get("range", (None, None))
+        value = kwargs.get(f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            (low is not None and value < low) or (high is not None and value > high)
+        ):
+            key = f"{where}.{f.name}" if where else f.name
+            raise ConfigError(f"{key}: {value!r} is out of range; expected a value in "
+                              f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]")
     return cls(**kwargs)
 
 

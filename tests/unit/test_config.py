@@ -30,6 +30,8 @@ def test_yaml_and_overrides(tmp_path):
         ("loss.betta=0.1", "betta"),
         ("data.dispersion_scale=often", "data.dispersion_scale"),
         ("nonsense", "not of the form section.key=value"),
+        ("data.max_bad_fraction=1.5", "data.max_bad_fraction: 1.5 is out of range; expected a value in [0.0, 1.0]"),
+        ("data.scoring.num_actors=0", "data.scoring.num_actors: 0 is out of range"),
     ],
 )
 def test_errors_name_the_key(override, needle):

@@ -45,11 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(demo)
     demo.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
+    from mallows_ray import bandit
+
+    bandit.add_arguments(sub.add_parser(
+        "bandit", help="the Mallows bandit experiment: DPO vs MallowsPO on the reward-KL trade-off (CPU, seconds)",
+        description=bandit.__doc__.split("\n\n")[0],
+    ))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bandit":
+        from mallows_ray import bandit
+
+        return bandit.run_cli(args)
     overrides = list(args.overrides)
     if args.command == "demo":
         overrides = [f"data.train={DEMO_DATA}", *overrides]

@@ -334,6 +334,10 @@ def train_policy(problem: BanditProblem, method: str, beta: float, *, steps: int
     return {"policy": policy, "final_loss": float(loss), "pair_accuracy": float(accuracy)}
 
 
+ROW_KEYS = ("method", "loss", "dispersion", "beta", "reward", "kl", "frontier_reward", "frontier_gap", "final_loss",
+            "pair_accuracy", "steps", "seconds")
+
+
 def _trial(problem: BanditProblem, cfg: dict[str, Any], method: str, beta: float,
            frontier_curve: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     start = time.perf_counter()
@@ -556,6 +560,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rewards", choices=("linear", "random"), default=d["rewards"])
     parser.add_argument("--noise-sigma", type=float, default=d["noise_sigma"],
                         help="log-normal noise of the *_noisy methods' s(x)")
+    parser.add_argument("--tune", action="store_true",
+                        help="run the method x beta grid as a Ray Tune sweep (one trial each) instead of in-process")
+    parser.add_argument("--address", help="Ray address for --tune (default: $RAY_ADDRESS, else a local instance)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -571,7 +578,12 @@ def run_cli(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     problem = build_problem(cfg)
     curve = _frontier_of(problem, cfg)
-    rows = [_trial(problem, cfg, m, float(b), curve) for m in cfg["methods"] for b in cfg["betas"]]
+    if args.tune:
+        from mallows_ray.tune import bandit_sweep  # Ray only on this path: the module itself stays Ray-free
+
+        rows = bandit_sweep(cfg, Path(args.out) / "tune", address=args.address)
+    else:
+        rows = run_experiment(cfg)
     notes = describe_problem(problem, cfg)
     paths = write_outputs(rows, curve, args.out, notes=notes)
     print(notes + "\n")

@@ -62,7 +62,7 @@ class ScoringConfig:
     num_cpus_per_actor: float = bounded(0.5, 0.0)  # fractional on purpose: whole-CPU actors starve Ray Data's readers on 2 cores
     num_gpus_per_actor: float = bounded(0.0, 0.0)
     batch_size: int = bounded(8, 1)  # prompts per scoring batch (all responses of a prompt are scored together)
-    max_chunk_mb: int = bounded(16, 1)  # bound on one float32 [tokens, vocab] logits chunk
+    max_chunk_mb: int = bounded(64, 1)  # bound on one float32 [tokens, vocab] logits chunk
 
 
 @dataclass

@@ -116,7 +116,7 @@ def build_tiny_model(folder: str | Path, *, hidden_size: int = 64, layers: int =
     return folder
 
 
-def response_stats(model, packed, *, with_entropy: bool, max_chunk_bytes: int = 16 * 2**20):
+def response_stats(model, packed, *, with_entropy: bool, max_chunk_bytes: int = 64 * 2**20):
     """Per-response log-prob sums, token counts and mean normalised entropy of `packed` under `model`.
 
     Runs the transformer body only and hands its final hidden states to the chunked output-embedding path

@@ -55,7 +55,7 @@ class ReferenceScorer:
     Used as `ds.map_batches(ReferenceScorer, batch_format="pyarrow", compute=ActorPoolStrategy(size=n), fn_constructor_kwargs=...)`.
     """
 
-    def __init__(self, model_path: str, *, pad_id: int, dtype: str = "auto", max_chunk_mb: int = 16,
+    def __init__(self, model_path: str, *, pad_id: int, dtype: str = "auto", max_chunk_mb: int = 64,
                  trust_remote_code: bool = False):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(model_path, pick_dtype(dtype, self.device), trust_remote_code=trust_remote_code)

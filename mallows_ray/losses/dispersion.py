@@ -6,9 +6,12 @@
     c       = 1 / mean_x(-log clamp(Hbar(x)))   when `auto`, so that the mean s over the training set is 1
 
 s(x) depends only on the reference model and the data: it is computed once, in the data pipeline.
+The functions take torch tensors or anything torch.as_tensor accepts (lists, numpy arrays).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -17,7 +20,8 @@ HBAR_MIN = 1e-6
 
 
 def prompt_mean_entropy(response_hbar, response_mask=None) -> Tensor:
-    """Hbar(x) [B] from per-response Hbar(y) [B, N] (pairwise: N = 2), ignoring padding responses."""
+    """Hbar(x) [B] from per-response Hbar(y) [B, N] (pairwise: N = 2), ignoring padding responses
+    (response_mask [B, N], False = padding)."""
     hbar = torch.as_tensor(response_hbar)
     if response_mask is None:
         return hbar.mean(dim=-1)
@@ -30,7 +34,7 @@ def _neg_log_hbar(hbar) -> Tensor:
 
 
 def dispersion_from_entropy(hbar, c: float) -> Tensor:
-    """s(x) = -c log(clamp(Hbar(x), 1e-6, 1)) (float64)."""
+    """s(x) = -c log(clamp(Hbar(x), 1e-6, 1)), float64, same shape as hbar."""
     return c * _neg_log_hbar(hbar)
 
 
@@ -40,6 +44,8 @@ def calibrate_scale(hbar) -> float:
     if neg_log.numel() == 0:
         raise ValueError("cannot calibrate the dispersion scale c from an empty set of Hbar values")
     mean = float(neg_log.mean())
+    if math.isnan(mean):
+        raise ValueError("cannot calibrate the dispersion scale c: some Hbar(x) values are NaN")
     if mean <= 0.0:
         raise ValueError(
             "cannot calibrate c: every Hbar(x) is 1 (uniform next-token distributions), so -log Hbar is 0; "

@@ -1,16 +1,18 @@
-"""MallowsPO (ALGORITHMS.md section 2; Chen, Zhao, Lam, Yao, Tang, ICLR 2025, arXiv:2405.14953).
+"""MallowsPO (ALGORITHMS.md section 2). Chen, Zhao, Lam, Yao, Tang, ICLR 2025, https://arxiv.org/abs/2405.14953
 
-Preferences follow a Mallows ranking model P(ranking | x) ∝ phi(x)^d(ranking, central), with dispersion
-phi(x) in (0, 1] and s(x) = -log phi(x) >= 0 (large s: people agree on x).
+Preferences follow a Mallows ranking model P(ranking | x) ∝ phi(x)^d(ranking, central ranking), with
+dispersion phi(x) in (0, 1]; the losses take s(x) = -log phi(x) >= 0 (large s: people agree on x).
 
 MallowsPO-theta (Spearman distance, logistic link), section 2.1:
+
     loss = -logsigmoid(s(x) * beta * u)          (+ cDPO label smoothing when eps > 0)
+
 i.e. DPO with a per-prompt inverse temperature; s = 1 everywhere is exactly DPO.
 
-MallowsPO-phi (Kendall distance), section 2.2: the probability that the item ranked better by d >= 1 places
-in the central ranking comes first is
+MallowsPO-phi (Kendall distance), section 2.2: the item whose central rank is better by d >= 1 comes first
+with probability
 
-    g_phi(d) = (d+1) / (1 - phi^(d+1)) - d / (1 - phi^d),       g_phi(1) = 1 / (1 + phi)
+    g_phi(d) = (d+1) / (1 - phi^(d+1)) - d / (1 - phi^d),        g_phi(1) = 1 / (1 + phi)
 
 and loss = -log g_phi(beta * u), the link extended to real z by g(z) for z >= 0 and 1 - g(-z) for z < 0.
 """
@@ -20,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mallows_ray.losses.pairwise import cdpo, log_ratios, pairwise_output
+from mallows_ray.losses.pairwise import cdpo, dpo_logit, pairwise_output, require_dispersion
 from mallows_ray.losses.types import LossOutput, PairwiseInputs
 
 PHI_MIN, PHI_MAX = 1e-6, 1.0 - 1e-6
-_SERIES_BELOW = 1e-6
+_SERIES_BELOW = 1e-2  # log C(x) switches to its Taylor series below this x
 
 
 def mallows_theta(inputs: PairwiseInputs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
@@ -33,66 +35,72 @@ def mallows_theta(inputs: PairwiseInputs, *, beta: float = 0.1, label_smoothing:
 
 
 def _log_c(x: Tensor) -> Tensor:
-    """log C(x), C(x) = x / (exp(x) - 1), for x >= 0 (C(0) = 1), without overflow or 0/0.
+    """log C(x) for x >= 0, where C(x) = x / (e^x - 1), C(0) = 1 (C is decreasing, from 1 to 0).
 
-    log C(x) = log x - x - log(-expm1(-x)) (expm1 keeps 1 - e^-x relatively exact for small x, which the
-    phi -> 1 differences below need); below 1e-6 the series 1 - x/2 + x^2/12 (error ~x^4/720).
+    Direct form log x - x - log(-expm1(-x)) (no overflow for large x; expm1 keeps 1 - e^-x exact for small
+    x); below 1e-2 the Taylor series C(x) = 1 - x/2 + x^2/12 - x^4/720 + O(x^6) through log1p, which is
+    exact at x = 0 and accurate to ~1e-15 at the switch, where the direct form would lose digits to
+    cancellation of log x against log(1 - e^-x).
     """
     small = x < _SERIES_BELOW
-    safe = torch.where(small, torch.ones_like(x), x)  # keeps the unused branch finite, so no NaN gradients
+    safe = torch.where(small, torch.ones_like(x), x)  # the unused branch stays finite: no NaN gradients
     direct = torch.log(safe) - safe - torch.log(-torch.expm1(-safe))
-    return torch.where(small, torch.log1p(-x / 2 + x * x / 12), direct)
+    x2 = x * x
+    return torch.where(small, torch.log1p(-x / 2 + x2 / 12 - x2 * x2 / 720), direct)
 
 
-def _log_one_minus_g(z: Tensor, s: Tensor) -> Tensor:
-    """log(1 - g_phi(z)) for z >= 0, phi = exp(-s).
+def _log_kendall_link(z: Tensor, s: Tensor) -> Tensor:
+    """log g(z) of the extended link, in float64, for z of any sign and s = -log phi > 0 (broadcast).
 
-    With B(x) = x / (1 - e^-x) = x + C(x), the link is g(z) = (B(s(z+1)) - B(sz)) / s = 1 - q(z) where
-    q(z) = (C(sz) - C(s(z+1))) / s lies in (0, 1/2]. Working with q in log space avoids both the 1/s ~ 1e6
-    cancellation as phi -> 1 and the underflow of 1 - g for large z. C is decreasing, so the ratio < 1.
-    """
-    log_ca, log_cb = _log_c(s * z), _log_c(s * (z + 1))
-    return log_ca + torch.log1p(-torch.exp(log_cb - log_ca)) - torch.log(s)
+    With B(x) = x / (1 - e^-x) = x + C(x) the link is g(d) = (B(s(d+1)) - B(sd)) / s = 1 - q(d), where
 
+        q(d) = (C(sd) - C(s(d+1))) / s   in (0, 1/2)
 
-def _as_s(phi_or_s: Tensor, *, is_phi: bool) -> Tensor:
-    phi = phi_or_s if is_phi else torch.exp(-phi_or_s)
-    return -torch.log(phi.clamp(PHI_MIN, PHI_MAX))
-
-
-def _link_parts(z: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(z >= 0 mask, log(1 - g(z_+)), log(1 - g(z_-))) evaluated in float64.
-
-    z_+ / z_- route the gradient through `where` rather than `abs`, whose gradient at exactly 0 is 0: at
-    z = 0 (policy == reference, every example at step 0) the z > 0 branch is used, g(0+) = 1/(1-phi) - 1/s
-    > 1/2, and the gradient is non-zero and pushes u upward (section 2.2).
+    is computed in log space: log q = log C(sd) + log1p(-C(s(d+1)) / C(sd)) - log s. This avoids the
+    1/s ~ 1e6 cancellation of the textbook formula as phi -> 1 and the underflow of 1 - g for large |z|
+    (so -log g stays finite and exact for very negative z). Then log g(z) = log1p(-q(z)) for z >= 0 and
+    log q(-z) for z < 0. z = 0 takes the z > 0 branch, g(0+) = 1/(1 - phi) - 1/s > 1/2: the extension jumps
+    at 0, and the one-sided limit gives policy == reference (step 0) a finite, non-zero gradient that
+    raises u. |z| is formed as where(z >= 0, z, -z), whose derivative at 0 is +1 (abs() would give 0).
     """
     z, s = z.double(), s.double()
     positive = z >= 0
-    z_pos = torch.where(positive, z, torch.zeros_like(z))
-    z_neg = torch.where(positive, torch.zeros_like(z), -z)
-    return positive, _log_one_minus_g(z_pos, s), _log_one_minus_g(z_neg, s)
+    d = torch.where(positive, z, -z)  # |z| >= 0: both branches below get a safe argument
+    log_c_d = _log_c(s * d)
+    log_q = log_c_d + torch.log1p(-torch.exp(_log_c(s * (d + 1)) - log_c_d)) - torch.log(s)
+    return torch.where(positive, torch.log1p(-torch.exp(log_q)), log_q)
 
 
-def kendall_link(z: Tensor, phi: Tensor) -> Tensor:
-    """g_phi(z) extended to real z: g(z) for z >= 0, 1 - g(-z) for z < 0; phi clamped into [1e-6, 1-1e-6]."""
+def _neg_log_phi(phi: Tensor) -> Tensor:
+    """s = -log phi with phi clamped into [1e-6, 1 - 1e-6] (so s in [1e-6, 13.8]); phi is float64."""
+    return -torch.log(phi.clamp(PHI_MIN, PHI_MAX))
+
+
+def kendall_link(z: Tensor | float, phi: Tensor | float) -> Tensor:
+    """g_phi(z) extended to real z: g(z) for z >= 0, 1 - g(-z) for z < 0 (section 2.2); broadcasts z and phi.
+
+    phi is clamped into [1e-6, 1 - 1e-6]; the result has z's floating dtype (at least float32).
+    """
     z = torch.as_tensor(z)
-    positive, log_q_pos, log_q_neg = _link_parts(z, _as_s(torch.as_tensor(phi, dtype=torch.float64), is_phi=True))
-    g = torch.where(positive, -torch.expm1(log_q_pos), torch.exp(log_q_neg))
+    g = torch.exp(_log_kendall_link(z, _neg_log_phi(torch.as_tensor(phi, dtype=torch.float64))))
     return g.to(torch.promote_types(z.dtype, torch.float32))
 
 
 def mallows_phi(inputs: PairwiseInputs, *, beta: float = 0.1) -> LossOutput:
-    """Section 2.2: loss = -log g_phi(x)(beta * u), phi(x) = exp(-s(x)).
+    """Section 2.2: loss = -log g_phi(x)(beta * u), phi(x) = exp(-s(x)), s(x) = inputs.dispersion.
 
-    Choices (the paper does not treat non-integer arguments): the link is computed in float64 (these are [B]
-    tensors, so it costs nothing) and cast back; phi is clamped into [1e-6, 1 - 1e-6]; at z = 0 the z > 0
-    branch is used. As phi -> 1, g -> 1/2 for every z: the loss flattens to log 2 without NaN.
+    Our choices, since the paper's treatment of non-integer arguments was not available (see
+    `_log_kendall_link` for the algebra):
+    - the link is evaluated in float64 ([B] tensors, so it costs nothing) and cast back to the logps' dtype;
+      in float32 the textbook formula with s ~ 1e-6 cancels catastrophically (1/s ~ 1e6);
+    - phi is clamped into [1e-6, 1 - 1e-6]; as phi -> 1, g -> 1/2 for every z and the loss flattens to
+      log 2 with small, finite gradients, no NaN;
+    - z = 0 uses the z > 0 branch limit g(0+) = 1/(1 - phi) - 1/s, so training from policy == reference
+      moves u upward;
+    - log C(x) = log(x / (e^x - 1)) switches to its Taylor series near x = 0 (value and gradient finite);
+    - both torch.where branches always see safe arguments, so no NaN gradient leaks from the unused one.
     """
-    if inputs.dispersion is None:
-        raise ValueError("mallows_phi needs inputs.dispersion (the s(x) column from the data pipeline)")
-    chosen, rejected = log_ratios(inputs, per_token=False)
-    z = beta * (chosen - rejected)
-    positive, log_q_pos, log_q_neg = _link_parts(z, _as_s(inputs.dispersion.detach(), is_phi=False))
-    losses = torch.where(positive, -torch.log1p(-torch.exp(log_q_pos)), -log_q_neg).to(z.dtype)
-    return pairwise_output(losses, beta * chosen, beta * rejected)
+    s = _neg_log_phi(torch.exp(-require_dispersion(inputs).double()))
+    z, chosen, rejected = dpo_logit(inputs, beta, dispersion=False)
+    losses = -_log_kendall_link(z, s).to(z.dtype)
+    return pairwise_output(losses, chosen, rejected)

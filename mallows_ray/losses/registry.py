@@ -1,9 +1,10 @@
-"""The one place that maps config names to loss functions and checks their parameters."""
+"""The one place that maps config names to loss functions (ALGORITHMS.md sections 1-3) and checks their parameters."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from typing import Any, Callable
 
 from mallows_ray.losses.listwise import listwise, plackett_luce
@@ -17,7 +18,7 @@ PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {
 }
 LISTWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {"listwise": listwise, "plackett_luce": plackett_luce}
 LOSSES = {**PAIRWISE_LOSSES, **LISTWISE_LOSSES}
-REFERENCE_FREE = frozenset({"simpo"})
+REFERENCE_FREE = frozenset({"simpo"})  # losses that never read ref(y)
 
 
 def _lookup(name: str) -> Callable[..., LossOutput]:
@@ -33,10 +34,10 @@ def loss_parameters(name: str) -> dict[str, Any]:
 
 
 def _same_kind(value: Any, default: Any) -> bool:
-    """bool parameters take bools; numeric ones take ints or floats (but not bools)."""
+    """bool parameters take bools; numeric ones take real numbers (ints, floats, numpy scalars; not bools)."""
     if isinstance(default, bool):
         return isinstance(value, bool)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def build_loss(name: str, **params: Any) -> Callable[[PairwiseInputs | ListwiseInputs], LossOutput]:

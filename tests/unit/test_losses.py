@@ -5,23 +5,35 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from mallows_ray.losses import (
-    LOSSES, ListwiseInputs, PairwiseInputs, build_loss, calibrate_scale, dispersion_from_entropy, is_listwise,
-    kendall_link, loss_parameters, mixed_target, prompt_mean_entropy, uses_dispersion,
+    LISTWISE_LOSSES, LOSSES, PAIRWISE_LOSSES, ListwiseInputs, PairwiseInputs, build_loss, calibrate_scale,
+    dispersion_from_entropy, is_listwise, kendall_link, loss_parameters, mixed_target, prompt_mean_entropy,
+    uses_dispersion,
 )
 
 D = torch.float64
 
 
-def pairwise(pc, pr, rc=0.0, rr=0.0, nc=1.0, nr=1.0, s=None, requires_grad=False):
-    t = lambda v: torch.as_tensor(v, dtype=D).reshape(-1)  # noqa: E731
+def pairwise(pc, pr, rc=0.0, rr=0.0, nc=1.0, nr=1.0, s=None, requires_grad=False, dtype=D):
+    """PairwiseInputs (float64 by default); scalars broadcast to the batch of `pc`."""
+    t = lambda v: torch.as_tensor(v, dtype=dtype).reshape(-1)  # noqa: E731
     pc, pr = t(pc).clone().requires_grad_(requires_grad), t(pr).clone().requires_grad_(requires_grad)
-    n = pc.shape[0]
-    expand = lambda v: t(v).expand(n).clone()  # noqa: E731
+    expand = lambda v: t(v).expand(pc.shape[0]).clone()  # noqa: E731
     return PairwiseInputs(pc, pr, expand(rc), expand(rr), expand(nc), expand(nr), None if s is None else expand(s))
+
+
+def listwise_inputs(lp, ref=None, target=None, mask=None, s=None, lengths=None):
+    lp = torch.as_tensor(lp, dtype=D)
+    zeros = torch.zeros_like(lp)
+    return ListwiseInputs(
+        lp, zeros if ref is None else torch.as_tensor(ref, dtype=D),
+        torch.ones_like(lp) if lengths is None else torch.as_tensor(lengths, dtype=D),
+        torch.as_tensor(target, dtype=D), mask, None if s is None else torch.as_tensor(s, dtype=D),
+    )
 
 
 def logsig(x):
@@ -34,37 +46,59 @@ def logsig(x):
 def test_dpo_hand_values():
     # beta = 1, u = 0 -> -logsigmoid(0) = log 2
     assert build_loss("dpo", beta=1.0)(pairwise(0.0, 0.0)).losses.item() == pytest.approx(math.log(2))
-    # lp_w=-1, ref_w=-2, lp_l=-3, ref_l=-2: u = 1 - (-1) = 2; beta = 0.5 -> -logsigmoid(1) = 0.3132617
+    # lp_w=-1, ref_w=-2, lp_l=-3, ref_l=-2: u = 1 - (-1) = 2; beta = 0.5 -> -logsigmoid(1) = log(1 + e^-1) = 0.3132617
     out = build_loss("dpo", beta=0.5)(pairwise(-1.0, -3.0, -2.0, -2.0))
-    assert out.losses.item() == pytest.approx(0.31326169, abs=1e-7)
+    assert out.losses.item() == pytest.approx(0.31326169, abs=1e-8)
     assert out.chosen_rewards.item() == pytest.approx(0.5) and out.rejected_rewards.item() == pytest.approx(-0.5)
-    assert out.accuracy.item() == 1.0
+    assert out.accuracy.item() == 1.0 and not out.chosen_rewards.requires_grad
 
 
 def test_cdpo_and_robust_hand_values():
     x = pairwise(-1.0, -3.0, -2.0, -2.0)  # u = 2, beta = 0.5 -> z = 1
     eps = 0.2
-    cdpo = -(1 - eps) * logsig(1.0) - eps * logsig(-1.0)  # 0.8*0.3132617 + 0.2*1.3132617 = 0.5132617
-    robust = (-(1 - eps) * logsig(1.0) + eps * logsig(-1.0)) / (1 - 2 * eps)  # (0.2506093-0.2626523)/0.6
-    assert build_loss("cdpo", beta=0.5, label_smoothing=eps)(x).losses.item() == pytest.approx(cdpo)
-    assert cdpo == pytest.approx(0.51326169, abs=1e-7)
-    assert build_loss("robust", beta=0.5, label_smoothing=eps)(x).losses.item() == pytest.approx(robust)
-    assert robust == pytest.approx(-0.02007169, abs=1e-7)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        build_loss("cdpo", label_smoothing=0.5)(x)
+    # cdpo: 0.8 * 0.3132617 + 0.2 * 1.3132617 = 0.5132617
+    assert build_loss("cdpo", beta=0.5, label_smoothing=eps)(x).losses.item() == pytest.approx(0.51326169, abs=1e-8)
+    # robust: (0.8 * 0.3132617 - 0.2 * 1.3132617) / 0.6 = (0.2506094 - 0.2626523) / 0.6 = -0.0200716
+    assert build_loss("robust", beta=0.5, label_smoothing=eps)(x).losses.item() == pytest.approx(-0.02007165, abs=1e-8)
+    assert build_loss("robust", beta=0.5, label_smoothing=0.0)(x).losses.item() == pytest.approx(-logsig(1.0))
+    for name in ("cdpo", "robust", "mallows_theta"):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            build_loss(name, label_smoothing=0.5)(pairwise(0.0, 0.0, s=1.0))
 
 
-def test_ipo_uses_per_token_means():
-    # chosen ratio 4 over 4 tokens = 1, rejected ratio -2 over 2 tokens = -1: u_avg = 2; beta = 0.25 -> 1/(2b) = 2
-    x = pairwise(0.0, -2.0, -4.0, 0.0, nc=4.0, nr=2.0)
-    assert build_loss("ipo", beta=0.25)(x).losses.item() == pytest.approx(0.0)
-    assert build_loss("ipo", beta=0.5)(x).losses.item() == pytest.approx((2 - 1) ** 2)
+def test_ipo_uses_per_token_means_and_sum_rewards():
+    # chosen ratio 4 over 4 tokens = 1, rejected ratio -2 over 2 tokens = -1: u_avg = 2
+    x = pairwise(0.0, -2.0, -4.0, 0.0, nc=4.0, nr=2.0, s=3.0)
+    assert build_loss("ipo", beta=0.25)(x).losses.item() == pytest.approx(0.0)  # 1/(2 beta) = 2
+    out = build_loss("ipo", beta=0.5)(x)
+    assert out.losses.item() == pytest.approx((2 - 1) ** 2)
+    # implicit rewards are beta * (lp - ref) of the sums (section 1): 0.5 * 4, 0.5 * -2
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((2.0, -1.0))
+    # plug-in scales the residual: (3 * (2 - 1))^2 = 9
+    assert build_loss("ipo", beta=0.5, dispersion=True)(x).losses.item() == pytest.approx(9.0)
 
 
-def test_simpo_hand_value():
-    # means -1.0 and -1.5, beta = 2, gamma = 0.5: z = 2*0.5 - 0.5 = 0.5
-    x = pairwise(-2.0, -4.5, nc=2.0, nr=3.0)
-    assert build_loss("simpo", beta=2.0, gamma=0.5)(x).losses.item() == pytest.approx(-logsig(0.5))
+def test_simpo_hand_value_and_plug_in_scales_the_margin():
+    # means -2/2 = -1.0 and -4.5/3 = -1.5, beta = 2, gamma = 0.5: z = 2 * 0.5 - 0.5 = 0.5; reference ignored
+    x = pairwise(-2.0, -4.5, 7.0, -7.0, nc=2.0, nr=3.0, s=2.0)
+    out = build_loss("simpo", beta=2.0, gamma=0.5)(x)
+    assert out.losses.item() == pytest.approx(-logsig(0.5))  # 0.474077
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((-2.0, -3.0))
+    # plug-in: s * (beta * margin - gamma) = 2 * 0.5 = 1, not 2 * 1 - 0.5
+    assert build_loss("simpo", beta=2.0, gamma=0.5, dispersion=True)(x).losses.item() == pytest.approx(-logsig(1.0))
+
+
+def test_plug_in_scales_the_logit_and_requires_dispersion():
+    x = pairwise([-1.0], [-2.0], s=2.0)  # u = 1, beta = 0.1 -> z = 0.1, plug-in 0.2
+    assert build_loss("dpo", beta=0.1, dispersion=True)(x).losses.item() == pytest.approx(-logsig(0.2))
+    assert build_loss("robust", beta=0.1, label_smoothing=0.0, dispersion=True)(x).losses.item() == pytest.approx(
+        -logsig(0.2))
+    for name in LOSSES:
+        if uses_dispersion(name, {"dispersion": True}):
+            params = {"dispersion": True} if "dispersion" in loss_parameters(name) else {}
+            x = pairwise(0.0, 0.0) if name in PAIRWISE_LOSSES else listwise_inputs([[0.0, 1.0]], target=[[1.0, 0.0]])
+            with pytest.raises(ValueError, match="dispersion"):
+                build_loss(name, **params)(x)
 
 
 # --- identities --------------------------------------------------------------------------------------------
@@ -75,116 +109,147 @@ def test_mallows_theta_with_unit_dispersion_is_dpo_and_cdpo():
     assert torch.allclose(build_loss("mallows_theta", beta=0.3)(x).losses, build_loss("dpo", beta=0.3)(x).losses)
     assert torch.allclose(build_loss("mallows_theta", beta=0.3, label_smoothing=0.1)(x).losses,
                           build_loss("cdpo", beta=0.3, label_smoothing=0.1)(x).losses)
+    # and with any s it is DPO at beta * s
+    y = pairwise(-1.0, -2.0, s=2.5)
+    assert build_loss("mallows_theta", beta=0.3)(y).losses.item() == pytest.approx(-logsig(0.75))
 
 
-def test_plug_in_scales_the_logit():
-    x = pairwise([-1.0], [-2.0], s=2.0)
-    z = 0.1 * 1.0
-    assert build_loss("dpo", beta=0.1, dispersion=True)(x).losses.item() == pytest.approx(-logsig(2 * z))
-    with pytest.raises(ValueError, match="dispersion"):
-        build_loss("dpo", dispersion=True)(pairwise(0.0, 0.0))
-
-
-@pytest.mark.parametrize("loss", ["listwise", "plackett_luce"])
+@pytest.mark.parametrize("loss", list(LISTWISE_LOSSES))
 def test_listwise_n2_one_hot_equals_dpo(loss):
     pc, pr, rc, rr = [-1.0, -3.0, 0.5], [-2.0, -1.0, 0.2], [-1.2, -2.0, 0.0], [-1.1, -1.5, 0.4]
-    dpo = build_loss("dpo", beta=0.7)(pairwise(pc, pr, rc, rr)).losses
-    x = ListwiseInputs(
-        policy_logps=torch.tensor([pc, pr], dtype=D).T, reference_logps=torch.tensor([rc, rr], dtype=D).T,
-        lengths=torch.ones(3, 2, dtype=D), target=torch.tensor([[1.0, 0.0]] * 3, dtype=D),
-    )
-    assert torch.allclose(build_loss(loss, beta=0.7)(x).losses, dpo)
+    s = [0.5, 1.0, 2.0]
+    x = listwise_inputs(torch.tensor([pc, pr]).T, torch.tensor([rc, rr]).T, [[1.0, 0.0]] * 3, s=s)
+    for dispersion in (False, True):
+        dpo = build_loss("dpo", beta=0.7, dispersion=dispersion)(pairwise(pc, pr, rc, rr, s=s))
+        out = build_loss(loss, beta=0.7, dispersion=dispersion)(x)
+        assert torch.allclose(out.losses, dpo.losses)
+        assert torch.equal(out.accuracy, dpo.accuracy)
+        assert torch.allclose(out.chosen_rewards, dpo.chosen_rewards * (torch.tensor(s, dtype=D) if dispersion else 1))
 
 
 def test_listwise_lambda_sum_equals_cross_entropy_against_mixture():
     torch.manual_seed(0)
     scores, lam = torch.randn(4, 3, 5, dtype=D), torch.softmax(torch.randn(4, 3, dtype=D), -1)
     r = torch.randn(4, 5, dtype=D)
-    x = ListwiseInputs(r, torch.zeros_like(r), torch.ones_like(r), mixed_target(scores, lam))
+    target = mixed_target(scores, lam)
+    assert torch.allclose(target.sum(-1), torch.ones(4, dtype=D))
     per_objective = [-(torch.softmax(scores[:, k], -1) * torch.log_softmax(r, -1)).sum(-1) for k in range(3)]
     expected = sum(lam[:, k] * per_objective[k] for k in range(3))
-    assert torch.allclose(build_loss("listwise", beta=1.0)(x).losses, expected)
+    assert torch.allclose(build_loss("listwise", beta=1.0)(listwise_inputs(r, target=target)).losses, expected)
+
+
+def test_mixed_target_hand_value():
+    # scores [[0, log 3]] with tau = 1 -> softmax [1/4, 3/4]; second objective [[log 3, 0]] -> [3/4, 1/4]
+    scores = torch.tensor([[[0.0, math.log(3)], [math.log(3), 0.0]]], dtype=D)
+    target = mixed_target(scores, torch.tensor([[0.25, 0.75]], dtype=D))
+    assert target[0].tolist() == pytest.approx([0.25 * 0.25 + 0.75 * 0.75, 0.25 * 0.75 + 0.75 * 0.25])
+    # tau = 2 halves the logits: softmax [0, log(3)/2] = [1/(1+sqrt 3), sqrt 3/(1+sqrt 3)]
+    target = mixed_target(scores, torch.tensor([[1.0, 0.0]], dtype=D), tau=2.0)
+    assert target[0, 0].item() == pytest.approx(1 / (1 + math.sqrt(3)))
+
+
+def test_listwise_length_normalize_and_metrics():
+    # ratios [4, 2, -3] over lengths [4, 1, 3] -> per-token [1, 2, -1]; beta = 1; target top = response 0
+    x = listwise_inputs([[4.0, 2.0, -3.0]], target=[[0.6, 0.3, 0.1]], lengths=[[4.0, 1.0, 3.0]])
+    out = build_loss("listwise", beta=1.0, length_normalize=True)(x)
+    log_z = math.log(math.e + math.e**2 + math.e**-1)
+    assert out.losses.item() == pytest.approx(-(0.6 * (1 - log_z) + 0.3 * (2 - log_z) + 0.1 * (-1 - log_z)))
+    # chosen = reward of the target's top (1.0), rejected = mean of the rest (0.5); argmax r = 1 != 0
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item(), out.accuracy.item()) == pytest.approx((1, 0.5, 0))
 
 
 def test_plackett_luce_hand_value_and_ties():
-    # target order (stable on the tie): 0, 1, 2 ; r = [1, 0, 2] -> terms log(e^1/(e^1+e^0+e^2)) + log(e^0/(e^0+e^2))
-    r = torch.tensor([[1.0, 0.0, 2.0]], dtype=D)
-    x = ListwiseInputs(r, torch.zeros_like(r), torch.ones_like(r), torch.tensor([[0.4, 0.4, 0.2]], dtype=D))
+    # target order (stable on the tie): 0, 1, 2 ; r = [1, 0, 2] -> log(e^1/(e^1+e^0+e^2)) + log(e^0/(e^0+e^2)) + 0
+    x = listwise_inputs([[1.0, 0.0, 2.0]], target=[[0.4, 0.4, 0.2]])
     expected = -(1 - math.log(math.e + 1 + math.e**2)) - (0 - math.log(1 + math.e**2))
     assert build_loss("plackett_luce", beta=1.0)(x).losses.item() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("loss", ["listwise", "plackett_luce"])
+@pytest.mark.parametrize("loss", list(LISTWISE_LOSSES))
 def test_listwise_padding_is_inert(loss):
     torch.manual_seed(1)
     r = torch.randn(2, 3, dtype=D)
     scores = torch.randn(2, 1, 3, dtype=D)
-    target = mixed_target(scores, torch.ones(2, 1, dtype=D))
-    base = build_loss(loss, beta=1.0)(ListwiseInputs(r, torch.zeros_like(r), torch.ones_like(r), target)).losses
-    # append a padding response with wild values: loss and gradients must not notice it
-    padded_r = torch.cat([r, torch.full((2, 1), 50.0, dtype=D)], dim=1).requires_grad_(True)
-    mask = torch.tensor([[True, True, True, False]] * 2)
-    padded_target = mixed_target(torch.cat([scores, torch.full((2, 1, 1), 9.0, dtype=D)], -1),
-                                 torch.ones(2, 1, dtype=D), response_mask=mask)
-    assert padded_target[:, 3].abs().max() == 0
-    out = build_loss(loss, beta=1.0)(ListwiseInputs(padded_r, torch.zeros_like(padded_r), torch.ones_like(padded_r),
-                                                    padded_target, response_mask=mask))
-    assert torch.allclose(out.losses, base)
+    base = build_loss(loss, beta=1.0)(listwise_inputs(r, target=mixed_target(scores, torch.ones(2, 1, dtype=D))))
+    # a padding response with wild values, placed in the middle: loss, metrics and gradients must not notice it
+    padded_r = torch.cat([r[:, :1], torch.full((2, 1), 50.0, dtype=D), r[:, 1:]], dim=1).requires_grad_(True)
+    mask = torch.tensor([[True, False, True, True]] * 2)
+    padded_scores = torch.cat([scores[..., :1], torch.full((2, 1, 1), 9.0, dtype=D), scores[..., 1:]], dim=-1)
+    padded_target = mixed_target(padded_scores, torch.ones(2, 1, dtype=D), response_mask=mask)
+    assert padded_target[:, 1].abs().max() == 0
+    out = build_loss(loss, beta=1.0)(listwise_inputs(padded_r, target=padded_target, mask=mask))
+    assert torch.allclose(out.losses, base.losses)
+    for field in ("chosen_rewards", "rejected_rewards", "accuracy"):
+        assert torch.allclose(getattr(out, field), getattr(base, field)), field
     out.losses.sum().backward()
-    assert padded_r.grad[:, 3].abs().max() == 0 and torch.isfinite(padded_r.grad).all()
+    assert padded_r.grad[:, 1].abs().max() == 0 and torch.isfinite(padded_r.grad).all()
 
 
 # --- section 4 test vectors --------------------------------------------------------------------------------
 
 
 def test_mallows_simpo_vector():
-    hbar = prompt_mean_entropy(torch.tensor([[0.03, 0.05]], dtype=D))
-    s = dispersion_from_entropy(hbar, 0.29)
+    hbar = prompt_mean_entropy(torch.tensor([[0.03, 0.05]], dtype=D))  # Hbar(x) = 0.04
+    s = dispersion_from_entropy(hbar, 0.29)                             # -0.29 log 0.04 = 0.93347
     assert s.item() == pytest.approx(0.93347, abs=1e-5)
-    x = pairwise(-1.0, -1.5, s=s.item())  # per-token means with n = 1, reference-free
-    assert build_loss("simpo", beta=10.0, gamma=0.0, dispersion=True)(x).losses.item() == pytest.approx(0.009353, abs=1e-6)
-    assert build_loss("simpo", beta=10.0, gamma=0.0)(x).losses.item() == pytest.approx(0.006715, abs=1e-6)
+    # per-token means -12/12 = -1.0 and -9/6 = -1.5, reference-free; z = 10 * 0.5 = 5, plug-in 4.667
+    x = PairwiseInputs(torch.tensor([-12.0], dtype=D), torch.tensor([-9.0], dtype=D), torch.zeros(1, dtype=D),
+                       torch.zeros(1, dtype=D), torch.tensor([12]), torch.tensor([6]), s)
+    assert build_loss("simpo", beta=10.0, gamma=0.0, dispersion=True)(x).losses.item() == pytest.approx(0.009353,
+                                                                                                         abs=5e-7)
+    assert build_loss("simpo", beta=10.0, gamma=0.0)(x).losses.item() == pytest.approx(0.006715, abs=5e-7)
 
 
 def test_kendall_link_vectors():
     for phi in (0.1, 0.3, 0.8):
-        assert kendall_link(torch.tensor([1.0], dtype=D), torch.tensor(phi)).item() == pytest.approx(1 / (1 + phi))
-    g = kendall_link(torch.tensor([2.0, 3.0], dtype=D), torch.tensor(0.3))
+        assert kendall_link(torch.tensor([1.0], dtype=D), phi).item() == pytest.approx(1 / (1 + phi), abs=1e-14)
+    g = kendall_link(torch.tensor([2.0, 3.0], dtype=D), 0.3)
     assert g.tolist() == pytest.approx([0.885445, 0.949417], abs=1e-6)
-    assert kendall_link(torch.tensor([2.0], dtype=D), torch.tensor(0.8)).item() == pytest.approx(0.591985, abs=1e-6)
+    assert kendall_link(2.0, torch.tensor(0.8)).item() == pytest.approx(0.591985, abs=1e-6)
+    # z = 0 takes the z > 0 limit 1/(1 - phi) - 1/s; phi = 1/2: 2 - 1/log 2 = 0.5573050
+    assert kendall_link(0.0, 0.5).item() == pytest.approx(2 - 1 / math.log(2))
+    # phi = 1 is clamped to 1 - 1e-6: no information, g = 1/2 (to ~s z / 6)
+    assert kendall_link(torch.tensor([-3.0, 0.0, 3.0]), 1.0).tolist() == pytest.approx([0.5] * 3, abs=1e-6)
 
 
 @pytest.mark.parametrize("n", [4, 5])
 @pytest.mark.parametrize("phi", [0.2, 0.5, 0.9])
 def test_kendall_link_equals_brute_force(n, phi):
-    """P(item a ranked above b) under Mallows-Kendall, central ranking 0..n-1, equals g_phi(b - a)."""
-    perms = list(itertools.permutations(range(n)))
+    """P(item a above b) under Mallows-Kendall with central ranking 0..n-1 is g_phi(b - a), whatever n."""
+    perms = list(itertools.permutations(range(n)))  # perm[k] = item placed k-th
     inversions = lambda p: sum(p[i] > p[j] for i in range(n) for j in range(i + 1, n))  # noqa: E731
-    weights = torch.tensor([phi ** inversions(p) for p in perms], dtype=D)
-    weights /= weights.sum()
+    weights = [phi ** inversions(p) for p in perms]
+    total = sum(weights)
     for a, b in itertools.combinations(range(n), 2):
-        above = sum(w for w, p in zip(weights, perms) if p.index(a) < p.index(b))
-        assert kendall_link(torch.tensor([float(b - a)], dtype=D), torch.tensor(phi, dtype=D)).item() == pytest.approx(
-            float(above), abs=1e-12)
+        above = sum(w for w, p in zip(weights, perms) if p.index(a) < p.index(b)) / total
+        assert kendall_link(torch.tensor(float(b - a), dtype=D), phi).item() == pytest.approx(above, abs=1e-12)
 
 
-def test_kendall_link_extension_is_symmetric_and_bounded():
+def test_kendall_link_extension_is_symmetric_and_tails_are_exact():
     z = torch.linspace(-20, 20, 81, dtype=D)
-    g = kendall_link(z, torch.tensor(0.4))
-    positive = z > 0
-    assert torch.allclose(g[positive].flip(0), 1 - g[z < 0])
+    g = kendall_link(z, 0.4)
+    assert torch.allclose(g[z > 0].flip(0), 1 - g[z < 0])
     assert (g > 0).all() and (g < 1).all()
+    # far tail, in log space: 1 - g(d) = phi^d (d - (d+1) phi) + O(phi^2d); phi = 1/2, d = 60:
+    # -log(2^-60 * 29.5) = 60 log 2 - log 29.5 = 38.2044406 (a float64 1 - g would round to 0, loss inf)
+    x = pairwise(-60.0, 0.0, s=math.log(2))
+    assert build_loss("mallows_phi", beta=1.0)(x).losses.item() == pytest.approx(60 * math.log(2) - math.log(29.5))
 
 
 # --- MallowsPO-phi behaviour -------------------------------------------------------------------------------
 
 
 def test_mallows_phi_gradient_at_zero_and_progress():
-    x = pairwise([-5.0, -5.0], [-5.0, -5.0], [-5.0, -5.0], [-5.0, -5.0], s=[1.0, 0.3], requires_grad=True)
-    out = build_loss("mallows_phi", beta=0.5)(x)
-    out.losses.sum().backward()
+    # policy == reference: u = 0 -> z = 0 uses the z > 0 branch. phi = 1/2 (s = log 2), beta = 1:
+    # d(-log g)/dz = -g'(0)/g(0), g'(0) = B'(s) - 1/2 with B(x) = x/(1 - e^-x), B'(log 2) = 2 (1 - log 2),
+    # g(0) = 2 - 1/log 2 -> -(0.6137056 - 0.5) / 0.5573050 = -0.2040277
+    x = pairwise([-5.0] * 3, [-5.0] * 3, [-5.0] * 3, [-5.0] * 3, s=[math.log(2), 0.3, 1e-9], requires_grad=True)
+    build_loss("mallows_phi", beta=1.0)(x).losses.sum().backward()
     grad = x.policy_chosen_logps.grad
-    assert torch.isfinite(grad).all() and (grad < 0).all(), grad  # descending the loss raises u from 0
+    assert grad[0].item() == pytest.approx(-0.20402768, abs=1e-8)
+    assert torch.isfinite(grad).all() and (grad < 0).all(), grad  # descending the loss raises u, even at phi ~ 1
+    assert torch.allclose(x.policy_rejected_logps.grad, -grad)
+    # training from u = 0 makes progress
     u = torch.zeros(2, dtype=D, requires_grad=True)
     optimizer = torch.optim.SGD([u], lr=1.0)
     losses = []
@@ -196,19 +261,23 @@ def test_mallows_phi_gradient_at_zero_and_progress():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert (u > 0).all() and losses[-1] < losses[0]
+        assert (u > 0).all()  # the first step already leaves 0 upward
+    assert losses[-1] < losses[0]
 
 
 def test_mallows_phi_extremes_are_finite():
     u = torch.tensor([-500.0, -3.0, 0.0, 3.0, 500.0], dtype=D)
-    for s in (1e-9, 1e-4, 1.0, 30.0):
-        x = pairwise(u, torch.zeros(5, dtype=D), s=s, requires_grad=True)
-        out = build_loss("mallows_phi", beta=1.0)(x)
-        out.losses.sum().backward()
-        assert torch.isfinite(out.losses).all() and torch.isfinite(x.policy_chosen_logps.grad).all(), s
+    for dtype in (D, torch.float32):
+        for s in (0.0, 1e-9, 1e-4, 1.0, 30.0):
+            x = pairwise(u, torch.zeros(5), s=s, requires_grad=True, dtype=dtype)
+            out = build_loss("mallows_phi", beta=1.0)(x)
+            out.losses.sum().backward()
+            assert out.losses.dtype == dtype
+            assert torch.isfinite(out.losses).all() and torch.isfinite(x.policy_chosen_logps.grad).all(), (dtype, s)
     flat = build_loss("mallows_phi", beta=1.0)(pairwise(u, torch.zeros(5, dtype=D), s=1e-9)).losses
-    # phi -> 1: g -> 1/2; phi is clamped at 1 - 1e-6, where g - 1/2 ~ s z / 12 ~ 4e-5 at z = 500
-    assert torch.allclose(flat, torch.full_like(flat, math.log(2)), atol=1e-3)
+    # phi -> 1: g -> 1/2; phi is clamped at 1 - 1e-6 (s = 1e-6), where, from C(x) = 1 - x/2 + x^2/12 - ...,
+    # g(z) = 1/2 + s (2z + 1) / 12 + O(s^2): -log g moves from log 2 by ~ s z / 3 = 1.7e-4 at |z| = 500
+    assert torch.allclose(flat, torch.full_like(flat, math.log(2)), atol=2e-4)
     assert torch.allclose(flat[1:4], torch.full_like(flat[1:4], math.log(2)), atol=1e-5)
 
 
@@ -219,49 +288,88 @@ def test_mallows_phi_extremes_are_finite():
 def test_gradcheck_every_loss(name):
     torch.manual_seed(0)
     params = {"dispersion": True} if "dispersion" in loss_parameters(name) else {}
+    if "length_normalize" in loss_parameters(name):
+        params["length_normalize"] = True
     fn = build_loss(name, **params)
     s = torch.rand(3, dtype=D) + 0.2
     if is_listwise(name):
         ref, lengths = torch.randn(3, 4, dtype=D), torch.randint(1, 5, (3, 4)).to(D)
-        target = mixed_target(torch.randn(3, 2, 4, dtype=D), torch.tensor([[0.3, 0.7]] * 3, dtype=D))
-        # pairwise-distinct target values so the induced ranking does not flip under gradcheck's perturbation
-        f = lambda lp: fn(ListwiseInputs(lp, ref, lengths, target, dispersion=s)).losses  # noqa: E731
+        mask = torch.tensor([[True] * 4, [True, True, False, True], [True, True, True, False]])
+        # continuous random scores: pairwise-distinct target values, so the induced ranking is well defined
+        lambdas = torch.tensor([[0.3, 0.7]] * 3, dtype=D)
+        target = mixed_target(torch.randn(3, 2, 4, dtype=D), lambdas, response_mask=mask)
+        f = lambda lp: fn(ListwiseInputs(lp, ref, lengths, target, mask, s)).losses  # noqa: E731
         inputs = (torch.randn(3, 4, dtype=D, requires_grad=True),)
     else:
-        rc, rr, nc, nr = torch.randn(3, dtype=D), torch.randn(3, dtype=D), torch.tensor([2.0, 3, 4], dtype=D), \
-            torch.tensor([1.0, 5, 2], dtype=D)
+        rc, rr = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+        nc, nr = torch.tensor([2.0, 3, 4], dtype=D), torch.tensor([1.0, 5, 2], dtype=D)
         f = lambda pc, pr: fn(PairwiseInputs(pc, pr, rc, rr, nc, nr, s)).losses  # noqa: E731
         inputs = (torch.randn(3, dtype=D, requires_grad=True), torch.randn(3, dtype=D, requires_grad=True))
     assert torch.autograd.gradcheck(f, inputs)
 
 
+def test_gradcheck_mallows_phi_across_dispersion_and_sign():
+    # z on both sides of 0 (not at it: the extension jumps there), s from near phi = 1 to phi = 1e-6
+    s = torch.tensor([1e-6, 1e-3, 0.05, 1.0, 13.0, 20.0], dtype=D)
+    zeros, ones = torch.zeros(6, dtype=D), torch.ones(6, dtype=D)
+    fn = build_loss("mallows_phi", beta=1.0)
+    f = lambda pc: fn(PairwiseInputs(pc, zeros, zeros, zeros, ones, ones, s)).losses  # noqa: E731
+    u = torch.tensor([0.3, 2.0, 7.0, 0.5, 0.2, 40.0], dtype=D)
+    for sign in (1.0, -1.0):
+        assert torch.autograd.gradcheck(f, ((sign * u).requires_grad_(True),))
+
+
 # --- dispersion estimator, registry ------------------------------------------------------------------------
 
 
-def test_calibrated_scale_gives_unit_mean_dispersion():
+def test_dispersion_estimator():
     hbar = torch.tensor([0.02, 0.1, 0.3, 0.7])
     c = calibrate_scale(hbar)
     assert dispersion_from_entropy(hbar, c).mean().item() == pytest.approx(1.0)
     assert c == pytest.approx(1 / (-torch.log(hbar.double())).mean().item())
+    assert calibrate_scale(np.array([math.exp(-2.0)] * 3)) == pytest.approx(0.5)  # numpy input, -log Hbar = 2
     assert prompt_mean_entropy([[0.2, 0.4, 9.0]], [[True, True, False]]).item() == pytest.approx(0.3)
+    # clamp: Hbar 0 -> 1e-6 (s = c * 13.8155), Hbar > 1 -> 1 (s = 0)
+    assert dispersion_from_entropy([0.0, 1.2], 1.0).tolist() == pytest.approx([-math.log(1e-6), 0.0])
     with pytest.raises(ValueError, match="every Hbar"):
         calibrate_scale([1.0, 1.0])
     with pytest.raises(ValueError, match="empty"):
         calibrate_scale([])
+    with pytest.raises(ValueError, match="NaN"):
+        calibrate_scale([0.5, float("nan")])
+
+
+def test_registry():
+    assert set(PAIRWISE_LOSSES) == {"dpo", "cdpo", "robust", "ipo", "simpo", "mallows_theta", "mallows_phi"}
+    assert set(LISTWISE_LOSSES) == {"listwise", "plackett_luce"} and set(LOSSES) == set(PAIRWISE_LOSSES) | set(
+        LISTWISE_LOSSES)
+    assert loss_parameters("simpo") == {"beta": 2.0, "gamma": 0.5, "dispersion": False}
+    assert loss_parameters("dpo") == {"beta": 0.1, "dispersion": False}
+    assert loss_parameters("mallows_phi") == {"beta": 0.1}
+    x = pairwise(0.0, 0.0)
+    assert build_loss("dpo", beta=np.float32(1.0))(x).losses.item() == pytest.approx(math.log(2))
+    assert uses_dispersion("mallows_phi", {}) and uses_dispersion("mallows_theta", {})
+    assert uses_dispersion("ipo", {"dispersion": True}) and not uses_dispersion("dpo", {})
+    assert is_listwise("plackett_luce") and not is_listwise("dpo")
 
 
 def test_registry_errors_name_the_key():
-    with pytest.raises(ValueError, match="unknown loss 'dpoo'; valid losses: dpo, cdpo"):
+    with pytest.raises(ValueError, match="unknown loss 'dpoo'; valid losses: dpo, cdpo, robust, ipo, simpo"):
         build_loss("dpoo")
-    with pytest.raises(ValueError, match="loss 'simpo' has no parameter 'label_smoothing'; valid parameters: beta, gamma"):
+    for call in (loss_parameters, is_listwise, lambda n: uses_dispersion(n, {})):
+        with pytest.raises(ValueError, match="unknown loss 'dpoo'"):
+            call("dpoo")
+    with pytest.raises(ValueError, match="loss 'simpo' has no parameter 'label_smoothing'; valid parameters: beta, "
+                                         "gamma, dispersion"):
         build_loss("simpo", label_smoothing=0.1)
     with pytest.raises(ValueError, match="'beta' must be a number"):
         build_loss("dpo", beta="high")
-    assert uses_dispersion("mallows_phi", {}) and uses_dispersion("ipo", {"dispersion": True})
-    assert not uses_dispersion("dpo", {}) and is_listwise("plackett_luce") and not is_listwise("dpo")
+    with pytest.raises(ValueError, match="'dispersion' must be true or false"):
+        build_loss("dpo", dispersion=1)
 
 
 def test_losses_package_imports_no_framework():
-    code = "import sys, mallows_ray.losses; print([m for m in ('ray', 'deepspeed', 'transformers') if m in sys.modules])"
+    code = ("import sys, mallows_ray.losses; "
+            "print([m for m in ('ray', 'deepspeed', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(prepare)
     prepare.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
+    train = sub.add_parser(
+        "train", help="train the policy with DeepSpeed on Ray Train workers (prepares the data first if needed)",
+        description="Reads the scored dataset (data.train may be a folder printed by `prepare`; raw data is "
+        "prepared first), runs scaling.num_workers Ray Train workers with DeepSpeed ZeRO (deepspeed.zero_stage), "
+        "optionally LoRA (model.lora), checkpoints every run.checkpoint_every steps under run.storage_path/"
+        "run.name, resumes from the latest checkpoint of the same run, and exports an HF folder at the end.",
+    )
+    _add_config_args(train)
     demo = sub.add_parser(
         "demo", help="prepare a small bundled preference set with the embedded SmolLM2-135M-Instruct",
         description="Runs `prepare` on the bundled demo pairs with the embedded model (converted once into "
@@ -68,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mallows-ray {args.command}: configuration error: {err}", file=sys.stderr)
         return 2
+    if args.command == "train":
+        from mallows_ray.train import run_training
+
+        result = run_training(config, address=args.address)
+        print(json.dumps({"metrics": result.metrics, "checkpoint": result.checkpoint, "export": result.export_dir},
+                         default=str))
+        return 0
     from mallows_ray.data.pipeline import prepare
 
     prepared = prepare(config, address=args.address, force=args.force)

@@ -1,17 +1,29 @@
-"""Metrics reduced across ranks as sums and counts, never as a mean of per-rank means.
+"""What a run records: metrics reduced across ranks as sums and counts, the progress line, the example log.
 
-Ranks can hold different numbers of examples (the last batch, length grouping), so each rank accumulates
-sums; one all-reduce of a float64 vector turns them into global sums; division happens once, after.
+Ranks can hold different numbers of examples (an evaluation tail, padded ranks), so each rank accumulates
+sums; one all-reduce of a float64 vector turns them into global sums; division happens once, after — never
+a mean of per-rank means.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 
 from mallows_ray.losses import LossOutput
+
+# Summed, not averaged, by `MetricSums.reduce`.
+COUNTS = ("examples", "tokens")
+
+
+def _all_reduce(vector: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(vector, op=op)
+    return vector
 
 
 class MetricSums:
@@ -20,29 +32,66 @@ class MetricSums:
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
 
-    def add_loss_output(self, out: LossOutput, dispersion: torch.Tensor | None) -> None:
-        margin = out.chosen_rewards - out.rejected_rewards
-        self.sums["examples"] += out.losses.numel()
-        self.sums["loss"] += out.losses.detach().sum().item()
-        self.sums["rewards/chosen"] += out.chosen_rewards.sum().item()
-        self.sums["rewards/rejected"] += out.rejected_rewards.sum().item()
-        self.sums["rewards/margin"] += margin.sum().item()
-        self.sums["rewards/accuracy"] += out.accuracy.sum().item()
-        if dispersion is not None:
-            self.sums["dispersion/mean"] += dispersion.sum().item()
+    def add_loss_output(self, out: LossOutput, dispersion: torch.Tensor, count: int | None = None) -> None:
+        """Adds the first `count` examples of a micro-batch (all by default; see `batches.eval_slice`)."""
+        keep = slice(0, out.losses.numel() if count is None else count)
+        self.sums["examples"] += keep.stop
+        self.sums["loss"] += out.losses.detach()[keep].sum().item()
+        self.sums["rewards/chosen"] += out.chosen_rewards[keep].sum().item()
+        self.sums["rewards/rejected"] += out.rejected_rewards[keep].sum().item()
+        self.sums["rewards/margin"] += (out.chosen_rewards - out.rejected_rewards)[keep].sum().item()
+        self.sums["rewards/accuracy"] += out.accuracy[keep].sum().item()
+        self.sums["dispersion/mean"] += dispersion[keep].sum().item()  # mean s(x) of the examples seen
 
     def add(self, name: str, value: float) -> None:
-        """A raw count that is summed, not averaged (tokens, samples)."""
+        """A raw count that is summed, not averaged (one of COUNTS)."""
         self.sums[name] += value
 
-    def reduce(self, counts: tuple[str, ...] = ("tokens",)) -> dict[str, float]:
-        """Global means of the per-example metrics and global totals of `counts`; resets the sums."""
+    def reduce(self) -> dict[str, float]:
+        """Global means of the per-example metrics and global totals of COUNTS; resets the sums.
+
+        Collective: every rank calls it with the same names (the loss output fixes them).
+        """
         names = sorted(self.sums)
-        vector = torch.tensor([self.sums[n] for n in names], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            # every rank must call with the same names: the loss output fixes them, so they agree
-            dist.all_reduce(vector, op=dist.ReduceOp.SUM)
+        vector = _all_reduce(torch.tensor([self.sums[n] for n in names], dtype=torch.float64))
         totals = dict(zip(names, vector.tolist()))
         examples = max(totals.get("examples", 0.0), 1.0)
         self.sums = defaultdict(float)
-        return {n: (v if n in counts or n == "examples" else v / examples) for n, v in totals.items()}
+        return {n: (v if n in COUNTS else v / examples) for n, v in totals.items()}
+
+
+def rank_extremes(value: float) -> tuple[float, float]:
+    """(min, max) of a per-rank value over all ranks (collective), so rank 0's report covers every rank."""
+    vector = torch.tensor([-value, value], dtype=torch.float64)
+    low, high = _all_reduce(vector, dist.ReduceOp.MAX).tolist()
+    return -low, high
+
+
+def progress_line(metrics: dict[str, float], total_steps: int) -> str:
+    """One concise line per log step (rank 0)."""
+    parts = [f"step {int(metrics['step'])}/{total_steps}", f"loss {metrics['loss']:.4f}",
+             f"acc {metrics['rewards/accuracy']:.3f}", f"margin {metrics['rewards/margin']:+.4f}",
+             f"lr {metrics['lr']:.2e}", f"gnorm {metrics['grad_norm']:.3f}", f"{metrics['tokens_per_s']:.0f} tok/s",
+             f"{metrics['samples_per_s']:.2f} samples/s"]
+    if "eval/loss" in metrics:
+        parts.append(f"eval loss {metrics['eval/loss']:.4f} acc {metrics['eval/rewards/accuracy']:.3f}")
+    return "[train] " + " | ".join(parts)
+
+
+class ExampleLog:
+    """Per-rank jsonl of the example ids each optimizer step consumed: `{"step": s, "ids": [...]}`.
+
+    Appended, never rewritten: after a restart the redone steps appear again (the last line of a step is the
+    one that counts), which is what lets a test check that nothing was repeated or skipped. Written only
+    when the run folder is on a local or mounted filesystem (`enabled`).
+    """
+
+    def __init__(self, run_dir: str, rank: int, enabled: bool):
+        self.path = os.path.join(run_dir, "examples", f"rank{rank}.jsonl") if enabled else None
+        if self.path:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+
+    def write(self, step: int, ids: list[str]) -> None:
+        if self.path:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": step, "ids": ids}) + "\n")

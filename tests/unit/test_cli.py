@@ -7,7 +7,7 @@ import sys
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "mallows_ray.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("prepare", "demo", "bandit"):
+    for command in ("prepare", "train", "demo", "bandit"):
         assert command in out.stdout
 
 

@@ -1,0 +1,145 @@
+"""Deterministic global batches from the streamed dataset, per-rank slices, and tensors from rows.
+
+Every rank streams the whole scored dataset in its stored order (`DataConfig(datasets_to_split=[])` with
+`preserve_order`) and cuts the same sequence of global batches from it; rank r then takes its own slice.
+Why not Ray's `streaming_split`: it hands whole blocks to whichever split has the fewest rows, so which rank
+sees which example depends on block sizes and on the world size. Here the sequence of global batches
+depends only on the data, `run.seed`, the epoch and the global batch size, which gives
+  * exact resume: a resumed or restarted run skips exactly the global batches already consumed;
+  * invariance: 1 worker x accumulation 2 runs the same micro-batches as 2 workers x accumulation 1.
+The price is that each worker reads the whole stream (cheap for a tokenized cache; no model work is done
+on the rows it skips).
+
+Order within an epoch: the stream is cut into windows of `WINDOW_BATCHES` global batches; each window is
+shuffled with a generator seeded by (seed, epoch, window), sorted by padded length when `group_by_length`
+(so a micro-batch holds prompts of similar length and little padding), cut into global batches, and the
+batches are shuffled again so lengths do not rise through the window. Shuffling is therefore local to a
+window, as with a streaming shuffle buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from mallows_ray.data.collate import IGNORE, PackedResponses, pack_responses
+
+# Global batches per shuffle / length-grouping window (the "megabatch" of HF's LengthGroupedSampler).
+WINDOW_BATCHES = 50
+
+Row = dict[str, Any]
+
+
+def padded_length(row: Row) -> int:
+    """Length of the row's longest packed sequence: what its micro-batch gets padded to."""
+    return len(row["prompt_ids"]) + max(len(r) for r in row["response_ids"])
+
+
+def order_window(rows: list[Row], *, global_batch_size: int, seed: int, epoch: int, window: int,
+                 shuffle: bool, group_by_length: bool) -> list[list[Row]]:
+    """The full global batches of one window, in training order; the incomplete remainder is dropped."""
+    rng = np.random.default_rng([seed, epoch, window])
+    n_batches = len(rows) // global_batch_size
+    order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
+    # choose the kept rows before sorting, so the dropped remainder is random rather than the longest rows
+    order = order[: n_batches * global_batch_size]
+    if group_by_length:
+        order = sorted(order, key=lambda i: padded_length(rows[i]))  # stable: ties keep the shuffled order
+    batches = [[rows[i] for i in order[b * global_batch_size:(b + 1) * global_batch_size]]
+               for b in range(n_batches)]
+    if shuffle and group_by_length:
+        batches = [batches[i] for i in rng.permutation(n_batches)]
+    return batches
+
+
+def epoch_batches(windows: Iterable[list[Row]], *, global_batch_size: int, seed: int, epoch: int,
+                  shuffle: bool, group_by_length: bool) -> Iterator[list[Row]]:
+    """Global batches of one epoch from a stream of windows of `WINDOW_BATCHES * global_batch_size` rows."""
+    for window, rows in enumerate(windows):
+        yield from order_window(rows, global_batch_size=global_batch_size, seed=seed, epoch=epoch, window=window,
+                                shuffle=shuffle, group_by_length=group_by_length)
+
+
+def rank_slice(global_rows: list[Row], rank: int, world: int) -> list[Row]:
+    """Rank r's contiguous share of a global batch: rows [r * n / world, (r + 1) * n / world)."""
+    share = len(global_rows) // world
+    return global_rows[rank * share:(rank + 1) * share]
+
+
+def micro_batches(rows: list[Row], micro_batch_size: int) -> list[list[Row]]:
+    return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+
+
+def eval_slice(global_rows: list[Row], rank: int, world: int) -> tuple[list[Row], int]:
+    """Rank r's rows of an evaluation batch and how many of them count.
+
+    The last evaluation batch may hold fewer rows than ranks x micro batch. Under ZeRO-3 every rank must
+    still run the same number of forwards (parameters are gathered collectively), so a rank whose share is
+    short pads it with copies of the batch's first row and counts only the real ones.
+    """
+    share = -(-len(global_rows) // world)  # ceil
+    rows = global_rows[rank * share:(rank + 1) * share]
+    return rows + [global_rows[0]] * (share - len(rows)), len(rows)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch: B prompts, R = sum of their response counts, N = the largest count."""
+
+    ids: list[str]
+    packed: PackedResponses        # [R, T] rows, prompt-major
+    slots: torch.Tensor            # [R] long: flat index p * N + i of row r in the [B, N] grid
+    response_mask: torch.Tensor    # [B, N] bool, False where a prompt has fewer than N responses
+    reference_logps: torch.Tensor  # [B, N] ref(y) from the scored data, 0 at padding
+    dispersion: torch.Tensor       # [B] s(x)
+    scores: torch.Tensor | None    # [B, K, N] objective scores (listwise losses), 0 at padding
+
+    @property
+    def tokens(self) -> int:
+        """Non-padding tokens that go through the model (prompts count once per response)."""
+        return int(self.packed.attention_mask.sum())
+
+    def grid(self, values: torch.Tensor) -> torch.Tensor:
+        """[R] per-response values -> [B, N], 0 at padding (differentiable: index_copy)."""
+        flat = values.new_zeros(self.response_mask.numel()).index_copy(0, self.slots, values)
+        return flat.view(self.response_mask.shape)
+
+    def response_lengths(self) -> torch.Tensor:
+        """[B, N] n(y): labelled tokens per response."""
+        return self.grid((self.packed.labels != IGNORE).sum(dim=1))
+
+    def to(self, device: torch.device) -> "Batch":
+        scores = None if self.scores is None else self.scores.to(device)
+        return Batch(self.ids, self.packed.to(device), self.slots.to(device), self.response_mask.to(device),
+                     self.reference_logps.to(device), self.dispersion.to(device), scores)
+
+
+def collate(rows: list[Row], pad_id: int, *, with_scores: bool) -> Batch:
+    """Tensors of one micro-batch from scored-data rows (columns id, prompt_ids, response_ids, ref_logps,
+    dispersion, and scores [K][N] when `with_scores`)."""
+    counts = [len(row["response_ids"]) for row in rows]
+    width = max(counts)
+    mask = torch.tensor([[i < n for i in range(width)] for n in counts])                   # [B, N]
+    reference = torch.zeros(len(rows), width)
+    for p, row in enumerate(rows):
+        reference[p, : counts[p]] = torch.as_tensor(row["ref_logps"], dtype=torch.float32)
+    scores = None
+    if with_scores:
+        if any(len(row["scores"]) == 0 for row in rows):
+            raise ValueError("a listwise loss needs objective scores; rows "
+                             f"{[row['id'] for row in rows if not row['scores']]} have none")
+        scores = torch.zeros(len(rows), len(rows[0]["scores"]), width)                      # [B, K, N]
+        for p, row in enumerate(rows):
+            scores[p, :, : counts[p]] = torch.as_tensor(row["scores"], dtype=torch.float32)
+    return Batch(
+        ids=[row["id"] for row in rows],
+        packed=pack_responses([row["prompt_ids"] for row in rows], [row["response_ids"] for row in rows], pad_id),
+        slots=mask.flatten().nonzero()[:, 0],  # prompt-major packing = row-major order of the mask's True cells
+        response_mask=mask,
+        reference_logps=reference,
+        dispersion=torch.tensor([float(row["dispersion"]) for row in rows]),
+        scores=scores,
+    )

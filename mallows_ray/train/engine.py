@@ -1,0 +1,142 @@
+"""The policy on a worker: HF causal LM (+ optional PEFT LoRA) wrapped so that one forward returns the
+per-response log-probs, an AdamW + LR schedule, and the DeepSpeed engine around them.
+
+Only the policy is trained here: reference log-probs are columns of the scored dataset.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import deepspeed
+import torch
+from torch import nn
+
+from mallows_ray.config import Config, LoraConfig, ModelConfig, OptimConfig
+from mallows_ray.losses import response_logprobs
+from mallows_ray.models import load_model
+
+
+class PolicyLogprobs(nn.Module):
+    """Transformer body + chunked output-embedding head in one module, so DeepSpeed runs both in one forward.
+
+    `response_logprobs` needs the head weight [V, H] outside `lm_head.forward` (it applies it to bounded
+    chunks of response positions, never materialising float32 [R, T, V] logits). Under ZeRO-3 a parameter is
+    an empty placeholder outside the forward of a module that owns it, so the weight is registered as an
+    external parameter of this wrapper: DeepSpeed gathers it for this module's whole forward and backward.
+    (Tied embeddings are fine: the tied weight stays gathered after the embedding layer has run.)
+    """
+
+    def __init__(self, lm: nn.Module, zero_stage: int):
+        super().__init__()
+        self.lm = lm  # the HF model; with LoRA its attention projections carry the adapters in place
+        if zero_stage == 3:
+            deepspeed.zero.register_external_parameter(self, lm.get_output_embeddings().weight)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[R, T] each -> lp(y) [R], the sum of log-probs of each row's labelled (response) tokens."""
+        body = getattr(self.lm, self.lm.base_model_prefix)                                 # e.g. LlamaModel
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [R, T, H]
+        head = self.lm.get_output_embeddings()                                              # weight [V, H]
+        return response_logprobs(hidden, head.weight, labels, bias=head.bias, with_entropy=False).logp_sum
+
+
+def apply_lora(lm: nn.Module, lora: LoraConfig) -> nn.Module:
+    """Inject LoRA adapters into `lm` in place and freeze everything else; returns the PeftModel."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(lm, peft_config)
+
+
+def build_policy(model: ModelConfig, model_path: str, dtype: torch.dtype, zero_stage: int) -> PolicyLogprobs:
+    lm = load_model(model_path, dtype, trust_remote_code=model.trust_remote_code)
+    if model.lora is not None:
+        lm = apply_lora(lm, model.lora).get_base_model()  # same modules, now with adapters
+    if model.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False  # no KV cache in training forwards
+    return PolicyLogprobs(lm, zero_stage)
+
+
+def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:
+    """DeepSpeed's config from ours. Precision follows the model dtype (bf16 on GPU, fp32 on CPU by default)."""
+    ds = config.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # lets export consolidate the shards
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": config.batch.micro_batch_size,  # per rank, GPU or not
+        "gradient_accumulation_steps": config.batch.gradient_accumulation,
+        "gradient_clipping": config.optim.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        # the client optimizer is torch AdamW; ZeRO-Offload would otherwise insist on DeepSpeedCPUAdam (a JIT op)
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,  # our own progress line replaces DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
+    """Multiplier of the base LR after `step` optimizer steps: linear warmup, then constant/linear/cosine to 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def build_engine(policy: PolicyLogprobs, config: Config, dtype: torch.dtype, total_steps: int):
+    """The DeepSpeed engine; it owns the optimizer and steps (and checkpoints) the LR scheduler."""
+    optim: OptimConfig = config.optim
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_factor, schedule=optim.schedule, warmup=optim.warmup_steps, total=total_steps))
+    engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(config, dtype))
+    return engine
+
+
+def optimizer_step(engine) -> float | None:
+    """`engine.step()` after each micro-batch's backward; at an accumulation boundary the optimizer steps and
+    the pre-clipping global grad norm is returned (None between boundaries).
+
+    ZeRO and DeepSpeed's mixed-precision optimizers record the norm while stepping. Plain fp32 stage 0 clips
+    without keeping it, but there the all-reduced gradients are still whole in `p.grad` before the step.
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    own_norm = None
+    if boundary and engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        own_norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
+                                                        if p.grad is not None]))
+    engine.step()
+    if not boundary:
+        return None
+    return own_norm if own_norm is not None else float(engine.get_global_grad_norm())
+
+
+def parameter_counts(engine) -> dict[str, int]:
+    """Model size, trainable size, and how many parameter values this rank holds (ZeRO-3: its partition)."""
+    params = list(engine.module.parameters())  # tied weights are one Parameter: counted once
+    if engine.zero_optimization_stage() == 3:
+        total = sum(p.ds_numel for p in params)          # outside a forward p.numel() is 0 (a placeholder)
+        local = sum(p.ds_tensor.numel() for p in params)  # this rank's shard, padding included
+        trainable = sum(p.ds_numel for p in params if p.requires_grad)
+    else:
+        total = local = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+    return {"total": total, "trainable": trainable, "local": local}

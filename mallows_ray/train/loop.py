@@ -1,0 +1,161 @@
+"""`train_loop_per_worker`: what every Ray Train worker runs, top to bottom.
+
+B = prompts per micro-batch, N = responses per prompt (pairwise: 2), R = B x N packed rows, T = padded length.
+One optimizer step consumes one global batch of micro x accumulation x workers prompts (`batches.py`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from mallows_ray.config import Config, from_dict
+from mallows_ray.data.scoring import pick_dtype
+from mallows_ray.losses import build_loss, is_listwise
+from mallows_ray.models import load_tokenizer
+from mallows_ray.train import checkpoint
+from mallows_ray.train.batches import (
+    WINDOW_BATCHES, collate, epoch_batches, eval_slice, micro_batches, rank_slice,
+)
+from mallows_ray.train.engine import build_engine, build_policy, optimizer_step, parameter_counts
+from mallows_ray.train.export import export_model
+from mallows_ray.train.metrics import ExampleLog, MetricSums, progress_line, rank_extremes
+from mallows_ray.train.objective import forward_loss
+from mallows_ray.train.plan import TrainPlan
+
+# logging, not print: Ray Train tees a worker's print to its logger and to stdout, so the driver shows it twice
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def inject_failure_once(plan: TrainPlan, step: int, rank: int) -> None:
+    """`run.fail_at_step` (tests): rank 0 raises after this step, once per run: a marker file in the run folder
+    outlives the restart. Collective, so every rank's report of this step reaches Ray before the raise and
+    the step's checkpoint, if any, is committed."""
+    marker = os.path.join(plan.run_dir, f"fail_at_step_{step}.done")
+    if not plan.local_run_dir or os.path.exists(marker):
+        return
+    torch.distributed.barrier()  # every rank has checked the marker and returned from its report
+    if rank == 0:
+        open(marker, "w").close()
+        raise RuntimeError(f"run.fail_at_step: injected failure after step {step}")
+
+
+def evaluate(engine, config: Config, *, pad_id: int, loss_fn, listwise: bool) -> dict[str, float]:
+    """The loss and reward metrics on the whole validation split, sharded over ranks; keys prefixed `eval/`."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    micro = config.batch.micro_batch_size
+    sums = MetricSums()
+    engine.eval()
+    with torch.no_grad():
+        for table in ray.train.get_dataset_shard("validation").iter_batches(
+                batch_size=micro * world, batch_format="pyarrow"):
+            rows, count = eval_slice(table.to_pylist(), rank, world)  # every rank runs the same forwards
+            batch = collate(rows, pad_id, with_scores=listwise).to(engine.device)
+            out = forward_loss(engine, batch, loss_fn, listwise)
+            sums.add_loss_output(out, batch.dispersion, count)
+    engine.train()
+    return {f"eval/{name}": value for name, value in sums.reduce().items()}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Train on this rank; rank 0 returns its logged metrics (one dict per log step of this attempt)."""
+    # ---- setup: everything comes from loop_config, nothing from module globals
+    config: Config = from_dict(Config, loop_config["config"])
+    plan = TrainPlan(**loop_config["plan"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    micro = config.batch.micro_batch_size
+    device = ray.train.torch.get_device()
+    dtype = pick_dtype(config.model.dtype, device)  # auto: bf16 on GPU, fp32 on CPU
+    loss_fn = build_loss(config.loss.name, **config.loss.params)
+    listwise = is_listwise(config.loss.name)
+
+    # ---- model: every rank builds identical weights (LoRA's random init included) from the same seed
+    seed_everything(config.run.seed)
+    tokenizer = load_tokenizer(plan.model_path, trust_remote_code=config.model.trust_remote_code)
+    policy = build_policy(config.model, plan.model_path, dtype, config.deepspeed.zero_stage)
+    engine = build_engine(policy, config, dtype, plan.total_steps)
+    counts = parameter_counts(engine)
+    local_min, local_max = rank_extremes(counts["local"] / counts["total"])
+    params = {"params/total": counts["total"], "params/trainable": counts["trainable"],
+              "params/local_fraction_min": local_min, "params/local_fraction_max": local_max}
+    seed_everything(config.run.seed + 1 + rank)  # distinct dropout streams per rank from here on
+
+    # ---- resume: weights, optimizer, LR schedule, RNGs and the data position from the latest checkpoint
+    step = checkpoint.restore(engine, plan)
+    examples = ExampleLog(plan.run_dir, rank, enabled=plan.local_run_dir)
+
+    # ---- train: one optimizer step per global batch
+    train_shard = ray.train.get_dataset_shard("train")
+    sums, history = MetricSums(), []
+    interval_start = time.perf_counter()
+    while step < plan.total_steps:
+        epoch, consumed = plan.position(step)
+        windows = (table.to_pylist() for table in train_shard.iter_batches(
+            batch_size=WINDOW_BATCHES * plan.global_batch_size, batch_format="pyarrow"))
+        batches = epoch_batches(windows, global_batch_size=plan.global_batch_size, seed=config.run.seed,
+                                epoch=epoch, shuffle=config.batch.shuffle, group_by_length=config.batch.group_by_length)
+        for global_rows in itertools.islice(batches, consumed, None):  # skip what a resumed run already did
+            lr = engine.get_lr()[0]
+            rows = rank_slice(global_rows, rank, world)                  # micro x accumulation prompts
+            for micro_rows in micro_batches(rows, micro):                # `accumulation` micro-batches
+                batch = collate(micro_rows, tokenizer.pad_token_id, with_scores=listwise).to(engine.device)
+                out = forward_loss(engine, batch, loss_fn, listwise)     # out.losses [B]
+                engine.backward(out.losses.mean())  # DeepSpeed divides by `accumulation`; ranks are averaged
+                grad_norm = optimizer_step(engine)  # the optimizer steps after the last micro-batch only
+                sums.add_loss_output(out, batch.dispersion)
+                sums.add("tokens", batch.tokens)
+            step += 1
+            examples.write(step, [row["id"] for row in rows])
+
+            # ---- log / evaluate / checkpoint (collective: every rank decides the same way from `step`)
+            last = step == plan.total_steps
+            save = last or (config.run.checkpoint_every > 0 and step % config.run.checkpoint_every == 0)
+            run_eval = plan.has_validation and (
+                last or (config.run.eval_every > 0 and step % config.run.eval_every == 0))
+            if save or run_eval or step % config.run.log_every == 0:
+                metrics = sums.reduce()
+                seconds = time.perf_counter() - interval_start
+                metrics.update(step=step, epoch=epoch, lr=lr, grad_norm=grad_norm,
+                               tokens_per_s=metrics["tokens"] / seconds, samples_per_s=metrics["examples"] / seconds,
+                               **params)
+                if run_eval:
+                    metrics.update(evaluate(engine, config, pad_id=tokenizer.pad_token_id, loss_fn=loss_fn,
+                                            listwise=listwise))
+                if rank == 0:
+                    log.info(progress_line(metrics, plan.total_steps))
+                    history.append(metrics)
+                # Ray gets checkpoints and evaluations, not every log step: its controller takes one report
+                # per poll (every 2 s) and a worker blocks until its previous report is taken
+                if save or run_eval:
+                    checkpoint.report(metrics, engine, plan, step, save=save)
+                interval_start = time.perf_counter()
+            if step == config.run.fail_at_step:
+                inject_failure_once(plan, step, rank)
+            if last:
+                break
+        else:  # the epoch ran out: it must have been a whole one, or the data changed under the run
+            if plan.position(step)[1] != 0:
+                raise RuntimeError(f"epoch {epoch} of {plan.data_folder} ended after step {step}; expected "
+                                   f"{plan.steps_per_epoch} global batches per epoch")
+
+    # ---- export: collective under ZeRO-3, rank 0 writes
+    if plan.export_dir is not None:
+        export_model(engine, config, plan.model_path, tokenizer, plan.export_dir)
+    return history if rank == 0 else None  # Ray hands rank 0's return value to the driver

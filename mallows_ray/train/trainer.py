@@ -1,0 +1,137 @@
+"""The driver of `mallows-ray train`: scored data, a `TrainPlan`, and a Ray Train `TorchTrainer` around
+`train_loop_per_worker`, whose workers run DeepSpeed on the policy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mallows_ray.config import Config, to_dict
+from mallows_ray.data import manifest as mf
+from mallows_ray.data.pipeline import PreparedData, ensure_ray, prepare
+from mallows_ray.losses import is_listwise
+from mallows_ray.models import resolve_model_path
+from mallows_ray.train.plan import TrainPlan
+
+# The scored-data columns the workers read (the texts and per-response statistics stay on disk).
+COLUMNS = ["id", "prompt_ids", "response_ids", "ref_logps", "dispersion", "scores"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    metrics: dict[str, Any]        # rank 0's last report: train metrics, eval/* and params/*
+    history: list[dict[str, Any]]  # rank 0's metrics per log step of the final attempt (a restart starts anew)
+    checkpoint: str | None         # latest checkpoint folder (all ranks' DeepSpeed files)
+    plan: TrainPlan                # data folder, step counts, run folder, export folder
+
+    @property
+    def run_dir(self) -> str:
+        """Checkpoints ckpt_stepNNNNNN/, examples/rank*.jsonl."""
+        return self.plan.run_dir
+
+    @property
+    def export_dir(self) -> str | None:
+        """HF folder (with LoRA: the adapter; merged weights in <export>/merged when asked for)."""
+        return self.plan.export_dir
+
+
+def scored_data(config: Config, address: str | None) -> PreparedData:
+    """`data.train` may name a scored cache folder (what `mallows-ray prepare` prints); otherwise prepare."""
+    folder = Path(config.data.train).expanduser()
+    manifest = mf.read_manifest(folder) if folder.is_dir() else None
+    if manifest is not None:
+        return PreparedData(folder, manifest)
+    return prepare(config, address=address)
+
+
+def make_plan(config: Config, prepared: PreparedData) -> TrainPlan:
+    """Check the data against the loss and the settings; work out step counts and folders."""
+    manifest = prepared.manifest
+    if config.deepspeed.offload_params and config.deepspeed.zero_stage != 3:
+        raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters)")
+    if not is_listwise(config.loss.name) and manifest["kind"] != "pairwise":
+        raise ValueError(f"loss {config.loss.name!r} is pairwise but the data {prepared.folder} is "
+                         f"{manifest['kind']}; use a listwise loss (listwise, plackett_luce)")
+    rows = manifest["splits"]["train"]["rows_out"]
+    batch = config.batch
+    global_batch = batch.micro_batch_size * batch.gradient_accumulation * config.scaling.num_workers
+    steps_per_epoch = rows // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{rows} training prompts do not fill one global batch of {global_batch} (batch."
+                         "micro_batch_size x batch.gradient_accumulation x scaling.num_workers)")
+    model_path = resolve_model_path(config.model.name_or_path)
+    if mf.tokenizer_fingerprint(model_path) != manifest["tokenizer"]:
+        raise ValueError(f"the scored data {prepared.folder} was tokenized with {manifest['tokenizer_path']}, "
+                         f"whose tokenizer differs from that of model {config.model.name_or_path}")
+    storage = config.run.storage_path
+    if "://" not in storage:  # Ray needs an absolute local path or a URI
+        storage = os.path.abspath(os.path.expanduser(storage))
+    export_dir = None
+    if config.export.enabled:
+        export_dir = config.export.path or f"{storage.rstrip('/')}/{config.run.name}/export"
+    return TrainPlan(
+        model_path=str(model_path),
+        data_folder=str(prepared.folder),
+        has_validation="validation" in manifest["splits"],
+        train_rows=rows,
+        global_batch_size=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=config.optim.max_steps or config.optim.epochs * steps_per_epoch,
+        storage_path=storage,
+        run_name=config.run.name,
+        export_dir=export_dir,
+    )
+
+
+def run_training(config: Config, *, address: str | None = None) -> TrainResult:
+    """Prepare (or reuse) the scored data, train with DeepSpeed on Ray Train workers, export.
+
+    Joins `address` / $RAY_ADDRESS, else starts a local Ray instance. Running again with the same
+    `run.name` and `run.storage_path` resumes from that run's latest checkpoint.
+    """
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mallows_ray.train.loop import train_loop_per_worker  # imported here: `import mallows_ray.train` stays light
+
+    ensure_ray(address)
+    prepared = scored_data(config, address)
+    plan = make_plan(config, prepared)
+    # every worker iterates the whole dataset each epoch: bars from all of them would bury the progress lines
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # materialized once into the object store: every worker streams every split again each epoch and each
+    # evaluation, and re-running the parquet read tasks each time costs seconds apiece on a busy node
+    datasets = {split: ray.data.read_parquet(str(prepared.split_path(split))).select_columns(COLUMNS).materialize()
+                for split in ("train", "validation") if split != "validation" or plan.has_validation}
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config), "plan": asdict(plan)},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=plan.run_name, storage_path=plan.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+        ),
+        datasets=datasets,
+        # no split: every worker streams the whole dataset in its stored order and takes its slice of each
+        # global batch (batches.py), which makes resume exact and the order independent of the world size
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()  # raises TrainingFailedError once max_failures restarts are used up
+    history = result.return_value or []
+    return TrainResult(
+        metrics=history[-1] if history else (result.metrics or {}),
+        history=history,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        plan=plan,
+    )

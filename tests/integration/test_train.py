@@ -1,0 +1,244 @@
+"""Distributed training on a real local Ray instance: 2 CPU workers (gloo), DeepSpeed ZeRO-2 / ZeRO-3, a tiny
+Llama, a learnable preference set (every chosen response starts with "yes", every rejected one with "no").
+
+Each Ray Train run takes ~25 s here, so runs are shared: `trained("zero3")` is the reference of the resume and
+fault-tolerance tests, `trained("zero2")` the reference of the invariance test. Final parameters are compared
+through the HF export of each run.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mallows_ray.config import load_config
+from mallows_ray.data.pipeline import prepare
+
+TRAIN_ROWS, VALIDATION_ROWS = 32, 7  # 7: the last evaluation batch is short, so a rank pads its share
+WORDS = ["apple", "river", "stone", "cloud", "green", "paper", "light", "music"]
+STEPS = 16  # 2 epochs of 32 prompts in global batches of 4
+
+BASE = {
+    "data.max_prompt_length": 48, "data.max_response_length": 24, "data.scoring.batch_size": 8,
+    "loss.name": "mallows_theta", "loss.beta": 0.1,
+    "optim.lr": 5e-3, "optim.schedule": "linear", "optim.warmup_steps": 2, "optim.epochs": 2,
+    "batch.micro_batch_size": 2, "batch.gradient_accumulation": 1, "scaling.num_workers": 2,
+    "deepspeed.zero_stage": 3, "run.checkpoint_every": 4, "run.eval_every": 8, "run.log_every": 1,
+}
+RUNS = {
+    "zero3": {},
+    "zero2": {"deepspeed.zero_stage": 2},
+    "zero2_1x2": {"deepspeed.zero_stage": 2, "scaling.num_workers": 1, "batch.gradient_accumulation": 2},
+    "lora": {"deepspeed.zero_stage": 2, "model.lora": "{rank: 4, alpha: 8}", "model.gradient_checkpointing": True,
+             "export.merge_lora": True, "optim.lr": 2e-2},
+}
+
+
+def _pairs(count, offset):
+    for i in range(offset, offset + count):
+        word = WORDS[i % len(WORDS)]
+        # lengths vary, so length grouping and padding are exercised
+        yield {"id": f"q{i:03d}", "prompt": f"Is {word} number {i} good?",
+               "chosen": f"yes, {word} is fine" + "!" * (i % 5), "rejected": f"no, {word} is bad" + "." * (i % 7)}
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _config(items):
+    return load_config(None, [f"{key}={value}" for key, value in items.items()])
+
+
+@pytest.fixture(scope="module")
+def scored(ray_local, tiny_model_dir, tmp_path_factory):
+    """The preference set prepared once (tokenized, reference-scored) with the tiny model."""
+    folder = tmp_path_factory.mktemp("prefs")
+    items = {"model.name_or_path": tiny_model_dir, "data.cache_dir": folder / "cache",
+             "data.train": _write_jsonl(folder / "train.jsonl", _pairs(TRAIN_ROWS, 0)),
+             "data.validation": _write_jsonl(folder / "validation.jsonl", _pairs(VALIDATION_ROWS, 100)),
+             **{k: v for k, v in BASE.items() if k.startswith("data.")}}
+    return prepare(_config(items))
+
+
+@pytest.fixture(scope="module")
+def trained(scored, tiny_model_dir, tmp_path_factory):
+    """`trained(name)`: the TrainResult of RUNS[name], trained once per module."""
+    from mallows_ray.train import run_training
+
+    storage = tmp_path_factory.mktemp("runs")
+    results = {}
+
+    def run(name, **overrides):
+        if name not in results:
+            items = {**BASE, "model.name_or_path": tiny_model_dir, "data.train": scored.folder,
+                     "run.storage_path": storage, "run.name": name, **RUNS.get(name, {}), **overrides}
+            results[name] = run_training(_config(items))
+        return results[name]
+
+    return run
+
+
+def _weights(result):
+    return load_file(Path(result.export_dir) / "model.safetensors")
+
+
+def _max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _steps_from_example_logs(result, world):
+    """{step: ids of that step over all ranks, in rank order}; the last line of a step wins (restarts redo steps)."""
+    per_rank = []
+    for rank in range(world):
+        lines = [json.loads(line) for line in open(Path(result.run_dir) / "examples" / f"rank{rank}.jsonl")]
+        per_rank.append({line["step"]: line["ids"] for line in lines})
+    return {step: [i for rank in per_rank for i in rank[step]] for step in per_rank[0]}
+
+
+def _assert_learned(result):
+    first, last = result.history[0], result.history[-1]
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+    assert first["rewards/accuracy"] == 0.0  # rewards are exactly 0 at step 1: no chosen > rejected yet
+    assert last["step"] == STEPS and last["loss"] < 0.1 and last["rewards/accuracy"] == 1.0
+    assert last["eval/examples"] == VALIDATION_ROWS
+    assert last["eval/loss"] < 0.1 and last["eval/rewards/accuracy"] == 1.0 and last["eval/rewards/margin"] > 1.0
+    for key in ("rewards/chosen", "rewards/rejected", "dispersion/mean", "grad_norm", "lr", "tokens_per_s",
+                "samples_per_s"):
+        assert math.isfinite(last[key])
+
+
+def test_zero3_learns_and_shards_parameters(trained):
+    result = trained("zero3")
+    _assert_learned(result)
+    metrics = result.metrics
+    # every rank holds about half of the parameters (its ZeRO-3 partition); min and max over the ranks
+    assert 0.49 < metrics["params/local_fraction_min"] <= metrics["params/local_fraction_max"] < 0.52
+    assert metrics["params/trainable"] == metrics["params/total"]
+    # the export is a regular HF folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(result.export_dir)
+    assert sum(p.numel() for p in model.parameters()) == metrics["params/total"]
+    assert AutoTokenizer.from_pretrained(result.export_dir).chat_template
+    # a checkpoint every 4 steps, the default run.keep_checkpoints=2 newest kept
+    assert sorted(p.name for p in Path(result.run_dir).glob("ckpt_step*")) == ["ckpt_step000012", "ckpt_step000016"]
+    assert Path(result.checkpoint).name == f"ckpt_step{STEPS:06d}"
+
+
+def test_zero2_learns(trained):
+    result = trained("zero2")
+    _assert_learned(result)
+    assert result.metrics["params/local_fraction_min"] == result.metrics["params/local_fraction_max"] == 1.0
+    # ZeRO-2 and ZeRO-3 take the same steps: same data order, same maths
+    assert _max_abs_diff(_weights(result), _weights(trained("zero3"))) < 1e-5
+
+
+def test_one_worker_accumulating_two_equals_two_workers(trained):
+    """1 worker x gradient accumulation 2 == 2 workers x 1: the same micro-batches, the same mean gradient."""
+    single, pair = trained("zero2_1x2"), trained("zero2")
+    assert single.plan.global_batch_size == pair.plan.global_batch_size == 4
+    assert [h["loss"] for h in single.history] == pytest.approx([h["loss"] for h in pair.history], abs=1e-5)
+    diff = _max_abs_diff(_weights(single), _weights(pair))
+    print(f"invariance: max |param diff| after {STEPS} steps = {diff:.3g}")
+    assert diff < 1e-5  # float32 reduction order only (all-reduce mean vs accumulation)
+    assert _steps_from_example_logs(single, 1) == _steps_from_example_logs(pair, 2)
+
+
+def test_lora_changes_only_adapters_and_exports_a_loadable_adapter(trained, tiny_model_dir):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = trained("lora")
+    assert result.history[-1]["loss"] < result.history[0]["loss"] - 0.1
+    assert result.metrics["params/trainable"] < 0.05 * result.metrics["params/total"]
+    # the final checkpoint holds every weight: the base ones are bit-identical to the starting model
+    final = get_fp32_state_dict_from_zero_checkpoint(result.checkpoint)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    adapters = {k for k in final if ".lora_" in k}
+    assert adapters and all(final[k].abs().max() > 0 for k in adapters if "lora_B" in k)  # B starts at 0
+    for key, value in final.items():
+        if key not in adapters:
+            assert torch.equal(value, base[key.removeprefix("lm.").replace(".base_layer", "")]), key
+
+    export = Path(result.export_dir)
+    assert (export / "adapter_model.safetensors").is_file() and not (export / "model.safetensors").exists()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), export).eval()
+    merged = AutoModelForCausalLM.from_pretrained(export / "merged").eval()
+    prompt = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad():
+        assert torch.allclose(policy(prompt).logits, merged(prompt).logits, atol=1e-5)
+        generated = policy.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9)
+
+
+@pytest.mark.slow
+def test_resume_after_stop_is_exact(trained):
+    """A run stopped after step 12 (the job dies; max_failures=0) and started again with the same run name
+    resumes from the step-12 checkpoint, mid-way through epoch 2, and ends with the same parameters as the
+    uninterrupted run."""
+    import ray.train
+
+    with pytest.raises(ray.train.TrainingFailedError):
+        trained("stopped", **{"run.fail_at_step": 12, "run.max_failures": 0})
+    resumed = trained("stopped_resumed", **{"run.name": "stopped", "run.fail_at_step": 12})
+    reference = trained("zero3")
+    assert resumed.history[0]["step"] == 13  # not a fresh start: steps 1-12 came from the checkpoint
+    assert _max_abs_diff(_weights(resumed), _weights(reference)) == 0.0
+    steps = _steps_from_example_logs(resumed, 2)
+    assert steps == _steps_from_example_logs(reference, 2) and sorted(steps) == list(range(1, STEPS + 1))
+    for epoch in range(2):  # each epoch sees every training prompt exactly once
+        ids = [i for step in range(8 * epoch + 1, 8 * epoch + 9) for i in steps[step]]
+        assert sorted(ids) == [f"q{i:03d}" for i in range(TRAIN_ROWS)]
+
+
+@pytest.mark.slow
+def test_worker_failure_restarts_from_last_checkpoint(trained):
+    """Rank 0 raises after step 5 (last checkpoint: step 4); FailureConfig restarts the worker group, which
+    resumes from step 4, redoes step 5 with the same examples and ends like the uninterrupted run."""
+    result = trained("failed_once", **{"run.fail_at_step": 5, "run.max_failures": 1})
+    assert result.history[0]["step"] == 5  # the restarted attempt's first step
+    assert _max_abs_diff(_weights(result), _weights(trained("zero3"))) == 0.0
+    rank0 = [json.loads(line) for line in open(Path(result.run_dir) / "examples" / "rank0.jsonl")]
+    assert [line["step"] for line in rank0] == [1, 2, 3, 4, 5, *range(5, STEPS + 1)]
+    assert rank0[4]["ids"] == rank0[5]["ids"]  # step 5 redone on the same examples
+    assert _steps_from_example_logs(result, 2) == _steps_from_example_logs(trained("zero3"), 2)
+
+
+def _ranked(count):
+    """Listwise prompts: "yes" answers score best, "no" worst; positions vary and some prompts have 2 answers."""
+    for i in range(count):
+        word = WORDS[i % len(WORDS)]
+        answers = [(f"yes, {word} is fine", 5, 4), (f"maybe {word}", 3, 3), (f"no, {word} is bad", 1, 2)]
+        if i % 4 == 0:
+            answers.pop(1)
+        answers = answers[i % len(answers):] + answers[:i % len(answers)]
+        yield {"id": f"l{i:03d}", "prompt": f"Is {word} {i} good?", "responses": [a[0] for a in answers],
+               "scores": {"helpful": [a[1] for a in answers], "honest": [a[2] for a in answers]}}
+
+
+@pytest.mark.slow
+def test_listwise_single_worker_zero0(ray_local, tiny_model_dir, tmp_path):
+    """The listwise path (uniform lambda over the objectives, 2-3 responses per prompt) on 1 worker with plain
+    DeepSpeed stage 0, no validation split and no export."""
+    from mallows_ray.train import run_training
+
+    items = {**BASE, "model.name_or_path": tiny_model_dir, "data.cache_dir": tmp_path / "cache",
+             "data.train": _write_jsonl(tmp_path / "ranked.jsonl", _ranked(16)), "loss.name": "listwise",
+             "loss.beta": 0.5, "scaling.num_workers": 1, "batch.gradient_accumulation": 2, "deepspeed.zero_stage": 0,
+             "run.storage_path": tmp_path / "runs", "run.name": "listwise", "run.checkpoint_every": 0,
+             "export.enabled": False}
+    result = run_training(_config(items))
+    assert len(result.history) == 8 and "eval/loss" not in result.history[-1] and result.export_dir is None
+    # a step's loss depends on its prompts (the cross-entropy's floor is the entropy of their targets), so
+    # compare epochs: 4 steps each
+    first, second = result.history[:4], result.history[4:]
+    assert sum(h["loss"] for h in second) < sum(h["loss"] for h in first) - 0.4
+    assert all(h["rewards/accuracy"] == 1.0 and h["rewards/margin"] > 1.0 for h in second)
+    assert all(0 < h["grad_norm"] < 100 for h in result.history)  # stage 0 in fp32: our own norm (engine.py)

@@ -1,0 +1,138 @@
+"""The training stage's pure parts, without Ray: global-batch order, per-rank slices, tensors from rows, the
+loss inputs (pairwise and listwise), the LR schedule and the DeepSpeed config."""
+
+import math
+
+import pytest
+import torch
+
+from mallows_ray.config import load_config
+from mallows_ray.losses import build_loss
+from mallows_ray.train.batches import (
+    collate, epoch_batches, eval_slice, micro_batches, order_window, padded_length, rank_slice,
+)
+from mallows_ray.train.objective import forward_loss, loss_inputs
+
+
+def _row(i, prompt_len=3, response_lens=(2, 3), scores=()):
+    return {"id": f"r{i}", "prompt_ids": list(range(10, 10 + prompt_len)),
+            "response_ids": [[20 + i] * n for n in response_lens], "ref_logps": [-1.0 * n for n in response_lens],
+            "dispersion": 1.0 + i / 10, "scores": [list(s) for s in scores]}
+
+
+def _rows(n):
+    return [_row(i, prompt_len=1 + (7 * i) % 11) for i in range(n)]
+
+
+def _ids(batches):
+    return [[row["id"] for row in batch] for batch in batches]
+
+
+def test_window_order_is_seeded_complete_and_length_grouped():
+    rows = _rows(42)
+    kwargs = dict(global_batch_size=8, seed=3, window=0, shuffle=True, group_by_length=True)
+    first = order_window(rows, epoch=0, **kwargs)
+    assert _ids(first) == _ids(order_window(rows, epoch=0, **kwargs))  # same on every attempt
+    assert _ids(first) != _ids(order_window(rows, epoch=1, **kwargs))  # reshuffled per epoch
+    ids = [i for batch in _ids(first) for i in batch]
+    assert len(first) == 5 and len(set(ids)) == 40  # 42 // 8 full batches, no row twice
+    # length grouping: each global batch spans a narrow band of lengths
+    spans = [max(map(padded_length, b)) - min(map(padded_length, b)) for b in first]
+    shuffled = order_window(rows, epoch=0, **{**kwargs, "group_by_length": False})
+    assert sum(spans) < sum(max(map(padded_length, b)) - min(map(padded_length, b)) for b in shuffled)
+    plain = order_window(rows, epoch=0, **{**kwargs, "shuffle": False, "group_by_length": False})
+    assert _ids(plain)[0] == [f"r{i}" for i in range(8)]
+
+
+def test_epoch_batches_only_drop_the_tail_of_the_last_window():
+    rows = _rows(50)
+    windows = [rows[:24], rows[24:48], rows[48:]]  # windows of 3 global batches, then a 2-row tail
+    batches = list(epoch_batches(windows, global_batch_size=8, seed=0, epoch=0, shuffle=True, group_by_length=False))
+    assert len(batches) == 6 and len({r["id"] for b in batches for r in b}) == 48
+
+
+def test_one_worker_accumulating_sees_the_micro_batches_of_two_workers():
+    global_rows = _rows(8)
+    single = micro_batches(rank_slice(global_rows, 0, 1), 4)  # 1 worker x accumulation 2
+    pair = [micro_batches(rank_slice(global_rows, r, 2), 4)[0] for r in range(2)]  # 2 workers x 1
+    assert _ids(single) == _ids(pair)
+
+
+def test_eval_slice_pads_short_shares_and_counts_real_rows():
+    rows = _rows(3)
+    (r0, n0), (r1, n1) = eval_slice(rows, 0, 2), eval_slice(rows, 1, 2)
+    assert (len(r0), n0, len(r1), n1) == (2, 2, 2, 1) and r1[1] is rows[0]
+    assert eval_slice(rows[:1], 1, 2) == ([rows[0]], 0)
+
+
+def test_collate_grid_with_a_varying_number_of_responses():
+    rows = [_row(0, response_lens=(2, 3, 1), scores=[(1, 2, 3), (3, 2, 1)]),
+            _row(1, response_lens=(4, 2), scores=[(5, 1), (2, 2)])]
+    batch = collate(rows, pad_id=0, with_scores=True)
+    assert batch.response_mask.tolist() == [[True, True, True], [True, True, False]]
+    assert batch.response_lengths().tolist() == [[2, 3, 1], [4, 2, 0]]
+    assert batch.reference_logps.tolist() == [[-2.0, -3.0, -1.0], [-4.0, -2.0, 0.0]]
+    assert batch.scores.shape == (2, 2, 3) and batch.scores[1, :, 2].tolist() == [0.0, 0.0]
+    assert batch.grid(torch.arange(5.0)).tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 0.0]]
+    inputs = loss_inputs(batch, batch.grid(torch.zeros(5)), listwise=True)
+    # uniform lambda over the 2 objectives, softmax targets; padding gets probability 0
+    expected = 0.5 * (torch.softmax(torch.tensor([1.0, 2, 3]), 0) + torch.softmax(torch.tensor([3.0, 2, 1]), 0))
+    assert torch.allclose(inputs.target[0], expected)
+    assert inputs.target[1, 2] == 0 and inputs.target.sum(-1).tolist() == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="objective scores"):
+        collate([_row(0)], pad_id=0, with_scores=True)
+
+
+def test_pairwise_forward_loss_is_dpo_of_the_model_outputs():
+    rows = [_row(0), _row(1, response_lens=(3, 2))]
+    batch = collate(rows, pad_id=0, with_scores=False)
+    logps = torch.tensor([-1.0, -5.0, -2.0, -1.5], requires_grad=True)  # rows: p0 chosen, p0 rejected, p1 ...
+    out = forward_loss(lambda ids, mask, labels: logps, batch, build_loss("dpo", beta=0.5), listwise=False)
+    u = torch.tensor([(-1.0 + 2) - (-5.0 + 3), (-2.0 + 3) - (-1.5 + 2)])  # (lp - ref) chosen - rejected
+    assert torch.allclose(out.losses, -torch.nn.functional.logsigmoid(0.5 * u))
+    out.losses.sum().backward()
+    assert logps.grad is not None and (logps.grad != 0).all()
+
+
+def test_lr_schedule_and_deepspeed_config():
+    from mallows_ray.train.engine import deepspeed_config, lr_factor
+
+    factors = [lr_factor(s, schedule="linear", warmup=2, total=6) for s in range(6)]
+    assert factors == pytest.approx([1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25])
+    assert lr_factor(4, schedule="cosine", warmup=0, total=8) == pytest.approx(0.5)
+    assert lr_factor(5, schedule="constant", warmup=0, total=6) == 1.0
+    config = load_config(None, ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                                "deepspeed.offload_params=true", "batch.micro_batch_size=3",
+                                "batch.gradient_accumulation=4"])
+    ds = deepspeed_config(config, torch.float32)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 4
+    assert not ds["bf16"]["enabled"] and deepspeed_config(config, torch.bfloat16)["bf16"]["enabled"]
+    assert math.isclose(ds["gradient_clipping"], config.optim.max_grad_norm)
+
+
+def test_plan_step_counts_and_checks(tiny_model_dir, tmp_path):
+    from mallows_ray.data import manifest as mf
+    from mallows_ray.data.pipeline import PreparedData
+    from mallows_ray.train.trainer import make_plan
+
+    manifest = {"kind": "pairwise", "splits": {"train": {"rows_out": 30}}, "tokenizer_path": str(tiny_model_dir),
+                "tokenizer": mf.tokenizer_fingerprint(tiny_model_dir)}
+    data = PreparedData(tmp_path, manifest)
+
+    def config(*overrides):
+        return load_config(None, [f"model.name_or_path={tiny_model_dir}", f"run.storage_path={tmp_path}", *overrides])
+
+    plan = make_plan(config("batch.micro_batch_size=2", "scaling.num_workers=2", "optim.epochs=3"), data)
+    assert (plan.global_batch_size, plan.steps_per_epoch, plan.total_steps, plan.has_validation) == (4, 7, 21, False)
+    assert plan.run_dir == f"{tmp_path}/mallows-ray" and plan.export_dir == f"{tmp_path}/mallows-ray/export"
+    assert plan.position(9) == (1, 2)  # epoch 1, 2 global batches of it consumed
+    assert make_plan(config("optim.max_steps=5"), data).total_steps == 5
+    with pytest.raises(ValueError, match="is pairwise but the data"):
+        make_plan(config(), PreparedData(tmp_path, {**manifest, "kind": "listwise"}))
+    with pytest.raises(ValueError, match="do not fill one global batch"):
+        make_plan(config("batch.micro_batch_size=31"), data)
+    with pytest.raises(ValueError, match="offload_params needs"):
+        make_plan(config("deepspeed.offload_params=true"), data)
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        make_plan(config(), PreparedData(tmp_path, {**manifest, "tokenizer": "another"}))

@@ -103,6 +103,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
     """Validate, tokenize and reference-score `config.data`; reuse the cache when nothing changed."""
     import ray
     from ray.data import ActorPoolStrategy
+    from ray.data.expressions import col
 
     data_cfg = config.data
     if not data_cfg.train:
@@ -149,9 +150,9 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
             _tokenize_block, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"tokenizer_path": str(model_path), "limits": limits},
         ).materialize()
-        for row in tokenized.filter(expr="reject_reason != ''").take_all():
+        for row in tokenized.filter(expr=col("reject_reason") != "").take_all():
             rejects[split].append(Reject(row["source"], row["row"], row["reject_reason"], row["reject_detail"]))
-        good[split] = tokenized.filter(expr="reject_reason == ''")
+        good[split] = tokenized.filter(expr=col("reject_reason") == "")
 
     all_rejects = [r for split_rejects in rejects.values() for r in split_rejects]
     rejects_path = folder / "rejects.jsonl"

@@ -116,9 +116,12 @@ def build_tiny_model(folder: str | Path, *, hidden_size: int = 64, layers: int =
     return folder
 
 
-def response_stats(model, packed, *, with_entropy: bool, max_chunk_bytes: int = 64 * 2**20):
-    """Per-response log-prob sums, token counts and mean normalised entropy of `packed` under `model`.
+def response_stats(model, input_ids, attention_mask, labels, *, with_entropy: bool,
+                   max_chunk_bytes: int = 64 * 2**20):
+    """Per-row log-prob sums, token counts and mean normalised entropy of the labelled tokens under `model`.
 
+    input_ids, attention_mask, labels: [R, T] (labels shifted, -100 outside responses; see data/collate.py).
+    Shared by reference scoring and the training step (inside the DeepSpeed-wrapped module's forward).
     Runs the transformer body only and hands its final hidden states to the chunked output-embedding path
     of the loss library, so the float32 [R, T, V] logits are never materialised (ALGORITHMS 2.3).
     """
@@ -129,8 +132,8 @@ def response_stats(model, packed, *, with_entropy: bool, max_chunk_bytes: int = 
             f"{type(model).__name__} soft-caps its logits; the chunked log-prob path does not apply it yet"
         )
     body = getattr(model, model.base_model_prefix)  # e.g. LlamaForCausalLM.model
-    hidden = body(input_ids=packed.input_ids, attention_mask=packed.attention_mask).last_hidden_state  # [R, T, H]
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [R, T, H]
     head = model.get_output_embeddings()  # weight [V, H]
     return response_logprobs(
-        hidden, head.weight, packed.labels, bias=head.bias, with_entropy=with_entropy, max_chunk_bytes=max_chunk_bytes
+        hidden, head.weight, labels, bias=head.bias, with_entropy=with_entropy, max_chunk_bytes=max_chunk_bytes
     )

@@ -41,7 +41,8 @@ def score_responses(
     """Reference statistics for a batch of prompts; per-prompt lists have one entry per response."""
     device = next(model.parameters()).device
     packed = pack_responses(prompt_ids, response_ids, pad_id).to(device)
-    stats = response_stats(model, packed, with_entropy=True, max_chunk_bytes=max_chunk_bytes)
+    stats = response_stats(model, packed.input_ids, packed.attention_mask, packed.labels, with_entropy=True,
+                           max_chunk_bytes=max_chunk_bytes)
     logps = [t.float().cpu().numpy() for t in packed.split(stats.logp_sum)]
     counts = [t.cpu().numpy().astype(np.int32) for t in packed.split(stats.token_count)]
     entropy = [t.float().cpu().numpy() for t in packed.split(stats.mean_entropy)]

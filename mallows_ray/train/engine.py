@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from mallows_ray.config import Config, LoraConfig, ModelConfig, OptimConfig
-from mallows_ray.losses import response_logprobs
-from mallows_ray.models import load_model
+from mallows_ray.models import load_model, response_stats
 
 
 class PolicyLogprobs(nn.Module):
@@ -36,10 +35,7 @@ class PolicyLogprobs(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[R, T] each -> lp(y) [R], the sum of log-probs of each row's labelled (response) tokens."""
-        body = getattr(self.lm, self.lm.base_model_prefix)                                 # e.g. LlamaModel
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [R, T, H]
-        head = self.lm.get_output_embeddings()                                              # weight [V, H]
-        return response_logprobs(hidden, head.weight, labels, bias=head.bias, with_entropy=False).logp_sum
+        return response_stats(self.lm, input_ids, attention_mask, labels, with_entropy=False).logp_sum
 
 
 def apply_lora(lm: nn.Module, lora: LoraConfig) -> nn.Module:

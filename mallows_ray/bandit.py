@@ -373,10 +373,11 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     return _trial(problem, cfg, cfg["method"], float(cfg["beta"]), _frontier_of(problem, cfg))
 
 
-def run_experiment(config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Every method in config["methods"] at every beta in config["betas"], on one shared data set."""
+def run_experiment(config: dict[str, Any] | None = None, problem: BanditProblem | None = None) -> list[dict[str, Any]]:
+    """Every method in config["methods"] at every beta in config["betas"], on one shared data set
+    (`problem`, when the caller already built it from the same config)."""
     cfg = resolve_config(config)
-    problem = build_problem({k: v for k, v in cfg.items() if k not in ("method", "beta")})
+    problem = problem or build_problem({k: v for k, v in cfg.items() if k not in ("method", "beta")})
     curve = _frontier_of(problem, cfg)
     return [_trial(problem, cfg, method, float(beta), curve) for method in cfg["methods"] for beta in cfg["betas"]]
 
@@ -583,7 +584,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
         rows = bandit_sweep(cfg, Path(args.out) / "tune", address=args.address)
     else:
-        rows = run_experiment(cfg)
+        rows = run_experiment(cfg, problem)
     notes = describe_problem(problem, cfg)
     paths = write_outputs(rows, curve, args.out, notes=notes)
     print(notes + "\n")

@@ -117,7 +117,7 @@ def build_tiny_model(folder: str | Path, *, hidden_size: int = 64, layers: int =
 
 
 def response_stats(model, input_ids, attention_mask, labels, *, with_entropy: bool,
-                   max_chunk_bytes: int = 64 * 2**20):
+                   max_chunk_bytes: int | None = None):
     """Per-row log-prob sums, token counts and mean normalised entropy of the labelled tokens under `model`.
 
     input_ids, attention_mask, labels: [R, T] (labels shifted, -100 outside responses; see data/collate.py).
@@ -125,7 +125,7 @@ def response_stats(model, input_ids, attention_mask, labels, *, with_entropy: bo
     Runs the transformer body only and hands its final hidden states to the chunked output-embedding path
     of the loss library, so the float32 [R, T, V] logits are never materialised (ALGORITHMS 2.3).
     """
-    from mallows_ray.losses import response_logprobs
+    from mallows_ray.losses.logprobs import DEFAULT_MAX_CHUNK_BYTES, response_logprobs
 
     if getattr(model.config, "final_logit_softcapping", None):
         raise NotImplementedError(
@@ -135,5 +135,6 @@ def response_stats(model, input_ids, attention_mask, labels, *, with_entropy: bo
     hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [R, T, H]
     head = model.get_output_embeddings()  # weight [V, H]
     return response_logprobs(
-        hidden, head.weight, labels, bias=head.bias, with_entropy=with_entropy, max_chunk_bytes=max_chunk_bytes
+        hidden, head.weight, labels, bias=head.bias, with_entropy=with_entropy,
+        max_chunk_bytes=max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES,
     )

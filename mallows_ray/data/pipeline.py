@@ -99,6 +99,20 @@ def _list_sum(column: pa.ChunkedArray) -> int:
     return int(pc.sum(pc.list_flatten(column)).as_py() or 0)
 
 
+def _shared_objectives(records: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The objective names every row scores, in score order (the order lambda is written in); [] when rows
+    carry no scores. Rows that disagree are an error: one lambda cannot weight different objective sets."""
+    seen: dict[tuple[str, ...], str] = {}
+    for split, rows in records.items():
+        for row in rows:
+            seen.setdefault(tuple(row["objectives"]), f"{split} row {row['id']} ({row['source']}:{row['row']})")
+    if len(seen) > 1:
+        listed = "; ".join(f"{list(names)} (first at {where})" for names, where in seen.items())
+        raise ValueError(f"rows score different objectives: {listed}. Set data.objectives to the names every "
+                         "row must have, in the order lambda lists them")
+    return list(next(iter(seen), ()))
+
+
 def prepare(config: Config, *, address: str | None = None, force: bool = False) -> PreparedData:
     """Validate, tokenize and reference-score `config.data`; reuse the cache when nothing changed."""
     import ray
@@ -133,6 +147,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
     good: dict[str, ray.data.Dataset] = {}
     rejects: dict[str, list[Reject]] = {}
     rows_in: dict[str, int] = {}
+    records_by_split: dict[str, list[dict[str, Any]]] = {}
     for split, src in sources.items():
         print(f"[prepare] reading and validating {split}: {src}")
         records, rejects[split] = read_normalised(
@@ -140,6 +155,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
             objectives=data_cfg.objectives, score_fill=data_cfg.score_fill,
         )
         rows_in[split] = len(records) + len(rejects[split])
+        records_by_split[split] = records
         if not records:
             raise ValueError(f"{split} data {src!r}: no usable rows ({len(rejects[split])} rejected)")
         # small blocks: progress is reported per block and every actor of the pool gets work; but at most
@@ -154,6 +170,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
             rejects[split].append(Reject(row["source"], row["row"], row["reject_reason"], row["reject_detail"]))
         good[split] = tokenized.filter(expr=col("reject_reason") == "")
 
+    objectives = _shared_objectives(records_by_split)
     all_rejects = [r for split_rejects in rejects.values() for r in split_rejects]
     rejects_path = folder / "rejects.jsonl"
     write_rejects(rejects_path, all_rejects)
@@ -205,6 +222,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         "dispersion_scale": c,
         "tokenizer_path": str(model_path),
         "kind": pq.read_table(folder / "train", columns=["kind"]).column("kind")[0].as_py(),
+        "objectives": objectives,
         "splits": splits,
         "rejects": {"count": len(all_rejects), "by_reason": summarise_rejects(all_rejects),
                     "file": str(rejects_path)},

@@ -84,3 +84,27 @@ def tokenize_record(tokenizer, record: dict[str, Any], limits: LengthLimits) -> 
 def tokenize_batch(rows: list[dict[str, Any]], *, tokenizer_path: str, limits: LengthLimits) -> list[dict[str, Any]]:
     tokenizer = cached_tokenizer(tokenizer_path)
     return [tokenize_record(tokenizer, row, limits) for row in rows]
+
+
+def conditioned_prompt_ids(tokenizer, messages: list[dict[str, str]], prompt_ids: list[int], lam, objectives,
+                           *, system_role: bool = True) -> list[int]:
+    """The policy's prompt ids with lambda rendered in (ALGORITHMS 3.1), next to the reference's `prompt_ids`.
+
+    `prompt_ids` is the tokenized, possibly keep-end-truncated, unconditioned prompt. The conditioned rendering
+    C and the unconditioned one U share a head H (the template's opening) and a tail (the conversation after
+    the system message or the user prefix); C = H + L + tail, where L carries the weights line. The result
+    keeps H + L and as much of the tail as `prompt_ids` kept of U, so a truncated prompt is truncated at the
+    same place and the weights line is never cut off. Its length is len(prompt_ids) + len(L) - len(U's middle).
+    """
+    from mallows_ray.lambdas import condition_messages
+
+    conditioned = render_prompt_ids(tokenizer, condition_messages(messages, lam, objectives, system_role=system_role))
+    plain = render_prompt_ids(tokenizer, messages)
+    head = 0
+    while head < min(len(conditioned), len(plain)) and conditioned[head] == plain[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(conditioned), len(plain)) - head and conditioned[-1 - tail] == plain[-1 - tail]:
+        tail += 1
+    kept_tail = min(tail, len(prompt_ids))  # how much of the shared tail survived the truncation
+    return conditioned[: len(conditioned) - tail] + (conditioned[len(conditioned) - kept_tail:] if kept_tail else [])

@@ -96,6 +96,7 @@ class Batch:
     reference_logps: torch.Tensor  # [B, N] ref(y) from the scored data, 0 at padding
     dispersion: torch.Tensor       # [B] s(x)
     scores: torch.Tensor | None    # [B, K, N] objective scores (listwise losses), 0 at padding
+    lambdas: torch.Tensor | None   # [B, K] each prompt's preference weights (listwise losses)
 
     @property
     def tokens(self) -> int:
@@ -113,20 +114,21 @@ class Batch:
 
     def to(self, device: torch.device) -> "Batch":
         scores = None if self.scores is None else self.scores.to(device)
+        lambdas = None if self.lambdas is None else self.lambdas.to(device)
         return Batch(self.ids, self.packed.to(device), self.slots.to(device), self.response_mask.to(device),
-                     self.reference_logps.to(device), self.dispersion.to(device), scores)
+                     self.reference_logps.to(device), self.dispersion.to(device), scores, lambdas)
 
 
 def collate(rows: list[Row], pad_id: int, *, with_scores: bool) -> Batch:
     """Tensors of one micro-batch from scored-data rows (columns id, prompt_ids, response_ids, ref_logps,
-    dispersion, and scores [K][N] when `with_scores`)."""
+    dispersion; with `with_scores`, scores [K][N] and the `lambda` [K] that `conditioning.assign_lambdas` gave)."""
     counts = [len(row["response_ids"]) for row in rows]
     width = max(counts)
     mask = torch.tensor([[i < n for i in range(width)] for n in counts])                   # [B, N]
     reference = torch.zeros(len(rows), width)
     for p, row in enumerate(rows):
         reference[p, : counts[p]] = torch.as_tensor(row["ref_logps"], dtype=torch.float32)
-    scores = None
+    scores = lambdas = None
     if with_scores:
         if any(len(row["scores"]) == 0 for row in rows):
             raise ValueError("a listwise loss needs objective scores; rows "
@@ -134,6 +136,7 @@ def collate(rows: list[Row], pad_id: int, *, with_scores: bool) -> Batch:
         scores = torch.zeros(len(rows), len(rows[0]["scores"]), width)                      # [B, K, N]
         for p, row in enumerate(rows):
             scores[p, :, : counts[p]] = torch.as_tensor(row["scores"], dtype=torch.float32)
+        lambdas = torch.tensor([row["lambda"] for row in rows], dtype=torch.float32)        # [B, K]
     return Batch(
         ids=[row["id"] for row in rows],
         packed=pack_responses([row["prompt_ids"] for row in rows], [row["response_ids"] for row in rows], pad_id),
@@ -142,4 +145,5 @@ def collate(rows: list[Row], pad_id: int, *, with_scores: bool) -> Batch:
         reference_logps=reference,
         dispersion=torch.tensor([float(row["dispersion"]) for row in rows]),
         scores=scores,
+        lambdas=lambdas,
     )

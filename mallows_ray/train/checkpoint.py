@@ -33,8 +33,9 @@ def _rng_file(folder: str, rank: int) -> str:
     return os.path.join(folder, f"rng_rank{rank}.pt")
 
 
-def report(metrics: dict, engine, plan: TrainPlan, step: int, *, save: bool) -> None:
-    """`ray.train.report(metrics)` from every rank, with a checkpoint of the state after `step` when `save`.
+def report(metrics: dict, engine, plan: TrainPlan, step: int, *, save: bool, state: dict | None = None) -> None:
+    """`ray.train.report(metrics)` from every rank, with a checkpoint of the state after `step` when `save`;
+    `state` is extra JSON-able training state (the lambda scheduler's) that `restore` hands back.
 
     All ranks must call this the same number of times: the report is a barrier, and saving is collective.
     """
@@ -44,7 +45,8 @@ def report(metrics: dict, engine, plan: TrainPlan, step: int, *, save: bool) -> 
     rank = ray.train.get_context().get_world_rank()
     folder = tempfile.mkdtemp(prefix=f"mallows_ckpt_r{rank}_")  # per rank: the save would clash in a shared one
     client_state = {"step": step, "world_size": ray.train.get_context().get_world_size(),
-                    "global_batch_size": plan.global_batch_size, "steps_per_epoch": plan.steps_per_epoch}
+                    "global_batch_size": plan.global_batch_size, "steps_per_epoch": plan.steps_per_epoch,
+                    "state": state or {}}
     engine.save_checkpoint(folder, tag=f"step{step}", client_state=client_state)
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -54,11 +56,12 @@ def report(metrics: dict, engine, plan: TrainPlan, step: int, *, save: bool) -> 
                      checkpoint_dir_name=f"ckpt_step{step:06d}", delete_local_checkpoint_after_upload=True)
 
 
-def restore(engine, plan: TrainPlan) -> int:
-    """Load the latest checkpoint into `engine` and this rank's RNGs; the number of steps already taken."""
+def restore(engine, plan: TrainPlan) -> tuple[int, dict]:
+    """Load the latest checkpoint into `engine` and this rank's RNGs; (steps already taken, the extra state
+    given to `report`)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, {}
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     with checkpoint.as_directory() as folder:  # on local storage: the run's folder itself, read only
@@ -84,4 +87,4 @@ def restore(engine, plan: TrainPlan) -> int:
     if "cuda" in rng:
         torch.cuda.set_rng_state_all(rng["cuda"])
     log.info(f"[train] rank {rank}: resumed from {checkpoint.path} after step {client['step']}")
-    return int(client["step"])
+    return int(client["step"]), client.get("state", {})

@@ -14,6 +14,7 @@ import torch
 
 from mallows_ray.config import Config
 from mallows_ray.models import load_model
+from mallows_ray.train.conditioning import write_conditioning
 from mallows_ray.train.engine import apply_lora
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return {k[len(prefix):]: v.detach().cpu() for k, v in state.items()}
 
 
-def export_model(engine, config: Config, model_path: str, tokenizer, out_dir: str) -> None:
-    """Collective: all ranks call it; rank 0 writes `out_dir`."""
+def export_model(engine, config: Config, model_path: str, tokenizer, out_dir: str,
+                 conditioning: dict | None = None) -> None:
+    """Collective: all ranks call it; rank 0 writes `out_dir` (and, for a lambda-conditioned listwise run,
+    the conditioning settings that `generate` and `eval` read)."""
     state = full_state_dict(engine)
     if state is None:
         return
@@ -53,9 +56,13 @@ def export_model(engine, config: Config, model_path: str, tokenizer, out_dir: st
     target = apply_lora(lm, lora) if lora is not None else lm
     (target.get_base_model() if lora is not None else target).load_state_dict(state, strict=True)
     target.save_pretrained(out_dir, safe_serialization=True)  # PeftModel: only the adapter
-    tokenizer.save_pretrained(out_dir)
+    folders = [out_dir]
     if lora is not None and config.export.merge_lora:
         merged_dir = os.path.join(out_dir, MERGED)
         target.merge_and_unload().save_pretrained(merged_dir, safe_serialization=True)
-        tokenizer.save_pretrained(merged_dir)
+        folders.append(merged_dir)
+    for folder in folders:
+        tokenizer.save_pretrained(folder)
+        if conditioning is not None:
+            write_conditioning(folder, conditioning)
     log.info(f"[train] exported the policy to {out_dir}")

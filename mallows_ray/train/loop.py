@@ -1,7 +1,9 @@
 """`train_loop_per_worker`: what every Ray Train worker runs, top to bottom.
 
-B = prompts per micro-batch, N = responses per prompt (pairwise: 2), R = B x N packed rows, T = padded length.
-One optimizer step consumes one global batch of micro x accumulation x workers prompts (`batches.py`).
+B = prompts per micro-batch, N = responses per prompt (pairwise: 2), R = B x N packed rows, T = padded length,
+K = objectives (listwise). One optimizer step consumes one global batch of micro x accumulation x workers
+prompts (`batches.py`). Listwise losses: each prompt of the global batch gets a lambda from the scheduler and,
+with conditioning, a policy prompt with lambda rendered in (`conditioning.py`, ALGORITHMS 3.1-3.2).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import os
 import random
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray.train
@@ -23,12 +25,14 @@ from mallows_ray.data.scoring import pick_dtype
 from mallows_ray.losses import build_loss, is_listwise
 from mallows_ray.models import load_tokenizer
 from mallows_ray.train import checkpoint
-from mallows_ray.train.batches import (
-    WINDOW_BATCHES, collate, epoch_batches, eval_slice, micro_batches, rank_slice,
+from mallows_ray.train.batches import WINDOW_BATCHES, collate, epoch_batches, micro_batches, rank_slice
+from mallows_ray.train.conditioning import (
+    Conditioner, build_lambda_scheduler, evaluation_lambdas, step_lambdas,
 )
 from mallows_ray.train.engine import build_engine, build_policy, optimizer_step, parameter_counts
+from mallows_ray.train.evaluation import evaluate_rows, evaluate_under_lambdas
 from mallows_ray.train.export import export_model
-from mallows_ray.train.metrics import ExampleLog, MetricSums, progress_line, rank_extremes
+from mallows_ray.train.metrics import COUNTS, ExampleLog, MetricSums, progress_line, rank_extremes
 from mallows_ray.train.objective import forward_loss
 from mallows_ray.train.plan import TrainPlan
 
@@ -55,22 +59,47 @@ def inject_failure_once(plan: TrainPlan, step: int, rank: int) -> None:
         raise RuntimeError(f"run.fail_at_step: injected failure after step {step}")
 
 
-def evaluate(engine, config: Config, *, pad_id: int, loss_fn, listwise: bool) -> dict[str, float]:
-    """The loss and reward metrics on the whole validation split, sharded over ranks; keys prefixed `eval/`."""
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    micro = config.batch.micro_batch_size
-    sums = MetricSums()
+def validation_batches(batch_size: int) -> Iterator[list[dict]]:
+    """The validation split in batches of `batch_size` rows, streamed anew on each call (the same on every rank)."""
+    return (table.to_pylist() for table in ray.train.get_dataset_shard("validation").iter_batches(
+        batch_size=batch_size, batch_format="pyarrow"))
+
+
+def first_rows(split: str, n: int) -> list[dict]:
+    """The first n rows of a split (the learned scheduler's fixed batch; every rank gets the same rows)."""
+    rows: list[dict] = []
+    for table in ray.train.get_dataset_shard(split).iter_batches(batch_size=n, batch_format="pyarrow"):
+        rows = table.to_pylist()
+        break
+    return rows
+
+
+def evaluate(engine, config: Config, common: dict[str, Any], conditioner: Conditioner | None) -> dict[str, float]:
+    """The validation split's metrics, keys prefixed `eval/`. Listwise: under each vertex lambda and the
+    uniform one (`eval/<objective>/...`, `eval/uniform/...`), the uniform figures also unprefixed."""
+    batches = lambda: validation_batches(config.batch.micro_batch_size * common["world"])  # noqa: E731
     engine.eval()
-    with torch.no_grad():
-        for table in ray.train.get_dataset_shard("validation").iter_batches(
-                batch_size=micro * world, batch_format="pyarrow"):
-            rows, count = eval_slice(table.to_pylist(), rank, world)  # every rank runs the same forwards
-            batch = collate(rows, pad_id, with_scores=listwise).to(engine.device)
-            out = forward_loss(engine, batch, loss_fn, listwise)
-            sums.add_loss_output(out, batch.dispersion, count)
+    if conditioner is None:
+        metrics = evaluate_rows(engine, batches(), **common)
+    else:
+        per_lambda = evaluate_under_lambdas(engine, batches, evaluation_lambdas(conditioner.objectives),
+                                            conditioner, **common)
+        metrics = {f"{name}/{key}": value for name, values in per_lambda.items()
+                   for key, value in values.items() if key not in COUNTS}
+        metrics.update(per_lambda["uniform"])
     engine.train()
-    return {f"eval/{name}": value for name, value in sums.reduce().items()}
+    return {f"eval/{name}": value for name, value in metrics.items()}
+
+
+def score_candidates(engine, scheduler, rows: list[dict], conditioner: Conditioner,
+                     common: dict[str, Any]) -> torch.Tensor:
+    """score_j [M] of ALGORITHMS 3.2: the top-1 listwise accuracy of the lambda_j-conditioned policy against
+    p_lambda_j on the fixed batch `rows`."""
+    candidates = {str(j): lam for j, lam in enumerate(scheduler.candidates.tolist())}
+    engine.eval()
+    per_lambda = evaluate_under_lambdas(engine, lambda: [rows], candidates, conditioner, **common)
+    engine.train()
+    return torch.tensor([per_lambda[j]["rewards/accuracy"] for j in candidates], dtype=torch.float64)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -85,6 +114,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     dtype = pick_dtype(config.model.dtype, device)  # auto: bf16 on GPU, fp32 on CPU
     loss_fn = build_loss(config.loss.name, **config.loss.params)
     listwise = is_listwise(config.loss.name)
+    lambda_cfg = config.lambdas
 
     # ---- model: every rank builds identical weights (LoRA's random init included) from the same seed
     seed_everything(config.run.seed)
@@ -96,9 +126,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     params = {"params/total": counts["total"], "params/trainable": counts["trainable"],
               "params/local_fraction_min": local_min, "params/local_fraction_max": local_max}
     seed_everything(config.run.seed + 1 + rank)  # distinct dropout streams per rank from here on
+    common = dict(rank=rank, world=world, pad_id=tokenizer.pad_token_id, loss_fn=loss_fn, listwise=listwise,
+                  target_tau=lambda_cfg.target_tau, device=engine.device)  # evaluation settings
 
-    # ---- resume: weights, optimizer, LR schedule, RNGs and the data position from the latest checkpoint
-    step = checkpoint.restore(engine, plan)
+    # ---- listwise: the lambda scheduler, the conditioner, the learned scheduler's fixed validation batch
+    scheduler = conditioner = None
+    update_every, update_rows = 0, []
+    if listwise:
+        conditioner = Conditioner.from_config(tokenizer, plan.objectives, lambda_cfg)
+        scheduler = build_lambda_scheduler(lambda_cfg, plan.objectives)
+        if scheduler.needs_eval:
+            update_every = lambda_cfg.update_every or config.run.eval_every
+            if update_every == 0:
+                raise ValueError("the learned lambda scheduler needs lambdas.update_every or run.eval_every > 0")
+            update_rows = first_rows("validation" if plan.has_validation else "train", lambda_cfg.update_prompts)
+
+    # ---- resume: weights, optimizer, LR schedule, RNGs, the data position and the scheduler's state
+    step, saved = checkpoint.restore(engine, plan)
+    if scheduler is not None and "lambda_scheduler" in saved:
+        scheduler.load_state_dict(saved["lambda_scheduler"])
     examples = ExampleLog(plan.run_dir, rank, enabled=plan.local_run_dir)
 
     # ---- train: one optimizer step per global batch
@@ -114,15 +160,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
         for global_rows in itertools.islice(batches, consumed, None):  # skip what a resumed run already did
             lr = engine.get_lr()[0]
             rows = rank_slice(global_rows, rank, world)                  # micro x accumulation prompts
+            if listwise:  # lambdas [global batch, K], drawn for the whole global batch, then sliced
+                lambdas = step_lambdas(scheduler, len(global_rows), seed=config.run.seed, step=step)
+                rows = conditioner.apply(rows, rank_slice(lambdas.tolist(), rank, world))
             for micro_rows in micro_batches(rows, micro):                # `accumulation` micro-batches
                 batch = collate(micro_rows, tokenizer.pad_token_id, with_scores=listwise).to(engine.device)
-                out = forward_loss(engine, batch, loss_fn, listwise)     # out.losses [B]
+                out = forward_loss(engine, batch, loss_fn, listwise, lambda_cfg.target_tau)  # out.losses [B]
                 engine.backward(out.losses.mean())  # DeepSpeed divides by `accumulation`; ranks are averaged
                 grad_norm = optimizer_step(engine)  # the optimizer steps after the last micro-batch only
                 sums.add_loss_output(out, batch.dispersion)
                 sums.add("tokens", batch.tokens)
             step += 1
             examples.write(step, [row["id"] for row in rows])
+            if update_every and step % update_every == 0:  # learned scheduler: identical update on every rank
+                scheduler.update(score_candidates(engine, scheduler, update_rows, conditioner, common))
 
             # ---- log / evaluate / checkpoint (collective: every rank decides the same way from `step`)
             last = step == plan.total_steps
@@ -135,16 +186,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                 metrics.update(step=step, epoch=epoch, lr=lr, grad_norm=grad_norm,
                                tokens_per_s=metrics["tokens"] / seconds, samples_per_s=metrics["examples"] / seconds,
                                **params)
+                if scheduler is not None:
+                    metrics.update(scheduler.log_dict())
                 if run_eval:
-                    metrics.update(evaluate(engine, config, pad_id=tokenizer.pad_token_id, loss_fn=loss_fn,
-                                            listwise=listwise))
+                    metrics.update(evaluate(engine, config, common, conditioner))
                 if rank == 0:
                     log.info(progress_line(metrics, plan.total_steps))
                     history.append(metrics)
                 # Ray gets checkpoints and evaluations, not every log step: its controller takes one report
                 # per poll (every 2 s) and a worker blocks until its previous report is taken
                 if save or run_eval:
-                    checkpoint.report(metrics, engine, plan, step, save=save)
+                    state = {"lambda_scheduler": scheduler.state_dict()} if scheduler is not None else {}
+                    checkpoint.report(metrics, engine, plan, step, save=save, state=state)
                 interval_start = time.perf_counter()
             if step == config.run.fail_at_step:
                 inject_failure_once(plan, step, rank)
@@ -157,5 +210,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
 
     # ---- export: collective under ZeRO-3, rank 0 writes
     if plan.export_dir is not None:
-        export_model(engine, config, plan.model_path, tokenizer, plan.export_dir)
+        export_model(engine, config, plan.model_path, tokenizer, plan.export_dir,
+                     conditioning=conditioner.describe() if conditioner is not None else None)
     return history if rank == 0 else None  # Ray hands rank 0's return value to the driver

@@ -13,30 +13,23 @@ import torch
 from mallows_ray.losses import ListwiseInputs, LossOutput, PairwiseInputs, mixed_target
 from mallows_ray.train.batches import Batch
 
-# Softmax temperature of the per-objective targets (ALGORITHMS 3); configurable with the lambda scheduler.
-TARGET_TAU = 1.0
-
-
-def uniform_lambda_target(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """p_lambda [B, N] with lambda uniform over the K objectives (lambda sampling comes with the scheduler)."""
-    lambdas = scores.new_full(scores.shape[:2], 1.0 / scores.shape[1])  # [B, K]
-    return mixed_target(scores, lambdas, TARGET_TAU, response_mask)
-
-
-def loss_inputs(batch: Batch, policy_logps: torch.Tensor, listwise: bool) -> PairwiseInputs | ListwiseInputs:
-    """policy_logps [B, N] lp(y); pairwise rows hold [chosen, rejected] in that order."""
+def loss_inputs(batch: Batch, policy_logps: torch.Tensor, listwise: bool,
+                target_tau: float = 1.0) -> PairwiseInputs | ListwiseInputs:
+    """policy_logps [B, N] lp(y); pairwise rows hold [chosen, rejected] in that order; listwise rows carry
+    their lambda [B, K], which mixes the per-objective targets softmax(S_k / tau) into p_lambda [B, N]."""
     lengths = batch.response_lengths()  # [B, N]
     if listwise:
-        return ListwiseInputs(policy_logps, batch.reference_logps, lengths,
-                              uniform_lambda_target(batch.scores, batch.response_mask),
+        target = mixed_target(batch.scores, batch.lambdas, target_tau, batch.response_mask)
+        return ListwiseInputs(policy_logps, batch.reference_logps, lengths, target,
                               batch.response_mask, batch.dispersion)
     return PairwiseInputs(policy_logps[:, 0], policy_logps[:, 1], batch.reference_logps[:, 0],
                           batch.reference_logps[:, 1], lengths[:, 0], lengths[:, 1], batch.dispersion)
 
 
 def forward_loss(model: Callable[..., torch.Tensor], batch: Batch,
-                 loss_fn: Callable[[PairwiseInputs | ListwiseInputs], LossOutput], listwise: bool) -> LossOutput:
+                 loss_fn: Callable[[PairwiseInputs | ListwiseInputs], LossOutput], listwise: bool,
+                 target_tau: float = 1.0) -> LossOutput:
     """`model` maps (input_ids, attention_mask, labels) [R, T] to lp(y) [R] (the DeepSpeed engine)."""
     packed = batch.packed
     logps = model(packed.input_ids, packed.attention_mask, packed.labels)  # [R] sum of response log-probs
-    return loss_fn(loss_inputs(batch, batch.grid(logps), listwise))          # losses [B]
+    return loss_fn(loss_inputs(batch, batch.grid(logps), listwise, target_tau))  # losses [B]

@@ -21,6 +21,7 @@ class TrainPlan:
     storage_path: str       # absolute local path or URI (Ray's RunConfig.storage_path)
     run_name: str
     export_dir: str | None  # HF export folder; None when export is disabled
+    objectives: list[str]   # listwise data: the K objectives in score order (the lambda order); [] for pairwise
 
     @property
     def run_dir(self) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from mallows_ray.config import Config, to_dict
 from mallows_ray.data import manifest as mf
@@ -16,8 +16,9 @@ from mallows_ray.losses import is_listwise
 from mallows_ray.models import resolve_model_path
 from mallows_ray.train.plan import TrainPlan
 
-# The scored-data columns the workers read (the texts and per-response statistics stay on disk).
-COLUMNS = ["id", "prompt_ids", "response_ids", "ref_logps", "dispersion", "scores"]
+# The scored-data columns the workers read (the response texts and per-response statistics stay on disk);
+# the prompt messages are there for listwise lambda conditioning, which re-renders the prompt per example.
+COLUMNS = ["id", "prompt", "prompt_ids", "response_ids", "ref_logps", "dispersion", "scores"]
 
 
 @dataclass(frozen=True)
@@ -83,34 +84,40 @@ def make_plan(config: Config, prepared: PreparedData) -> TrainPlan:
         storage_path=storage,
         run_name=config.run.name,
         export_dir=export_dir,
+        objectives=manifest.get("objectives") or [],
     )
 
 
-def run_training(config: Config, *, address: str | None = None) -> TrainResult:
-    """Prepare (or reuse) the scored data, train with DeepSpeed on Ray Train workers, export.
+def load_datasets(prepared: PreparedData, plan: TrainPlan) -> dict[str, Any]:
+    """The scored splits as Ray Datasets, materialized once into the object store.
 
-    Joins `address` / $RAY_ADDRESS, else starts a local Ray instance. Running again with the same
-    `run.name` and `run.storage_path` resumes from that run's latest checkpoint.
+    Every worker streams every split again each epoch and each evaluation, and re-running the parquet read
+    tasks each time costs seconds apiece on a busy node; a sweep loads them once for all its trials.
     """
-    import ray
+    import ray.data
+
+    # every worker iterates the whole dataset each epoch: bars from all of them would bury the progress lines
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return {split: ray.data.read_parquet(str(prepared.split_path(split))).select_columns(COLUMNS).materialize()
+            for split in ("train", "validation") if split != "validation" or plan.has_validation}
+
+
+def build_trainer(config: Config, plan: TrainPlan, datasets: dict[str, Any], *,
+                  callbacks: Sequence[Any] = ()) -> Any:
+    """The `TorchTrainer` of one training run: `train_loop_per_worker` on `scaling.num_workers` workers.
+
+    Shared by `mallows-ray train` and every trial of `mallows-ray tune` (which adds Tune's report callback),
+    so a sweep trial trains exactly as the same config would alone.
+    """
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mallows_ray.train.loop import train_loop_per_worker  # imported here: `import mallows_ray.train` stays light
 
-    ensure_ray(address)
-    prepared = scored_data(config, address)
-    plan = make_plan(config, prepared)
-    # every worker iterates the whole dataset each epoch: bars from all of them would bury the progress lines
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    # materialized once into the object store: every worker streams every split again each epoch and each
-    # evaluation, and re-running the parquet read tasks each time costs seconds apiece on a busy node
-    datasets = {split: ray.data.read_parquet(str(prepared.split_path(split))).select_columns(COLUMNS).materialize()
-                for split in ("train", "validation") if split != "validation" or plan.has_validation}
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "plan": asdict(plan)},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
@@ -120,6 +127,7 @@ def run_training(config: Config, *, address: str | None = None) -> TrainResult:
             name=plan.run_name, storage_path=plan.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         # no split: every worker streams the whole dataset in its stored order and takes its slice of each
@@ -127,8 +135,19 @@ def run_training(config: Config, *, address: str | None = None) -> TrainResult:
         dataset_config=ray.train.DataConfig(
             datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()  # raises TrainingFailedError once max_failures restarts are used up
-    history = result.return_value or []
+
+
+def run_training(config: Config, *, address: str | None = None) -> TrainResult:
+    """Prepare (or reuse) the scored data, train with DeepSpeed on Ray Train workers, export.
+
+    Joins `address` / $RAY_ADDRESS, else starts a local Ray instance. Running again with the same
+    `run.name` and `run.storage_path` resumes from that run's latest checkpoint.
+    """
+    ensure_ray(address)
+    prepared = scored_data(config, address)
+    plan = make_plan(config, prepared)
+    result = build_trainer(config, plan, load_datasets(prepared, plan)).fit()  # raises TrainingFailedError
+    history = result.return_value or []                                       # once max_failures are used up
     return TrainResult(
         metrics=history[-1] if history else (result.metrics or {}),
         history=history,

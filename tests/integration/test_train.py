@@ -210,35 +210,3 @@ def test_worker_failure_restarts_from_last_checkpoint(trained):
     assert rank0[4]["ids"] == rank0[5]["ids"]  # step 5 redone on the same examples
     assert _steps_from_example_logs(result, 2) == _steps_from_example_logs(trained("zero3"), 2)
 
-
-def _ranked(count):
-    """Listwise prompts: "yes" answers score best, "no" worst; positions vary and some prompts have 2 answers."""
-    for i in range(count):
-        word = WORDS[i % len(WORDS)]
-        answers = [(f"yes, {word} is fine", 5, 4), (f"maybe {word}", 3, 3), (f"no, {word} is bad", 1, 2)]
-        if i % 4 == 0:
-            answers.pop(1)
-        answers = answers[i % len(answers):] + answers[:i % len(answers)]
-        yield {"id": f"l{i:03d}", "prompt": f"Is {word} {i} good?", "responses": [a[0] for a in answers],
-               "scores": {"helpful": [a[1] for a in answers], "honest": [a[2] for a in answers]}}
-
-
-@pytest.mark.slow
-def test_listwise_single_worker_zero0(ray_local, tiny_model_dir, tmp_path):
-    """The listwise path (uniform lambda over the objectives, 2-3 responses per prompt) on 1 worker with plain
-    DeepSpeed stage 0, no validation split and no export."""
-    from mallows_ray.train import run_training
-
-    items = {**BASE, "model.name_or_path": tiny_model_dir, "data.cache_dir": tmp_path / "cache",
-             "data.train": _write_jsonl(tmp_path / "ranked.jsonl", _ranked(16)), "loss.name": "listwise",
-             "loss.beta": 0.5, "scaling.num_workers": 1, "batch.gradient_accumulation": 2, "deepspeed.zero_stage": 0,
-             "run.storage_path": tmp_path / "runs", "run.name": "listwise", "run.checkpoint_every": 0,
-             "export.enabled": False}
-    result = run_training(_config(items))
-    assert len(result.history) == 8 and "eval/loss" not in result.history[-1] and result.export_dir is None
-    # a step's loss depends on its prompts (the cross-entropy's floor is the entropy of their targets), so
-    # compare epochs: 4 steps each
-    first, second = result.history[:4], result.history[4:]
-    assert sum(h["loss"] for h in second) < sum(h["loss"] for h in first) - 0.4
-    assert all(h["rewards/accuracy"] == 1.0 and h["rewards/margin"] > 1.0 for h in second)
-    assert all(0 < h["grad_norm"] < 100 for h in result.history)  # stage 0 in fp32: our own norm (engine.py)

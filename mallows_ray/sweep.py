@@ -51,7 +51,7 @@ from typing import Any, Iterator, Literal
 
 import yaml
 
-from mallows_ray.config import Config, ConfigError, apply_override, bounded, from_dict, to_dict
+from mallows_ray.config import Config, ConfigError, apply_override, bounded, from_dict, set_key, to_dict
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # keys whose value changes the scored data (pipeline cache key): swept only over listed values, each prepared once
@@ -150,17 +150,6 @@ class SweepConfig:
         for key, value in values.items():
             set_key(data, key, copy.deepcopy(value))
         return data
-
-
-def set_key(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set dotted `key` (e.g. `loss.beta`) in the nested mapping `data`, creating sections on the way."""
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part} is not a section")
-    node[leaf] = value
 
 
 def _parse_dimension(key: str, spec: Any) -> Dimension:

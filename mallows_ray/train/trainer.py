@@ -56,6 +56,9 @@ def make_plan(config: Config, prepared: PreparedData) -> TrainPlan:
     if not is_listwise(config.loss.name) and manifest["kind"] != "pairwise":
         raise ValueError(f"loss {config.loss.name!r} is pairwise but the data {prepared.folder} is "
                          f"{manifest['kind']}; use a listwise loss (listwise, plackett_luce)")
+    if is_listwise(config.loss.name) and not manifest.get("objectives"):
+        raise ValueError(f"loss {config.loss.name!r} mixes objective scores by lambda, but the rows of "
+                         f"{prepared.folder} carry none; give listwise data (scores: {{objective: [N numbers]}})")
     rows = manifest["splits"]["train"]["rows_out"]
     batch = config.batch
     global_batch = batch.micro_batch_size * batch.gradient_accumulation * config.scaling.num_workers

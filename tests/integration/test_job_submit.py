@@ -20,7 +20,9 @@ import yaml
 
 from isolated_ray import free_ports, isolated_ray_scratch, kill_marked
 from mallows_ray.config import apply_override, load_config
-from test_train import BASE, _pairs, _write_jsonl
+from preference_data import write_jsonl as _write_jsonl
+from preference_data import yes_no_pairs as _pairs
+from test_train import BASE
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_ROWS, VALIDATION_ROWS = 16, 4

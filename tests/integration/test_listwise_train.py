@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mallows_ray.config import load_config
+from preference_data import config_from as _config
+from preference_data import write_jsonl as _write_jsonl
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "paper", "light", "music", "bread", "chair"]
 OBJECTIVES = ["loud", "calm"]
@@ -68,15 +69,6 @@ def _agreeing(count, offset):
         answers = answers[i % len(answers):] + answers[:i % len(answers)]
         yield {"id": f"a{i:03d}", "prompt": f"Is {word} {i} good?", "responses": [a[0] for a in answers],
                "scores": {"loud": [a[1] for a in answers], "calm": [a[2] for a in answers]}}
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def _config(items):
-    return load_config(None, [f"{key}={value}" for key, value in items.items()])
 
 
 @pytest.fixture(scope="module")

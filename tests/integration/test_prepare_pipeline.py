@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from mallows_ray.config import load_config
-from mallows_ray.data.collate import IGNORE
 from mallows_ray.data.pipeline import prepare
 from mallows_ray.data.rejects import DataValidationError
 from mallows_ray.data.tokenize import LengthLimits, tokenize_record

@@ -25,22 +25,10 @@ import yaml
 from mallows_ray.cli import main
 from mallows_ray.config import load_config
 from mallows_ray.sweep import SweepInterrupted, load_sweep_config, run_sweep
+from preference_data import write_jsonl, yes_no_pairs
 
-WORDS = ["apple", "river", "stone", "cloud", "green", "paper", "light", "music"]
 STEPS = 8  # one epoch of 16 prompts in global batches of 2
 GOOD_LR, BAD_LR = 5e-3, 1e-7
-
-
-def _pairs(count, offset):
-    for i in range(offset, offset + count):
-        word = WORDS[i % len(WORDS)]
-        yield {"id": f"q{i:03d}", "prompt": f"Is {word} number {i} good?",
-               "chosen": f"yes, {word} is fine" + "!" * (i % 3), "rejected": f"no, {word} is bad" + "." * (i % 4)}
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 def _sweep_yaml(tmp_path, tiny_model_dir):
@@ -52,8 +40,8 @@ def _sweep_yaml(tmp_path, tiny_model_dir):
             "space": {"optim.lr": {"grid": [GOOD_LR, BAD_LR]}, "loss.beta": {"grid": [0.1, 0.3]}},
         },
         "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"train": _write_jsonl(tmp_path / "train.jsonl", _pairs(16, 0)),
-                 "validation": _write_jsonl(tmp_path / "validation.jsonl", _pairs(4, 100)),
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", yes_no_pairs(16, 0))),
+                 "validation": str(write_jsonl(tmp_path / "validation.jsonl", yes_no_pairs(4, 100))),
                  "cache_dir": str(tmp_path / "cache"), "max_prompt_length": 48, "max_response_length": 24},
         "loss": {"name": "mallows_theta", "beta": 0.1},
         "optim": {"lr": GOOD_LR, "schedule": "constant", "max_steps": STEPS},

@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mallows_ray.config import load_config
 from mallows_ray.data.pipeline import prepare
+from preference_data import config_from as _config
+from preference_data import write_jsonl as _write_jsonl
+from preference_data import yes_no_pairs as _pairs
 
 TRAIN_ROWS, VALIDATION_ROWS = 32, 7  # 7: the last evaluation batch is short, so a rank pads its share
-WORDS = ["apple", "river", "stone", "cloud", "green", "paper", "light", "music"]
 STEPS = 16  # 2 epochs of 32 prompts in global batches of 4
 
 BASE = {
@@ -35,23 +36,6 @@ RUNS = {
     "lora": {"deepspeed.zero_stage": 2, "model.lora": "{rank: 4, alpha: 8}", "model.gradient_checkpointing": True,
              "export.merge_lora": True, "optim.lr": 2e-2},
 }
-
-
-def _pairs(count, offset):
-    for i in range(offset, offset + count):
-        word = WORDS[i % len(WORDS)]
-        # lengths vary, so length grouping and padding are exercised
-        yield {"id": f"q{i:03d}", "prompt": f"Is {word} number {i} good?",
-               "chosen": f"yes, {word} is fine" + "!" * (i % 5), "rejected": f"no, {word} is bad" + "." * (i % 7)}
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def _config(items):
-    return load_config(None, [f"{key}={value}" for key, value in items.items()])
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,15 @@
               model's; lambda control: the judges' mean scores of replies generated under each vertex lambda
     report    <out>/report: metrics.json, summary.md, PNG plots, and the exported model under <out>/run
 
-A second run reuses the converted model, the scoring cache and (same run name) the finished training.
+A second run reuses the converted model and the scoring cache, and trains afresh (the previous run folder
+under <out> is replaced, so the report always shows a whole training run).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import time
 from pathlib import Path
 import numpy as np
@@ -66,8 +68,8 @@ def win_rates(prompts: list[str], ours: list[str], base: list[str]) -> dict[str,
     return rates
 
 
-def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 96,
-             validation_rows: int = 16, test_rows: int = 16, max_new_tokens: int = 48) -> dict[str, Path]:
+def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 64,
+             validation_rows: int = 16, test_rows: int = 16, max_new_tokens: int = 40) -> dict[str, Path]:
     from mallows_ray.generate import generate, load_export
     from mallows_ray.lambdas import format_lambda
     from mallows_ray.report import write_report
@@ -80,6 +82,7 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
     config = demo_config(out_dir, overrides, {"train": train_rows, "validation": validation_rows})
     timings: dict[str, float] = {}
 
+    shutil.rmtree(Path(config.run.storage_path) / config.run.name, ignore_errors=True)  # else it would resume
     print(f"[demo] 1-2/4 prepare + train ({train_rows} prompts x 4 replies, {config.optim.max_steps} steps)")
     result = run_training(config, address=address)
     timings["prepare_and_train_s"] = time.time() - started

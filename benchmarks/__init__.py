@@ -1,0 +1,1 @@
+"""Side-by-side performance measurements; `python benchmarks/run.py` regenerates RESULTS.md."""

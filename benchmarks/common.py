@@ -1,0 +1,134 @@
+"""What every measurement shares: the workload (HH pairs, lengths, micro-batch), peak memory, medians, JSON out.
+
+Each measurement module runs in its own process (launched by run.py), so its peak resident memory (VmHWM)
+belongs to that measurement alone. A module reads its settings as command-line flags and prints one JSON
+object as its last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test-1800.jsonl.gz"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The side-by-side settings: both frameworks see the same pairs, lengths and micro-batch."""
+
+    pairs: int = 8               # HH pairs in the timed pool (steps cycle through them)
+    micro_batch: int = 2         # prompts per step (each with chosen + rejected: 4 sequences)
+    max_prompt_length: int = 64
+    max_response_length: int = 64
+    warmup_steps: int = 1
+    measured_steps: int = 4
+    threads: int = 2             # torch intra-op threads (this machine has 2 cores)
+
+    @property
+    def max_length(self) -> int:
+        return self.max_prompt_length + self.max_response_length
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    for key, value in asdict(Workload()).items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=value)
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    return Workload(**{key: getattr(args, key) for key in asdict(Workload())})
+
+
+def workload_flags(workload: Workload) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in asdict(workload).items()]
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def model_path() -> Path:
+    from mallows_ray.config import EMBEDDED_MODEL
+    from mallows_ray.models import resolve_model_path
+
+    return resolve_model_path(EMBEDDED_MODEL)
+
+
+def untruncated_pairs(tokenizer, workload: Workload, n: int | None = None) -> list[dict[str, Any]]:
+    """The first `n` HH pairs (normalised + tokenized by mallows_ray) that fit the limits without truncation.
+
+    Skipping truncated rows keeps the two frameworks' workloads identical: TRL truncates a whole sequence
+    keep-start at max_length, mallows_ray the prompt keep-end and the response keep-start, which would
+    otherwise feed them different tokens.
+    """
+    from mallows_ray.data.formats import read_normalised
+    from mallows_ray.data.tokenize import LengthLimits, tokenize_record
+
+    want = workload.pairs if n is None else n
+    limits = LengthLimits(workload.max_prompt_length, workload.max_response_length)
+    records, _ = read_normalised(str(HH_FILE), fmt="hh")
+    chosen = []
+    for record in records:
+        row = tokenize_record(tokenizer, record, limits)
+        if row["reject_reason"] or row["prompt_truncated"] or any(row["response_truncated"]):
+            continue
+        chosen.append(row)
+        if len(chosen) == want:
+            return chosen
+    raise ValueError(f"{HH_FILE} has only {len(chosen)} pairs within {limits}; asked for {want}")
+
+
+def trl_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Conversational prompt/chosen/rejected rows, the form TRL's DPOTrainer tokenizes with the chat template."""
+    return [{"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": row["responses"][0]}],
+             "rejected": [{"role": "assistant", "content": row["responses"][1]}]} for row in rows]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line (not Linux?)")
+
+
+def current_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmRSS line (not Linux?)")
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def emit(result: dict[str, Any]) -> None:
+    """The measurement's result: the last line of stdout, read by run.py."""
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+
+
+def quiet_libraries() -> None:
+    """No progress bars, no telemetry, no tokenizer fork warnings in the measured processes."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

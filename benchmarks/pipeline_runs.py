@@ -1,0 +1,107 @@
+"""Rows 3-4, the Ray side: `prepare` on the reference actor pool, and prepare + one epoch of Ray training.
+
+Modes:
+  pool   tokenize + reference-score N HH pairs with `mallows_ray.data.pipeline.prepare` (actor pool); the
+         timing starts after Ray is up (a cluster is started once, not per dataset).
+  train  `run_training`: prepare + one epoch of DPO on one Ray Train worker with DeepSpeed (stage 0, fp32
+         CPU), the same micro-batch and lengths as row 1; Ray start-up included, as a user would wait for it
+         (imports and the choice of pairs are not, as on the TRL side).
+Both read a JSONL of the raw HH lines of the same untruncated pairs the step rows use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import (HH_FILE, Workload, emit, model_path, peak_rss_mib, quiet_libraries,
+                               untruncated_pairs)
+
+
+def write_raw_pairs(rows, folder: Path) -> Path:
+    """The raw HH lines of `rows` (their `row` field is the line number in HH_FILE) as a JSONL file."""
+    wanted = {row["row"] for row in rows}
+    path = folder / "hh_pairs.jsonl"
+    with gzip.open(HH_FILE, "rt") as src, path.open("w") as dst:
+        for number, line in enumerate(src, start=1):
+            if number in wanted:
+                dst.write(line)
+    kept = sum(1 for _ in path.open())
+    if kept != len(rows):
+        raise RuntimeError(f"{path}: wrote {kept} lines for {len(rows)} pairs; HH_FILE row numbers are not "
+                           "1-based line numbers as assumed")
+    return path
+
+
+def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: int) -> list[str]:
+    return [
+        f"data.train={data_file}", "data.format=hh", f"data.cache_dir={folder / 'cache'}",
+        f"data.max_prompt_length={workload.max_prompt_length}",
+        f"data.max_response_length={workload.max_response_length}",
+        f"data.scoring.num_actors={actors}", "data.scoring.batch_size=8", "model.dtype=float32",
+        "loss.name=dpo", "loss.beta=0.1", "optim.epochs=1", "optim.lr=1.0e-6", "optim.schedule=constant",
+        f"batch.micro_batch_size={workload.micro_batch}", "batch.gradient_accumulation=1",
+        # 1 CPU of Ray's 2 for the worker leaves room for Ray Data's read tasks (a 2-CPU worker would starve them);
+        # the worker's torch threads come from OMP_NUM_THREADS, set in main() to the step rows' thread count
+        "deepspeed.zero_stage=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
+        f"run.storage_path={folder / 'runs'}", "run.name=bench", "run.log_every=1000000", "export.enabled=false",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=["pool", "train"])
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--actors", type=int, default=2, help="reference-scoring actors (data.scoring.num_actors)")
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--max-prompt-length", type=int, default=64)
+    parser.add_argument("--max-response-length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    quiet_libraries()
+
+    import ray
+
+    from mallows_ray.config import load_config
+    from mallows_ray.data.pipeline import ensure_ray, prepare
+    from mallows_ray.models import load_tokenizer
+
+    workload = Workload(pairs=args.pairs, micro_batch=args.micro_batch, threads=args.threads,
+                        max_prompt_length=args.max_prompt_length, max_response_length=args.max_response_length)
+    rows = untruncated_pairs(load_tokenizer(model_path()), workload)
+    with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
+        folder = Path(tmp)
+        config = load_config(None, config_overrides(write_raw_pairs(rows, folder), folder, workload, args.actors))
+        if args.mode == "train":  # Ray workers inherit the driver's environment when it starts the local instance
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        ray_start = time.perf_counter()
+        ensure_ray()
+        ray_seconds = time.perf_counter() - ray_start
+        if args.mode == "pool":
+            t0 = time.perf_counter()
+            manifest = prepare(config, force=True).manifest
+            seconds = time.perf_counter() - t0
+            result = {"mode": "pool", "rows": len(rows), "actors": args.actors, "seconds": seconds,
+                      "rows_per_second": len(rows) / seconds, "ray_start_seconds": ray_seconds,
+                      "manifest_seconds": manifest.get("seconds"),
+                      "manifest_rows_per_second": manifest.get("rows_per_second")}
+        else:
+            from mallows_ray.train.trainer import run_training
+
+            t0 = time.perf_counter()
+            trained = run_training(config)
+            result = {"mode": "train", "rows": len(rows), "seconds": time.perf_counter() - ray_start,
+                      "seconds_after_ray": time.perf_counter() - t0,
+                      "ray_start_seconds": ray_seconds, "steps": trained.plan.total_steps,
+                      "final_loss": trained.metrics.get("loss")}
+        ray.shutdown()
+    result.update(peak_rss_mib_driver=peak_rss_mib())
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

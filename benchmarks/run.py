@@ -1,0 +1,140 @@
+"""The one command: run every measurement side by side on this machine and regenerate benchmarks/RESULTS.md.
+
+    python benchmarks/run.py            # full sizes (tens of minutes on 2 loaded cores)
+    python benchmarks/run.py --quick    # few pairs and steps: checks the harness end to end
+
+Each measurement is its own process (`python -m benchmarks.<module> ...`, listed in RESULTS.md), so its peak
+resident memory is its own; each prints one JSON line, which this driver turns into the table. Step figures
+are medians over the measured steps after warm-up steps; the matmul peak is the best of its repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # `python benchmarks/run.py` from anywhere: make `benchmarks` importable
+
+from benchmarks.common import REPO, Workload, workload_flags  # noqa: E402
+from benchmarks.report import Measurements, render  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes: 2 step pairs, 2 measured steps, 4 scoring pairs, 4 end-to-end pairs")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="HH pairs of row 4 (prepare + one epoch), default 32, quick 4. The issue asks for 512: "
+                        "the HH file has 362 pairs within 64/64 tokens, 893 within 128/128, so use --pairs 512 "
+                        "--max-prompt-length 128 --max-response-length 128 on a machine with spare cores")
+    parser.add_argument("--step-pairs", type=int, default=None, help="pairs the step rows cycle through (8, quick 2)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="unmeasured steps first (1)")
+    parser.add_argument("--measured-steps", type=int, default=None, help="steps the medians are over (4, quick 2)")
+    parser.add_argument("--scoring-pairs", type=int, default=None, help="pairs of the row 3 scoring runs (16, quick 4)")
+    parser.add_argument("--max-prompt-length", type=int, default=64, help="prompt token limit of every row")
+    parser.add_argument("--max-response-length", type=int, default=64, help="response token limit of every row")
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME",
+                        help="leave a measurement out (its rows say so): " + ", ".join(
+                            ["matmul", "mallows_step", "trl_default", "trl_precompute", "scoring_loop",
+                             "chunked", "naive", "pool", "e2e_mallows", "e2e_trl"]))
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--logs", type=Path, default=HERE / "logs",
+                        help="stderr of each measurement, and results.json with every raw figure")
+    return parser.parse_args()
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def machine() -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                       if line.startswith("MemTotal")))
+    versions = {}
+    for name in ("torch", "transformers", "trl", "ray", "deepspeed"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # reported, not fatal
+            versions[name] = "not installed"
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory": f"{mem_kib / 2**20:.1f} GiB",
+            "os": platform.platform(), "python": platform.python_version(),
+            **{f"{k} version": v for k, v in versions.items()}}
+
+
+def measure(name: str, module: str, flags: list[str], logs: Path) -> tuple[dict | None, str, float]:
+    """Run one measurement process; its JSON result (None on failure), its command line, its wall seconds."""
+    command = [sys.executable, "-m", f"benchmarks.{module}", *flags]
+    shown = "python -m " + " ".join(shlex.quote(part) for part in command[2:])
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] {name}: {shown}", flush=True)
+    start = time.perf_counter()
+    with (logs / f"{name}.log").open("w") as log:
+        proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"[bench] {name} FAILED (exit {proc.returncode}); see {logs / (name + '.log')}", flush=True)
+        return None, shown, wall
+    result = json.loads(lines[-1])
+    print(f"[bench] {name}: {wall:.0f} s: " + json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}),
+          flush=True)
+    return result, shown, wall
+
+
+def main() -> None:
+    args = parse_args()
+    quick = args.quick
+    workload = Workload(
+        pairs=args.step_pairs or (2 if quick else 8),
+        warmup_steps=args.warmup_steps or 1,
+        measured_steps=args.measured_steps or (2 if quick else 4),
+        max_prompt_length=args.max_prompt_length, max_response_length=args.max_response_length,
+    )
+    if workload.warmup_steps < 1:
+        raise SystemExit("--warmup-steps must be >= 1: TRL's step time is the interval after a previous step")
+    e2e = replace(workload, pairs=args.pairs or (4 if quick else 32))
+    scoring_pairs = args.scoring_pairs or (4 if quick else 16)
+    lengths = [f"--max-prompt-length={workload.max_prompt_length}",
+               f"--max-response-length={workload.max_response_length}"]
+    plan = {  # the Ray runs first: the longest, and the ones that depend on the most machinery
+        "pool": ("pipeline_runs", ["pool", f"--pairs={scoring_pairs}", *lengths]),
+        "e2e_mallows": ("pipeline_runs", ["train", f"--pairs={e2e.pairs}", f"--micro-batch={e2e.micro_batch}",
+                                          f"--threads={e2e.threads}", *lengths]),
+        "e2e_trl": ("step_trl", [*workload_flags(e2e), "--epoch"]),
+        "matmul": ("matmul_peak", [f"--threads={workload.threads}", f"--repeats={5 if quick else 20}"]),
+        "mallows_step": ("step_mallows", workload_flags(workload)),
+        "trl_default": ("step_trl", workload_flags(workload)),
+        "trl_precompute": ("step_trl", [*workload_flags(workload), "--precompute"]),
+        "scoring_loop": ("scoring", ["loop", f"--pairs={scoring_pairs}", f"--repeats={1 if quick else 3}", *lengths]),
+        "chunked": ("scoring", ["chunked", f"--pairs={scoring_pairs}", *lengths]),
+        "naive": ("scoring", ["naive", f"--pairs={scoring_pairs}", *lengths]),
+    }
+    found = Measurements(machine=machine(), load_before=load_average(), workload=workload, e2e_pairs=e2e.pairs,
+                         scoring_pairs=scoring_pairs, quick=quick,
+                         invocation="python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    started = time.perf_counter()
+    for name, (module, flags) in plan.items():
+        if name in args.skip:
+            continue
+        found.results[name], found.commands[name], found.walls[name] = measure(name, module, flags, args.logs)
+    found.load_after = load_average()
+    found.total_seconds = time.perf_counter() - started
+    args.output.write_text(render(found))
+    (args.logs / "results.json").write_text(json.dumps(found.results, indent=1))
+    print(f"[bench] wrote {args.output} ({found.total_seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

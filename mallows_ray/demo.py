@@ -58,14 +58,9 @@ def _mean_scores(prompts: list[str], replies: list[str]) -> dict[str, float]:
 
 def win_rates(prompts: list[str], ours: list[str], base: list[str]) -> dict[str, float]:
     """Per judge: the fraction of prompts where our reply scores higher than the base model's (ties: half)."""
-    rates = {}
-    for name in OBJECTIVES:
-        outcomes = []
-        for prompt, a, b in zip(prompts, ours, base):
-            sa, sb = score_all(prompt, a)[name], score_all(prompt, b)[name]
-            outcomes.append(1.0 if sa > sb else 0.5 if sa == sb else 0.0)
-        rates[name] = float(np.mean(outcomes))
-    return rates
+    pairs = [(score_all(prompt, a), score_all(prompt, b)) for prompt, a, b in zip(prompts, ours, base)]
+    return {name: float(np.mean([1.0 if sa[name] > sb[name] else 0.5 if sa[name] == sb[name] else 0.0
+                                 for sa, sb in pairs])) for name in OBJECTIVES}
 
 
 def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 64,
@@ -74,7 +69,7 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
     from mallows_ray.lambdas import format_lambda
     from mallows_ray.report import write_report
     from mallows_ray.train import run_training
-    from mallows_ray.train.conditioning import evaluation_lambdas
+    from mallows_ray.train.conditioning import evaluation_lambdas, read_conditioning
     from mallows_ray.train.evaluation import evaluate_export
 
     started = time.time()
@@ -96,7 +91,7 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
     uniform = {"uniform": evaluation_lambdas(list(OBJECTIVES))["uniform"]}
     export = result.export_dir
     trained_eval = evaluate_export(test_config, export, split="train", lambdas=uniform, address=address)["uniform"]
-    _, _, conditioning = load_export(export)
+    conditioning = read_conditioning(export)
     base_eval = evaluate_export(test_config, result.plan.model_path, split="train", lambdas=uniform,
                                 address=address, conditioning=conditioning)["uniform"]
     records = [json.loads(line) for line in test_file.read_text().splitlines()]

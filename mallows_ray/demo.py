@@ -20,7 +20,10 @@ import gzip
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -63,6 +66,16 @@ def win_rates(prompts: list[str], ours: list[str], base: list[str]) -> dict[str,
                                  for sa, sb in pairs])) for name in OBJECTIVES}
 
 
+@contextmanager
+def _phase(timings: dict[str, float], name: str, headline: str) -> Iterator[None]:
+    """Print `headline`, run the block, record its wall time under `name` and print it."""
+    print(f"[demo] {headline}", flush=True)
+    started = time.time()
+    yield
+    timings[name] = time.time() - started
+    print(f"[demo] {name} took {timings[name]:.0f} s", flush=True)
+
+
 def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 64,
              validation_rows: int = 16, test_rows: int = 16, max_new_tokens: int = 40) -> dict[str, Path]:
     from mallows_ray.generate import generate, load_export
@@ -78,36 +91,34 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
     timings: dict[str, float] = {}
 
     shutil.rmtree(Path(config.run.storage_path) / config.run.name, ignore_errors=True)  # else it would resume
-    print(f"[demo] 1-2/4 prepare + train ({train_rows} prompts x 4 replies, {config.optim.max_steps} steps)")
-    result = run_training(config, address=address)
-    timings["prepare_and_train_s"] = time.time() - started
+    with _phase(timings, "prepare_and_train",
+                f"1-2/4 prepare + train ({train_rows} prompts x 4 replies, {config.optim.max_steps} steps)"):
+        result = run_training(config, address=address)
     dispersion = pq.read_table(Path(result.plan.data_folder) / "train", columns=["dispersion"]).column(
         "dispersion").to_numpy()
+    export, base = result.export_dir, result.plan.model_path
 
-    print(f"[demo] 3/4 evaluate on {test_rows} test prompts: reward accuracy, judged generations, lambda control")
-    t0 = time.time()
-    test_file = demo_subset("test", test_rows, out_dir / "data")
-    test_config = load_config(DEMO_CONFIG, [f"data.train={test_file}", *overrides])
-    uniform = {"uniform": evaluation_lambdas(list(OBJECTIVES))["uniform"]}
-    export = result.export_dir
-    trained_eval = evaluate_export(test_config, export, split="train", lambdas=uniform, address=address)["uniform"]
-    conditioning = read_conditioning(export)
-    base_eval = evaluate_export(test_config, result.plan.model_path, split="train", lambdas=uniform,
-                                address=address, conditioning=conditioning)["uniform"]
-    records = [json.loads(line) for line in test_file.read_text().splitlines()]
-    prompts = [record["prompt"] for record in records]
-    settings = dict(max_new_tokens=max_new_tokens, batch_size=8)
-    model, tokenizer, _ = load_export(export)
-    base_model, base_tokenizer, _ = load_export(result.plan.model_path)
-    base_replies = generate(base_model, base_tokenizer, prompts, **settings)
-    ours = generate(model, tokenizer, prompts, lam=uniform["uniform"], conditioning=conditioning, **settings)
-    control = {}
-    for name, lam in evaluation_lambdas(list(OBJECTIVES)).items():
-        replies = ours if name == "uniform" else generate(model, tokenizer, prompts, lam=lam,
-                                                          conditioning=conditioning, **settings)
-        control[format_lambda(lam, OBJECTIVES).split(": ", 1)[1]] = _mean_scores(prompts, replies)
-    control["base model (no lambda)"] = _mean_scores(prompts, base_replies)
-    timings["evaluate_s"] = time.time() - t0
+    with _phase(timings, "test_reward_accuracy", f"3/4 evaluate on {test_rows} test prompts: reward accuracy "
+                "of the trained and the untrained policy"):
+        test_file = demo_subset("test", test_rows, out_dir / "data")
+        test_config = load_config(DEMO_CONFIG, [f"data.train={test_file}", *overrides])
+        uniform = {"uniform": evaluation_lambdas(list(OBJECTIVES))["uniform"]}
+        conditioning = read_conditioning(export)
+        trained_eval, base_eval = (
+            evaluate_export(test_config, model, split="train", lambdas=uniform, address=address,
+                            conditioning=conditioning)["uniform"] for model in (export, base))
+    with _phase(timings, "generations", "3/4 judged generations: trained vs base model, and under each vertex lambda"):
+        records = [json.loads(line) for line in test_file.read_text().splitlines()]
+        prompts = [record["prompt"] for record in records]
+        settings = dict(max_new_tokens=max_new_tokens, batch_size=len(prompts))  # one batch: fewest decode steps
+        base_replies = generate(*load_export(base)[:2], prompts, **settings)
+        model, tokenizer, _ = load_export(export)
+        replies = {name: generate(model, tokenizer, prompts, lam=lam, conditioning=conditioning, **settings)
+                   for name, lam in evaluation_lambdas(list(OBJECTIVES)).items()}
+        control = {format_lambda(lam, OBJECTIVES).split(": ", 1)[1]: _mean_scores(prompts, replies[name])
+                   for name, lam in evaluation_lambdas(list(OBJECTIVES)).items()}
+        control["base model (no lambda)"] = _mean_scores(prompts, base_replies)
+    ours = replies["uniform"]
 
     print("[demo] 4/4 report")
     eval_metrics = {"test/reward_accuracy": trained_eval["rewards/accuracy"],
@@ -123,4 +134,3 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
           f"{eval_metrics['test/reward_accuracy']:.3f} (base {eval_metrics['test/reward_accuracy_base']:.3f}); "
           f"report {paths['summary']}")
     return paths
-

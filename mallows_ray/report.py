@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -171,9 +172,15 @@ def _summary_markdown(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
     train, evals, final = metrics["train"], metrics["eval_history"], metrics["final_train"]
     parts = ["# Run report", ""]
     if metrics["extra"]:
-        parts += ["## Run", "", _table(["key", "value"], [
-            [key, f"`{json.dumps(value)}`" if isinstance(value, (dict, list)) else value]
-            for key, value in metrics["extra"].items()]), ""]
+        scalars = {k: v for k, v in metrics["extra"].items() if not isinstance(v, (dict, list))}
+        nested = {k: v for k, v in metrics["extra"].items() if isinstance(v, (dict, list))}
+        parts += ["## Run", ""]
+        if scalars:
+            parts += [_table(["key", "value"], [[k, _number(v) if not isinstance(v, str) else v]
+                                                for k, v in scalars.items()]), ""]
+        for key, value in nested.items():  # config, timings, samples: readable as YAML, not one JSON line
+            parts += [f"### {key}", "", "```yaml",
+                      yaml.safe_dump(value, sort_keys=False, allow_unicode=True, width=110).rstrip(), "```", ""]
     parts += ["## Training", ""]
     if final:
         first = train[0] if train else {}

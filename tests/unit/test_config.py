@@ -44,3 +44,15 @@ def test_int_accepted_for_float_and_bool_rejected_for_int():
     assert load_config(None, ["data.max_bad_fraction=0"]).data.max_bad_fraction == 0.0
     with pytest.raises(ConfigError, match="max_prompt_length"):
         load_config(None, ["data.max_prompt_length=true"])
+
+
+
+def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path):
+    # Plain PyYAML (YAML 1.1) reads `5e-4` as the string '5e-4'; configs and command lines write it that way.
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 5e-4\nloss:\n  name: cdpo\n  beta: 1e-1\n")
+    config = load_config(path, ["optim.warmup_steps=2", "loss.label_smoothing=2E-2"])
+    assert config.optim.lr == 5e-4 and config.loss.params == {"beta": 0.1, "label_smoothing": 0.02}
+    assert load_config(None, ["optim.lr=+3e+2", "run.name=1e5x"]).run.name == "1e5x"
+    with pytest.raises(ConfigError, match="optim.lr: expected float, got '5e-x'"):
+        load_config(None, ["optim.lr=5e-x"])

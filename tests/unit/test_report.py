@@ -43,7 +43,8 @@ def report(tmp_path):
             "format=1": {"conciseness": 0.4, "format": 0.7, "positivity": 0.5},
             "positivity=1": {"conciseness": 0.5, "format": 0.3, "positivity": 0.9},
         },
-        extra={"command": "mallows-ray demo", "loss": "mallows_theta", "seconds": 123.4},
+        extra={"command": "mallows-ray demo", "loss": "mallows_theta", "seconds": 123.4,
+               "config": {"optim": {"lr": 0.002, "max_steps": 16}}},
     )
     return paths, dispersion
 
@@ -89,6 +90,8 @@ def test_summary_mentions_the_key_figures(report):
                  f"{np.nanmean(dispersion):.4g}", "![loss](loss.png)", "![lambda_control](lambda_control.png)"):
         assert text in summary, text
     assert "| 3 | 0.55 | 0.65 | 0.06 |" in summary  # the evaluation at step 3
+    assert "| seconds | 123.4 |" in summary
+    assert "### config\n\n```yaml\noptim:\n  lr: 0.002\n  max_steps: 16\n```" in summary  # nested: a YAML block
 
 
 def test_optional_parts_and_empty_inputs(tmp_path):

@@ -5,8 +5,9 @@
     train     listwise lambda-DPO with MallowsPO's dispersion plug-in (r = beta s(x) (lp - ref), ALGORITHMS 2.4
               and 3; with two responses and a one-hot target it is MallowsPO-theta), LoRA, lambda rendered into
               the policy's prompt (3.1), 2 Ray Train workers with DeepSpeed ZeRO-2
-    evaluate  on the test split: reward accuracy (top-1 under the uniform lambda) of the trained policy and of
-              the untrained one; judges' win rates of the trained model's greedy replies against the base
+    evaluate  on the test split: reward accuracy (top-1 under the uniform lambda) and pair accuracy (share of
+              the target-ordered reply pairs the rewards order the same way) of the trained policy and of the
+              untrained one; judges' win rates of the trained model's greedy replies against the base
               model's; lambda control: the judges' mean scores of replies generated under each vertex lambda
     report    <out>/report: metrics.json, summary.md, PNG plots, and the exported model under <out>/run
 
@@ -123,6 +124,8 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
     print("[demo] 4/4 report")
     eval_metrics = {"test/reward_accuracy": trained_eval["rewards/accuracy"],
                     "test/reward_accuracy_base": base_eval["rewards/accuracy"],
+                    "test/pair_accuracy": trained_eval["rewards/pair_accuracy"],
+                    "test/pair_accuracy_base": base_eval["rewards/pair_accuracy"],
                     "test/loss": trained_eval["loss"], "test/loss_base": base_eval["loss"],
                     "test/reward_margin": trained_eval["rewards/margin"], "test/prompts": trained_eval["examples"]}
     samples = [{"prompt": p, "base": b, "trained": o} for p, b, o in list(zip(prompts, base_replies, ours))[:4]]
@@ -131,6 +134,7 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
                          extra={"export": export, "config": to_dict(config), "timings_s": timings,
                                 "total_s": time.time() - started, "samples": samples})
     print(f"[demo] done in {time.time() - started:.0f} s: test reward accuracy "
-          f"{eval_metrics['test/reward_accuracy']:.3f} (base {eval_metrics['test/reward_accuracy_base']:.3f}); "
+          f"{eval_metrics['test/reward_accuracy']:.3f} (base {eval_metrics['test/reward_accuracy_base']:.3f}), "
+          f"pair accuracy {eval_metrics['test/pair_accuracy']:.3f} (base {eval_metrics['test/pair_accuracy_base']:.3f}); "
           f"report {paths['summary']}")
     return paths

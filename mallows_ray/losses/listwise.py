@@ -52,15 +52,29 @@ def listwise_rewards(inputs: ListwiseInputs, beta: float, length_normalize: bool
     return rewards.masked_fill(~_valid(inputs), _MASKED_REWARD)
 
 
+def pair_agreement(rewards: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """[B] share of the valid response pairs that p_lambda orders strictly (target_i > target_j) whose rewards
+    are ordered the same way (r_i > r_j; a reward tie counts half). A finer held-out figure than top-1: N(N-1)/2
+    pairs per prompt instead of one event. Rows without a strictly ordered pair get 0.5, the value of a
+    policy that cannot tell the responses apart (e.g. one equal to the reference)."""
+    ordered = (target[:, :, None] > target[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # [B, N, N]
+    agree = (rewards[:, :, None] > rewards[:, None, :]).to(rewards.dtype)
+    agree = agree + 0.5 * (rewards[:, :, None] == rewards[:, None, :]).to(rewards.dtype)       # [B, N, N]
+    pairs = ordered.sum(dim=(1, 2))
+    return torch.where(pairs > 0, (agree * ordered).sum(dim=(1, 2)) / pairs.clamp(min=1), 0.5)
+
+
 def _listwise_output(losses: Tensor, rewards: Tensor, inputs: ListwiseInputs) -> LossOutput:
-    """Detached reward of the target's top response vs the mean of the other valid ones; top-1 agreement."""
+    """Detached reward of the target's top response vs the mean of the other valid ones; top-1 and pair
+    agreement."""
     valid = _valid(inputs)
     rewards = rewards.detach()
     best = inputs.target.masked_fill(~valid, -1.0).argmax(dim=-1, keepdim=True)  # [B, 1]
     others = valid.scatter(1, best, False)                                          # [B, N]
     rest = (rewards * others).sum(dim=-1) / others.sum(dim=-1).clamp(min=1)
     accuracy = (rewards.argmax(dim=-1, keepdim=True) == best)[:, 0].to(losses.dtype)
-    return LossOutput(losses, rewards.gather(1, best)[:, 0], rest, accuracy)
+    return LossOutput(losses, rewards.gather(1, best)[:, 0], rest, accuracy,
+                      pair_agreement(rewards, inputs.target, valid).to(losses.dtype))
 
 
 def listwise(inputs: ListwiseInputs, *, beta: float = 0.1, length_normalize: bool = False,

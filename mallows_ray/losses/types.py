@@ -34,3 +34,5 @@ class LossOutput:
     chosen_rewards: Tensor    # [B] detached implicit reward of the chosen (listwise: the target's top) response
     rejected_rewards: Tensor  # [B] detached reward of the rejected (listwise: mean of the other valid) responses
     accuracy: Tensor          # [B] detached 0/1 (pairwise: chosen reward > rejected; listwise: top-1 agreement)
+    pair_accuracy: Tensor | None = None  # [B] listwise only: share of target-ordered response pairs the rewards
+                                         # order the same way (`listwise.pair_agreement`)

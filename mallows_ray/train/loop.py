@@ -8,6 +8,7 @@ with conditioning, a policy prompt with lambda rendered in (`conditioning.py`, A
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -74,15 +75,15 @@ def first_rows(split: str, n: int) -> list[dict]:
     return rows
 
 
-def evaluate(engine, config: Config, common: dict[str, Any], conditioner: Conditioner | None) -> dict[str, float]:
-    """The validation split's metrics, keys prefixed `eval/`. Listwise: under each vertex lambda and the
-    uniform one (`eval/<objective>/...`, `eval/uniform/...`), the uniform figures also unprefixed."""
-    batches = lambda: validation_batches(config.batch.micro_batch_size * common["world"])  # noqa: E731
+def evaluate(engine, batches: list[list[dict]], common: dict[str, Any],
+             conditioner: Conditioner | None) -> dict[str, float]:
+    """Metrics of the validation split's global `batches`, keys prefixed `eval/`. Listwise: under each vertex
+    lambda and the uniform one (`eval/<objective>/...`, `eval/uniform/...`), the uniform figures also unprefixed."""
     engine.eval()
     if conditioner is None:
-        metrics = evaluate_rows(engine, batches(), **common)
+        metrics = evaluate_rows(engine, batches, **common)
     else:
-        per_lambda = evaluate_under_lambdas(engine, batches, evaluation_lambdas(conditioner.objectives),
+        per_lambda = evaluate_under_lambdas(engine, lambda: batches, evaluation_lambdas(conditioner.objectives),
                                             conditioner, **common)
         metrics = {f"{name}/{key}": value for name, values in per_lambda.items()
                    for key, value in values.items() if key not in COUNTS}
@@ -141,6 +142,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                 raise ValueError("the learned lambda scheduler needs lambdas.update_every or run.eval_every > 0")
             update_rows = first_rows("validation" if plan.has_validation else "train", lambda_cfg.update_prompts)
 
+    # the validation split, read from Ray Data once at the first evaluation and kept: every evaluation (and
+    # every lambda within one) runs the same rows, and re-streaming a small split costs more than the forwards
+    validation = functools.cache(lambda: list(validation_batches(micro * world)))
+
     # ---- resume: weights, optimizer, LR schedule, RNGs, the data position and the scheduler's state
     step, saved = checkpoint.restore(engine, plan)
     if scheduler is not None and "lambda_scheduler" in saved:
@@ -189,7 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                 if scheduler is not None:
                     metrics.update(scheduler.log_dict())
                 if run_eval:
-                    metrics.update(evaluate(engine, config, common, conditioner))
+                    metrics.update(evaluate(engine, validation(), common, conditioner))
                 if rank == 0:
                     log.info(progress_line(metrics, plan.total_steps))
                     history.append(metrics)

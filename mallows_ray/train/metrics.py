@@ -41,6 +41,8 @@ class MetricSums:
         self.sums["rewards/rejected"] += out.rejected_rewards[keep].sum().item()
         self.sums["rewards/margin"] += (out.chosen_rewards - out.rejected_rewards)[keep].sum().item()
         self.sums["rewards/accuracy"] += out.accuracy[keep].sum().item()
+        if out.pair_accuracy is not None:  # listwise losses: the same on every rank, so reduce stays collective
+            self.sums["rewards/pair_accuracy"] += out.pair_accuracy[keep].sum().item()
         self.sums["dispersion/mean"] += dispersion[keep].sum().item()  # mean s(x) of the examples seen
 
     def add(self, name: str, value: float) -> None:

@@ -23,7 +23,7 @@ def test_demo_pipeline_writes_a_complete_report(ray_local, tiny_model_dir, tmp_p
     assert len(metrics["eval_history"]) == 2
     evaluation = metrics["eval"]
     assert evaluation["test/prompts"] == 4
-    for key in ("test/reward_accuracy", "test/reward_accuracy_base"):
+    for key in ("test/reward_accuracy", "test/reward_accuracy_base", "test/pair_accuracy", "test/pair_accuracy_base"):
         assert 0.0 <= evaluation[key] <= 1.0
     assert set(metrics["win_rates"]) == set(OBJECTIVES)
     assert all(0.0 <= rate <= 1.0 for rate in metrics["win_rates"].values())

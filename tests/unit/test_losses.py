@@ -156,6 +156,21 @@ def test_listwise_length_normalize_and_metrics():
     assert out.losses.item() == pytest.approx(-(0.6 * (1 - log_z) + 0.3 * (2 - log_z) + 0.1 * (-1 - log_z)))
     # chosen = reward of the target's top (1.0), rejected = mean of the rest (0.5); argmax r = 1 != 0
     assert (out.chosen_rewards.item(), out.rejected_rewards.item(), out.accuracy.item()) == pytest.approx((1, 0.5, 0))
+    # pairs ordered by the target: (0,1) r 1 < 2 wrong, (0,2) 1 > -1 right, (1,2) 2 > -1 right -> 2/3
+    assert out.pair_accuracy.item() == pytest.approx(2 / 3)
+
+
+def test_pair_agreement_ties_and_rows_without_ordered_pairs():
+    from mallows_ray.losses.listwise import pair_agreement
+
+    rewards = torch.tensor([[0.0, 0.0, 0.0], [3.0, 1.0, 2.0], [1.0, 2.0, 3.0]], dtype=D)
+    target = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.4, 0.4, 0.2]], dtype=D)
+    valid = torch.tensor([[True, True, True], [True, True, False], [True, True, True]])
+    # row 0: all rewards tied -> 0.5 each pair; row 1: only the pair (0, 1) is valid, ordered right -> 1;
+    # row 2: the (0, 1) target tie is not an ordered pair; (0, 2) 1 < 3 wrong, (1, 2) 2 < 3 wrong -> 0
+    assert pair_agreement(rewards, target, valid).tolist() == [0.5, 1.0, 0.0]
+    no_order = pair_agreement(rewards[:1], torch.full((1, 3), 1 / 3, dtype=D), valid[:1])
+    assert no_order.tolist() == [0.5]  # a uniform target orders nothing: chance, not a perfect score
 
 
 def test_plackett_luce_hand_value_and_ties():
@@ -179,7 +194,7 @@ def test_listwise_padding_is_inert(loss):
     assert padded_target[:, 1].abs().max() == 0
     out = build_loss(loss, beta=1.0)(listwise_inputs(padded_r, target=padded_target, mask=mask))
     assert torch.allclose(out.losses, base.losses)
-    for field in ("chosen_rewards", "rejected_rewards", "accuracy"):
+    for field in ("chosen_rewards", "rejected_rewards", "accuracy", "pair_accuracy"):
         assert torch.allclose(getattr(out, field), getattr(base, field)), field
     out.losses.sum().backward()
     assert padded_r.grad[:, 1].abs().max() == 0 and torch.isfinite(padded_r.grad).all()

@@ -126,6 +126,7 @@ class LambdaConfig:
     target_tau: float = bounded(1.0, 1e-6)  # tau of the per-objective softmax targets
     update_every: int = bounded(0, 0)  # learned: optimizer steps between candidate evaluations; 0: run.eval_every
     update_prompts: int = bounded(8, 1)  # learned: prompts of the fixed validation batch the candidates are scored on
+    eval_vertices: bool = True  # evaluate under each objective's vertex lambda too (K + 1 passes), else uniform only
 
     def check(self, where: str) -> None:
         """Scheduler parameter names (values need the data's objectives and are checked when training starts)."""

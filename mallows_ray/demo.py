@@ -77,8 +77,8 @@ def _phase(timings: dict[str, float], name: str, headline: str) -> Iterator[None
     print(f"[demo] {name} took {timings[name]:.0f} s", flush=True)
 
 
-def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 64,
-             validation_rows: int = 16, test_rows: int = 16, max_new_tokens: int = 40) -> dict[str, Path]:
+def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 48,
+             validation_rows: int = 8, test_rows: int = 16, max_new_tokens: int = 40) -> dict[str, Path]:
     from mallows_ray.generate import generate, load_export
     from mallows_ray.lambdas import format_lambda
     from mallows_ray.report import write_report

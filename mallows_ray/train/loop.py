@@ -75,16 +75,18 @@ def first_rows(split: str, n: int) -> list[dict]:
     return rows
 
 
-def evaluate(engine, batches: list[list[dict]], common: dict[str, Any],
-             conditioner: Conditioner | None) -> dict[str, float]:
-    """Metrics of the validation split's global `batches`, keys prefixed `eval/`. Listwise: under each vertex
-    lambda and the uniform one (`eval/<objective>/...`, `eval/uniform/...`), the uniform figures also unprefixed."""
+def evaluate(engine, batches: list[list[dict]], common: dict[str, Any], conditioner: Conditioner | None,
+             vertices: bool = True) -> dict[str, float]:
+    """Metrics of the validation split's global `batches`, keys prefixed `eval/`. Listwise: under the uniform
+    lambda (`eval/uniform/...`, also unprefixed) and, with `vertices`, each objective's vertex (`eval/<objective>/...`)."""
     engine.eval()
     if conditioner is None:
         metrics = evaluate_rows(engine, batches, **common)
     else:
-        per_lambda = evaluate_under_lambdas(engine, lambda: batches, evaluation_lambdas(conditioner.objectives),
-                                            conditioner, **common)
+        lambdas = evaluation_lambdas(conditioner.objectives)
+        if not vertices:
+            lambdas = {"uniform": lambdas["uniform"]}
+        per_lambda = evaluate_under_lambdas(engine, lambda: batches, lambdas, conditioner, **common)
         metrics = {f"{name}/{key}": value for name, values in per_lambda.items()
                    for key, value in values.items() if key not in COUNTS}
         metrics.update(per_lambda["uniform"])
@@ -194,7 +196,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                 if scheduler is not None:
                     metrics.update(scheduler.log_dict())
                 if run_eval:
-                    metrics.update(evaluate(engine, validation(), common, conditioner))
+                    metrics.update(evaluate(engine, validation(), common, conditioner, lambda_cfg.eval_vertices))
                 if rank == 0:
                     log.info(progress_line(metrics, plan.total_steps))
                     history.append(metrics)

@@ -21,6 +21,10 @@ def test_demo_pipeline_writes_a_complete_report(ray_local, tiny_model_dir, tmp_p
     metrics = json.loads(paths["metrics"].read_text())
     assert [row["step"] for row in metrics["train"]] == [2, 4]
     assert len(metrics["eval_history"]) == 2
+    # the demo evaluates under the uniform lambda only (lambdas.eval_vertices: false)
+    evaluation_keys = set(metrics["eval_history"][-1])
+    assert {"eval/uniform/loss", "eval/uniform/rewards/pair_accuracy"} <= evaluation_keys
+    assert not any(key.startswith(f"eval/{name}/") for key in evaluation_keys for name in OBJECTIVES)
     evaluation = metrics["eval"]
     assert evaluation["test/prompts"] == 4
     for key in ("test/reward_accuracy", "test/reward_accuracy_base", "test/pair_accuracy", "test/pair_accuracy_base"):

@@ -181,6 +181,7 @@ class RunConfig:
     keep_checkpoints: int = bounded(2, 1)
     max_failures: int = bounded(0, -1)  # restarts from the last checkpoint; -1: retry forever (Ray convention)
     eval_every: int = bounded(0, 0)  # optimizer steps; 0: only at the end
+    eval_at_start: bool = False  # also evaluate the untrained policy (logged as step 0) before the first step
     log_every: int = bounded(1, 1)
     seed: int = 0
     fail_at_step: int | None = None  # test-only: rank 0 raises once after this step (fault-tolerance tests)

@@ -5,9 +5,9 @@
     train     listwise lambda-DPO with MallowsPO's dispersion plug-in (r = beta s(x) (lp - ref), ALGORITHMS 2.4
               and 3; with two responses and a one-hot target it is MallowsPO-theta), LoRA, lambda rendered into
               the policy's prompt (3.1), 2 Ray Train workers with DeepSpeed ZeRO-2
-    evaluate  on the test split: reward accuracy (top-1 under the uniform lambda) and pair accuracy (share of
-              the target-ordered reply pairs the rewards order the same way) of the trained policy and of the
-              untrained one; judges' win rates of the trained model's greedy replies against the base
+    evaluate  on the test split, inside the training run (before the first step, midway, after the last):
+              reward accuracy (top-1 under the uniform lambda) and pair accuracy (share of the target-ordered
+              reply pairs the rewards order the same way) of the untrained and the trained policy; judges' win rates of the trained model's greedy replies against the base
               model's; lambda control: the judges' mean scores of replies generated under each vertex lambda
     report    <out>/report: metrics.json, summary.md, PNG plots, and the exported model under <out>/run
 
@@ -45,12 +45,14 @@ def demo_subset(split: str, rows: int, folder: Path) -> Path:
 
 
 def demo_config(out_dir: Path, overrides: list[str], sizes: dict[str, int]) -> Config:
-    """The packaged demo config with the data subsets, the run folder under `out_dir`, and user overrides last."""
+    """The packaged demo config with the data subsets, the run folder under `out_dir`, and user overrides last.
+    The bundled test split is the run's evaluation split: nothing is selected on it (no early stopping, no
+    best checkpoint), so the evaluations during training are the held-out figures, step 0 included."""
     data_dir = out_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     return load_config(DEMO_CONFIG, [
         f"data.train={demo_subset('train', sizes['train'], data_dir)}",
-        f"data.validation={demo_subset('validation', sizes['validation'], data_dir)}",
+        f"data.validation={demo_subset('test', sizes['test'], data_dir)}",
         f"run.storage_path={out_dir}", *overrides,
     ])
 
@@ -78,37 +80,32 @@ def _phase(timings: dict[str, float], name: str, headline: str) -> Iterator[None
 
 
 def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 48,
-             validation_rows: int = 8, test_rows: int = 16, max_new_tokens: int = 40) -> dict[str, Path]:
+             test_rows: int = 16, max_new_tokens: int = 40) -> dict[str, Path]:
     from mallows_ray.generate import generate, load_export
     from mallows_ray.lambdas import format_lambda
     from mallows_ray.report import write_report
     from mallows_ray.train import run_training
     from mallows_ray.train.conditioning import evaluation_lambdas, read_conditioning
-    from mallows_ray.train.evaluation import evaluate_export
 
     started = time.time()
     out_dir = Path(out_dir).expanduser().resolve()
-    config = demo_config(out_dir, overrides, {"train": train_rows, "validation": validation_rows})
+    config = demo_config(out_dir, overrides, {"train": train_rows, "test": test_rows})
     timings: dict[str, float] = {}
 
     shutil.rmtree(Path(config.run.storage_path) / config.run.name, ignore_errors=True)  # else it would resume
-    with _phase(timings, "prepare_and_train",
-                f"1-2/4 prepare + train ({train_rows} prompts x 4 replies, {config.optim.max_steps} steps)"):
+    with _phase(timings, "prepare_and_train", f"1-3/4 prepare + train ({train_rows} prompts x 4 replies, "
+                f"{config.optim.max_steps} steps), evaluated on {test_rows} test prompts before, during and after"):
         result = run_training(config, address=address)
     dispersion = pq.read_table(Path(result.plan.data_folder) / "train", columns=["dispersion"]).column(
         "dispersion").to_numpy()
     export, base = result.export_dir, result.plan.model_path
+    evaluations = [h for h in result.history if "eval/loss" in h]
+    untrained, trained = evaluations[0], evaluations[-1]  # step 0 (run.eval_at_start) and the last step
+    conditioning = read_conditioning(export)
+    test_file = Path(config.data.validation)
 
-    with _phase(timings, "test_reward_accuracy", f"3/4 evaluate on {test_rows} test prompts: reward accuracy "
-                "of the trained and the untrained policy"):
-        test_file = demo_subset("test", test_rows, out_dir / "data")
-        test_config = load_config(DEMO_CONFIG, [f"data.train={test_file}", *overrides])
-        uniform = {"uniform": evaluation_lambdas(list(OBJECTIVES))["uniform"]}
-        conditioning = read_conditioning(export)
-        trained_eval, base_eval = (
-            evaluate_export(test_config, model, split="train", lambdas=uniform, address=address,
-                            conditioning=conditioning)["uniform"] for model in (export, base))
-    with _phase(timings, "generations", "3/4 judged generations: trained vs base model, and under each vertex lambda"):
+    with _phase(timings, "generations", "3/4 judged generations on the test prompts: trained vs base model, and "
+                "under each vertex lambda"):
         records = [json.loads(line) for line in test_file.read_text().splitlines()]
         prompts = [record["prompt"] for record in records]
         settings = dict(max_new_tokens=max_new_tokens, batch_size=len(prompts))  # one batch: fewest decode steps
@@ -122,12 +119,11 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
     ours = replies["uniform"]
 
     print("[demo] 4/4 report")
-    eval_metrics = {"test/reward_accuracy": trained_eval["rewards/accuracy"],
-                    "test/reward_accuracy_base": base_eval["rewards/accuracy"],
-                    "test/pair_accuracy": trained_eval["rewards/pair_accuracy"],
-                    "test/pair_accuracy_base": base_eval["rewards/pair_accuracy"],
-                    "test/loss": trained_eval["loss"], "test/loss_base": base_eval["loss"],
-                    "test/reward_margin": trained_eval["rewards/margin"], "test/prompts": trained_eval["examples"]}
+    eval_metrics = {f"test/{name}{suffix}": evaluation[f"eval/{key}"]
+                    for suffix, evaluation in (("", trained), ("_base", untrained))
+                    for name, key in (("reward_accuracy", "rewards/accuracy"), ("pair_accuracy", "rewards/pair_accuracy"),
+                                      ("loss", "loss"), ("reward_margin", "rewards/margin"))}
+    eval_metrics["test/prompts"] = trained["eval/examples"]
     samples = [{"prompt": p, "base": b, "trained": o} for p, b, o in list(zip(prompts, base_replies, ours))[:4]]
     paths = write_report(out_dir / "report", history=result.history, eval_metrics=eval_metrics, dispersion=dispersion,
                          win_rates=win_rates(prompts, ours, base_replies), lambda_control=control,

@@ -157,6 +157,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     # ---- train: one optimizer step per global batch
     train_shard = ray.train.get_dataset_shard("train")
     sums, history = MetricSums(), []
+    if config.run.eval_at_start and step == 0 and plan.has_validation:  # the baseline: policy == initial weights
+        baseline = {"step": 0, **evaluate(engine, validation(), common, conditioner, lambda_cfg.eval_vertices)}
+        if rank == 0:
+            log.info(f"[train] step 0 (before training) | eval loss {baseline['eval/loss']:.4f} "
+                     f"acc {baseline['eval/rewards/accuracy']:.3f}")
+            history.append(baseline)
     interval_start = time.perf_counter()
     while step < plan.total_steps:
         epoch, consumed = plan.position(step)

@@ -15,18 +15,19 @@ def test_demo_pipeline_writes_a_complete_report(ray_local, tiny_model_dir, tmp_p
 
     overrides = [f"model.name_or_path={tiny_model_dir}", f"data.cache_dir={tmp_path / 'cache'}",
                  "optim.max_steps=4", "run.eval_every=2", "run.checkpoint_every=0", "data.scoring.num_actors=1"]
-    paths = run_demo(overrides, out_dir=tmp_path / "demo", train_rows=8, validation_rows=4, test_rows=4,
-                     max_new_tokens=4)
+    paths = run_demo(overrides, out_dir=tmp_path / "demo", train_rows=8, test_rows=4, max_new_tokens=4)
 
     metrics = json.loads(paths["metrics"].read_text())
     assert [row["step"] for row in metrics["train"]] == [2, 4]
-    assert len(metrics["eval_history"]) == 2
+    assert [row["step"] for row in metrics["eval_history"]] == [0, 2, 4]  # step 0: run.eval_at_start
     # the demo evaluates under the uniform lambda only (lambdas.eval_vertices: false)
     evaluation_keys = set(metrics["eval_history"][-1])
     assert {"eval/uniform/loss", "eval/uniform/rewards/pair_accuracy"} <= evaluation_keys
     assert not any(key.startswith(f"eval/{name}/") for key in evaluation_keys for name in OBJECTIVES)
     evaluation = metrics["eval"]
     assert evaluation["test/prompts"] == 4
+    assert evaluation["test/pair_accuracy_base"] == metrics["eval_history"][0]["eval/rewards/pair_accuracy"]
+    assert evaluation["test/loss"] == metrics["eval_history"][-1]["eval/loss"]
     for key in ("test/reward_accuracy", "test/reward_accuracy_base", "test/pair_accuracy", "test/pair_accuracy_base"):
         assert 0.0 <= evaluation[key] <= 1.0
     assert set(metrics["win_rates"]) == set(OBJECTIVES)

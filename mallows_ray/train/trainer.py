@@ -59,6 +59,9 @@ def make_plan(config: Config, prepared: PreparedData) -> TrainPlan:
     if is_listwise(config.loss.name) and not manifest.get("objectives"):
         raise ValueError(f"loss {config.loss.name!r} mixes objective scores by lambda, but the rows of "
                          f"{prepared.folder} carry none; give listwise data (scores: {{objective: [N numbers]}})")
+    if config.run.eval_at_start and "validation" not in manifest["splits"]:
+        raise ValueError(f"run.eval_at_start evaluates on the validation split, and the scored data "
+                         f"{prepared.folder} has none (set data.validation)")
     rows = manifest["splits"]["train"]["rows_out"]
     batch = config.batch
     global_batch = batch.micro_batch_size * batch.gradient_accumulation * config.scaling.num_workers

@@ -140,3 +140,7 @@ def test_plan_step_counts_and_checks(tiny_model_dir, tmp_path):
         make_plan(config("deepspeed.offload_params=true"), data)
     with pytest.raises(ValueError, match="tokenizer differs"):
         make_plan(config(), PreparedData(tmp_path, {**manifest, "tokenizer": "another"}))
+    with pytest.raises(ValueError, match="run.eval_at_start evaluates on the validation split"):
+        make_plan(config("run.eval_at_start=true"), data)
+    with_validation = {**manifest, "splits": {**manifest["splits"], "validation": {"rows_out": 4}}}
+    assert make_plan(config("run.eval_at_start=true"), PreparedData(tmp_path, with_validation)).has_validation

@@ -127,6 +127,18 @@ def rows(m: Measurements) -> list[Row]:
     return out
 
 
+def _busy_warning(m: Measurements) -> list[str]:
+    """A warning line when other work shared the machine: the measurements run one after another, so they do
+    not share the same load, and a multi-threaded torch step on a busy machine loses more than its CPU share
+    (a thread waits at each barrier for one that is descheduled)."""
+    cores = int(m.machine.get("cores", "1"))
+    busiest = max(float(m.load_before.split()[0]), float(m.load_after.split()[0]))
+    if busiest <= 0.5 * cores:
+        return []
+    return [f"- **Not a result: the machine was busy** (1-min load up to {busiest:.1f} on {cores} cores). Every "
+            "figure and ratio below is distorted by other work; rerun on an idle machine."]
+
+
 def render(m: Measurements) -> str:
     w = m.workload
     lines = [
@@ -139,9 +151,8 @@ def render(m: Measurements) -> str:
         "## Machine",
         "",
         *[f"- {k}: {v}" for k, v in m.machine.items()],
-        f"- load average (1/5/15 min) before: {m.load_before}; after: {m.load_after}"
-        " (the machine is shared: a load above the core count means every figure below had only a share "
-        "of the cores; ratios are taken side by side under the same load)",
+        f"- load average (1/5/15 min) before: {m.load_before}; after: {m.load_after}",
+        *_busy_warning(m),
         "",
         "## Workload",
         "",

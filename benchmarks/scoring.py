@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--max-prompt-length", type=int, default=64)
     parser.add_argument("--max-response-length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--share-prompt", type=int, choices=[0, 1], default=1,
+                        help="model.share_prompt of the loop (the memory modes compare per-response rows)")
     args = parser.parse_args()
     quiet_libraries()
     set_threads(args.threads)
@@ -46,8 +48,9 @@ def main() -> None:
     workload = Workload(pairs=args.pairs, max_prompt_length=args.max_prompt_length,
                         max_response_length=args.max_response_length)
 
-    def packed_of(rows):
-        return pack_responses([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], pad)
+    def packed_of(rows, share_prompt=args.share_prompt == 1):
+        return pack_responses([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], pad,
+                              share_prompt=share_prompt)
 
     if args.mode == "loop":
         limits = LengthLimits(args.max_prompt_length, args.max_response_length)
@@ -56,7 +59,7 @@ def main() -> None:
         with torch.no_grad():  # the pool's work per batch: tokenize, pack, score with entropy
             for chunk in _batches(records, args.batch_size):
                 packed = packed_of([tokenize_record(tokenizer, record, limits) for record in chunk])
-                response_stats(model, packed.input_ids, packed.attention_mask, packed.labels, with_entropy=True)
+                response_stats(model, **packed.model_inputs(), with_entropy=True)
         loop_seconds = time.perf_counter() - start
         batches = [packed_of(b) for b in _batches(records, args.batch_size)]
         timings = {True: [], False: []}
@@ -65,7 +68,7 @@ def main() -> None:
                 for with_entropy in (True, False):
                     t0 = time.perf_counter()
                     for p in batches:
-                        response_stats(model, p.input_ids, p.attention_mask, p.labels, with_entropy=with_entropy)
+                        response_stats(model, **p.model_inputs(), with_entropy=with_entropy)
                     timings[with_entropy].append(time.perf_counter() - t0)
         tokens = sum(int(p.attention_mask.sum()) for p in batches)
         emit({"mode": "loop", "rows": len(records), "loop_seconds": loop_seconds,
@@ -77,11 +80,11 @@ def main() -> None:
     # memory modes: one scoring batch of the longest pairs, so the [R, T, V] tensor is as large as it gets here
     rows = sorted(untruncated_pairs(tokenizer, workload), key=lambda r: -len(r["prompt_ids"]) - max(
         len(x) for x in r["response_ids"]))[:args.batch_size]
-    packed = packed_of(rows)
+    packed = packed_of(rows, share_prompt=False)  # the naive path needs plain rows; compare like with like
     baseline = current_rss_mib()  # NB: the weights are memory-mapped; pages first touched below count in both modes
     with torch.no_grad():
         if args.mode == "chunked":
-            stats = response_stats(model, packed.input_ids, packed.attention_mask, packed.labels, with_entropy=True)
+            stats = response_stats(model, **packed.model_inputs(), with_entropy=True)
             logps = stats.logp_sum
         else:
             logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits  # [R, T, V]

@@ -1,9 +1,13 @@
 """Row 1-2, mallows_ray side: the training step the Ray workers run, in one process without Ray or DeepSpeed.
 
 One step = collate a micro-batch of scored rows, `forward_loss` through `PolicyLogprobs` (transformer body +
-chunked log-prob head), backward, grad-norm clipping at 1.0 (DeepSpeed's gradient_clipping), AdamW step.
-Reference log-probs are a column of the scored data, so here they are computed once beforehand with the
-same forward under no_grad, outside the timed region.
+chunked log-prob head), backward, grad-norm clipping at 1.0 (DeepSpeed's gradient_clipping), the training
+engine's AdamW step (`engine.build_optimizer`, fused). Reference log-probs are a column of the scored data,
+so here they are computed once beforehand with the same forward under no_grad, outside the timed region.
+`--share-prompt 0` packs one row per response instead of each prompt once (model.share_prompt=false).
+
+Tokens per step are the pair sequences' tokens, a prompt counted once per response (the unit TRL's
+attention-mask count uses); `model_tokens` are those the model actually ran (fewer with a shared prompt).
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ from benchmarks.common import (add_workload_args, emit, median, model_path, peak
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_workload_args(parser)
-    workload = workload_from_args(parser.parse_args())
+    parser.add_argument("--share-prompt", type=int, choices=[0, 1], default=1, help="model.share_prompt")
+    args = parser.parse_args()
+    workload = workload_from_args(args)
+    share = bool(args.share_prompt)
     quiet_libraries()
     set_threads(workload.threads)
 
     import torch
 
+    from mallows_ray.config import OptimConfig
     from mallows_ray.data.collate import pack_responses
     from mallows_ray.losses import build_loss
     from mallows_ray.models import load_model, load_tokenizer, response_stats
     from mallows_ray.train.batches import collate
-    from mallows_ray.train.engine import PolicyLogprobs
+    from mallows_ray.train.engine import PolicyLogprobs, build_optimizer
     from mallows_ray.train.objective import forward_loss
 
     path = model_path()
@@ -39,21 +47,21 @@ def main() -> None:
     with torch.no_grad():  # the scored data's ref_logps column, as prepare would write it
         for row in rows:
             packed = pack_responses([row["prompt_ids"]], [row["response_ids"]], tokenizer.pad_token_id)
-            stats = response_stats(lm, packed.input_ids, packed.attention_mask, packed.labels, with_entropy=False)
+            stats = response_stats(lm, **packed.model_inputs(), with_entropy=False)
             row.update(ref_logps=stats.logp_sum.tolist(), dispersion=1.0)
 
     policy = PolicyLogprobs(lm, zero_stage=0).train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    optimizer = build_optimizer(list(policy.parameters()), OptimConfig(lr=1e-6))
     loss_fn = build_loss("dpo", beta=0.1)
     n_params = sum(p.numel() for p in policy.parameters())
     mb = workload.micro_batch
 
-    seconds, cpu_seconds, tokens = [], [], []
+    seconds, cpu_seconds, tokens, model_tokens = [], [], [], []
     for step in range(workload.warmup_steps + workload.measured_steps):
         start_row = (step * mb) % len(rows)
         batch_rows = (rows + rows)[start_row:start_row + mb]
         t0, c0 = time.perf_counter(), time.process_time()
-        batch = collate(batch_rows, tokenizer.pad_token_id, with_scores=False)
+        batch = collate(batch_rows, tokenizer.pad_token_id, with_scores=False, share_prompt=share)
         loss = forward_loss(policy, batch, loss_fn, listwise=False).losses.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -64,9 +72,11 @@ def main() -> None:
             seconds.append(elapsed)
             cpu_seconds.append(cpu)
             tokens.append(batch.tokens)
+            model_tokens.append(batch.packed.model_tokens)
     emit({
-        "framework": "mallows_ray", "mode": "reference precomputed",
+        "framework": "mallows_ray", "mode": "reference precomputed" + (", shared prompt" if share else ""),
         "step_seconds": seconds, "step_cpu_seconds": cpu_seconds, "step_tokens": tokens,
+        "step_model_tokens": model_tokens, "model_tokens_per_s": sum(model_tokens) / sum(seconds),
         "median_step_s": median(seconds), "tokens_per_s": sum(tokens) / sum(seconds),
         "median_tokens_per_s": median([t / s for t, s in zip(tokens, seconds)]),
         "median_tokens_per_cpu_s": median([t / s for t, s in zip(tokens, cpu_seconds)]),

@@ -52,6 +52,9 @@ class ModelConfig:
     name_or_path: str = EMBEDDED_MODEL
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
+    # Run each prompt once for all its responses (one row, attention masked per response; data/collate.py)
+    # in scoring, training and evaluation; false: one row per response. Same log-probs within rounding.
+    share_prompt: bool = True
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
 

@@ -116,14 +116,38 @@ def build_tiny_model(folder: str | Path, *, hidden_size: int = 64, layers: int =
     return folder
 
 
-def response_stats(model, input_ids, attention_mask, labels, *, with_entropy: bool,
-                   max_chunk_bytes: int | None = None):
-    """Per-row log-prob sums, token counts and mean normalised entropy of the labelled tokens under `model`.
+def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, attn_implementation: str,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """[rows, T] segments (data/collate.py: 0 shared prefix, i + 1 response i) -> the [rows, 1, T, T] mask in
+    the form the model's attention takes (sdpa: bool, True = attend; eager: additive float).
 
-    input_ids, attention_mask, labels: [R, T] (labels shifted, -100 outside responses; see data/collate.py).
+    Query q sees key k <= q when k is real and in the prefix or in q's own segment. Padding queries see
+    themselves, so no softmax row is empty: an all-masked row gives NaN, and NaN * 0 still poisons the
+    weight gradients through the padding positions.
+    """
+    t = segment_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()            # [T, T]
+    same = (segment_ids[:, None, :] == 0) | (segment_ids[:, None, :] == segment_ids[:, :, None])  # [rows, Tq, Tk]
+    allowed = causal & same & attention_mask.bool()[:, None, :]
+    allowed |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
+    if attn_implementation == "sdpa":
+        return allowed[:, None]
+    if attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+    raise ValueError(f"model.share_prompt needs the 'sdpa' or 'eager' attention implementation (a custom 4D "
+                     f"mask); this model uses {attn_implementation!r}: set model.share_prompt=false")
+
+
+def response_stats(model, *, input_ids, attention_mask, labels, owner, num_responses: int, position_ids=None,
+                   segment_ids=None, with_entropy: bool, max_chunk_bytes: int | None = None):
+    """Per-response log-prob sums, token counts and mean normalised entropy of the labelled tokens under `model`.
+
+    The tensors are `PackedResponses.model_inputs()` (data/collate.py), [rows, T] each: one response per row,
+    or with `segment_ids` a prompt and all its responses per row (attention masked per segment).
     Shared by reference scoring and the training step (inside the DeepSpeed-wrapped module's forward).
     Runs the transformer body only and hands its final hidden states to the chunked output-embedding path
-    of the loss library, so the float32 [R, T, V] logits are never materialised (ALGORITHMS 2.3).
+    of the loss library, so the float32 [rows, T, V] logits are never materialised (ALGORITHMS 2.3).
     """
     from mallows_ray.losses.logprobs import DEFAULT_MAX_CHUNK_BYTES, response_logprobs
 
@@ -132,9 +156,12 @@ def response_stats(model, input_ids, attention_mask, labels, *, with_entropy: bo
             f"{type(model).__name__} soft-caps its logits; the chunked log-prob path does not apply it yet"
         )
     body = getattr(model, model.base_model_prefix)  # e.g. LlamaForCausalLM.model
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [R, T, H]
-    head = model.get_output_embeddings()  # weight [V, H]
+    if segment_ids is not None:
+        attention_mask = shared_prompt_mask(segment_ids, attention_mask, model.config._attn_implementation,
+                                            body.get_input_embeddings().weight.dtype)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    head = model.get_output_embeddings()  # weight [V, H]; hidden [rows, T, H]
     return response_logprobs(
-        hidden, head.weight, labels, bias=head.bias, with_entropy=with_entropy,
-        max_chunk_bytes=max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES,
+        hidden, head.weight, labels, bias=head.bias, owner=owner, num_responses=num_responses,
+        with_entropy=with_entropy, max_chunk_bytes=max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES,
     )

@@ -187,7 +187,8 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
             num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
             fn_constructor_kwargs={
                 "model_path": str(model_path), "pad_id": tokenizer.pad_token_id, "dtype": config.model.dtype,
-                "max_chunk_mb": scoring.max_chunk_mb, "trust_remote_code": config.model.trust_remote_code,
+                "max_chunk_mb": scoring.max_chunk_mb, "share_prompt": config.model.share_prompt,
+                "trust_remote_code": config.model.trust_remote_code,
             },
         ).write_parquet(str(staging / split))
 

@@ -36,13 +36,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 @torch.no_grad()
 def score_responses(
     model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[Sequence[int]]], *,
-    pad_id: int, max_chunk_bytes: int,
+    pad_id: int, max_chunk_bytes: int, share_prompt: bool = False,
 ) -> dict[str, list[np.ndarray] | np.ndarray]:
     """Reference statistics for a batch of prompts; per-prompt lists have one entry per response."""
     device = next(model.parameters()).device
-    packed = pack_responses(prompt_ids, response_ids, pad_id).to(device)
-    stats = response_stats(model, packed.input_ids, packed.attention_mask, packed.labels, with_entropy=True,
-                           max_chunk_bytes=max_chunk_bytes)
+    packed = pack_responses(prompt_ids, response_ids, pad_id, share_prompt=share_prompt).to(device)
+    stats = response_stats(model, **packed.model_inputs(), with_entropy=True, max_chunk_bytes=max_chunk_bytes)
     logps = [t.float().cpu().numpy() for t in packed.split(stats.logp_sum)]
     counts = [t.cpu().numpy().astype(np.int32) for t in packed.split(stats.token_count)]
     entropy = [t.float().cpu().numpy() for t in packed.split(stats.mean_entropy)]
@@ -57,18 +56,19 @@ class ReferenceScorer:
     """
 
     def __init__(self, model_path: str, *, pad_id: int, dtype: str = "auto", max_chunk_mb: int = 64,
-                 trust_remote_code: bool = False):
+                 share_prompt: bool = True, trust_remote_code: bool = False):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(model_path, pick_dtype(dtype, self.device), trust_remote_code=trust_remote_code)
         self.model = model.to(self.device).eval()
         self.pad_id = pad_id
         self.max_chunk_bytes = max_chunk_mb * 2**20
+        self.share_prompt = share_prompt
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # pyarrow batches keep the nested columns (messages, [N][len] token ids) exactly as they are
         scored = score_responses(
             self.model, batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist(),
-            pad_id=self.pad_id, max_chunk_bytes=self.max_chunk_bytes,
+            pad_id=self.pad_id, max_chunk_bytes=self.max_chunk_bytes, share_prompt=self.share_prompt,
         )
         for field in SCORE_FIELDS:
             batch = batch.append_column(field, pa.array(scored[field.name], field.type))

@@ -104,16 +104,19 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
 
 def response_logprobs(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, chunk_tokens: int | None = None,
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, owner: Tensor | None = None,
+    num_responses: int | None = None, chunk_tokens: int | None = None,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, with_entropy: bool = True,
 ) -> ResponseStats:
-    """Per-row log-prob sum, token count and mean normalised entropy of the labelled tokens.
+    """Per-response log-prob sum, token count and mean normalised entropy of the labelled tokens.
 
     Args:
         hidden: [B, T, H] final hidden states.
         weight: [V, H] output embedding (lm_head); `bias` [V] optional.
         labels: [B, T] long; labels[b, t] is the token predicted from hidden[b, t] (the caller shifts),
             IGNORE_INDEX (-100) marks prompt and padding positions.
+        owner: [B, T] long, the response (in [0, num_responses)) each labelled position belongs to, for rows
+            that hold several responses (data/collate.py's shared-prompt layout); default: row b is response b.
         chunk_tokens: rows per chunk; by default as many as keep one float32 [chunk, V] block within
             `max_chunk_bytes`. The forward holds two such blocks at its peak (the logits and their
             exponentials), the backward one (built in place).
@@ -122,15 +125,18 @@ def response_logprobs(
     Matches `log_softmax(hidden @ weight.T + bias)` gathered at the labels, values and gradients. When no
     gradient is needed (under no_grad, or no input requires grad) the same chunk loop runs without autograd.
     """
-    batch, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     mask = labels != IGNORE_INDEX                                   # [B, T]
-    owner = mask.nonzero()[:, 0]                                    # [M] row of each labelled position
+    if owner is None:
+        batch, owner = hidden.shape[0], mask.nonzero()[:, 0]        # [M] row of each labelled position
+    else:
+        batch, owner = num_responses, owner[mask]                   # [M] response of each labelled position
     rows, targets = hidden[mask], labels[mask]                      # [M, H], [M]: only these reach the vocab
     chunk = chunk_tokens or max(1, max_chunk_bytes // (4 * vocab))
     args = (rows, weight, bias, targets, chunk, with_entropy)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     token_logp, entropy = _ChunkedTokenLogprobs.apply(*args) if needs_grad else _chunked_forward(*args)[:2]
-    count = mask.sum(dim=1)                                         # [B] long
+    count = torch.bincount(owner, minlength=batch)                  # [B] long
     logp_sum = token_logp.new_zeros(batch).index_add(0, owner, token_logp)
     mean_entropy = torch.zeros(batch, dtype=torch.float32, device=hidden.device)
     if with_entropy:

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from mallows_ray.data.collate import IGNORE, PackedResponses, pack_responses
+from mallows_ray.data.collate import PackedResponses, pack_responses
 
 # Global batches per shuffle / length-grouping window (the "megabatch" of HF's LengthGroupedSampler).
 WINDOW_BATCHES = 50
@@ -90,7 +90,7 @@ class Batch:
     """One micro-batch: B prompts, R = sum of their response counts, N = the largest count."""
 
     ids: list[str]
-    packed: PackedResponses        # [R, T] rows, prompt-major
+    packed: PackedResponses        # [R, T] rows, prompt-major (shared prompt: [B, T], one row per prompt)
     slots: torch.Tensor            # [R] long: flat index p * N + i of row r in the [B, N] grid
     response_mask: torch.Tensor    # [B, N] bool, False where a prompt has fewer than N responses
     reference_logps: torch.Tensor  # [B, N] ref(y) from the scored data, 0 at padding
@@ -100,8 +100,8 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        """Non-padding tokens that go through the model (prompts count once per response)."""
-        return int(self.packed.attention_mask.sum())
+        """Prompt + response tokens, a prompt counted once per response (whatever the packing layout)."""
+        return self.packed.sequence_tokens
 
     def grid(self, values: torch.Tensor) -> torch.Tensor:
         """[R] per-response values -> [B, N], 0 at padding (differentiable: index_copy)."""
@@ -110,7 +110,7 @@ class Batch:
 
     def response_lengths(self) -> torch.Tensor:
         """[B, N] n(y): labelled tokens per response."""
-        return self.grid((self.packed.labels != IGNORE).sum(dim=1))
+        return self.grid(self.packed.token_counts)
 
     def to(self, device: torch.device) -> "Batch":
         scores = None if self.scores is None else self.scores.to(device)
@@ -119,9 +119,10 @@ class Batch:
                      self.reference_logps.to(device), self.dispersion.to(device), scores, lambdas)
 
 
-def collate(rows: list[Row], pad_id: int, *, with_scores: bool) -> Batch:
+def collate(rows: list[Row], pad_id: int, *, with_scores: bool, share_prompt: bool = False) -> Batch:
     """Tensors of one micro-batch from scored-data rows (columns id, prompt_ids, response_ids, ref_logps,
-    dispersion; with `with_scores`, scores [K][N] and the `lambda` [K] that `conditioning.assign_lambdas` gave)."""
+    dispersion; with `with_scores`, scores [K][N] and the `lambda` [K] that `conditioning.assign_lambdas` gave).
+    `share_prompt`: pack each prompt once with all its responses (data/collate.py)."""
     counts = [len(row["response_ids"]) for row in rows]
     width = max(counts)
     mask = torch.tensor([[i < n for i in range(width)] for n in counts])                   # [B, N]
@@ -139,7 +140,8 @@ def collate(rows: list[Row], pad_id: int, *, with_scores: bool) -> Batch:
         lambdas = torch.tensor([row["lambda"] for row in rows], dtype=torch.float32)        # [B, K]
     return Batch(
         ids=[row["id"] for row in rows],
-        packed=pack_responses([row["prompt_ids"] for row in rows], [row["response_ids"] for row in rows], pad_id),
+        packed=pack_responses([row["prompt_ids"] for row in rows], [row["response_ids"] for row in rows], pad_id,
+                              share_prompt=share_prompt),
         slots=mask.flatten().nonzero()[:, 0],  # prompt-major packing = row-major order of the mask's True cells
         response_mask=mask,
         reference_logps=reference,

@@ -16,7 +16,8 @@ from mallows_ray.train.objective import forward_loss
 
 
 def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[list[Row]], *, rank: int, world: int,
-                  pad_id: int, loss_fn, listwise: bool, target_tau: float = 1.0, device: torch.device | None = None,
+                  pad_id: int, loss_fn, listwise: bool, target_tau: float = 1.0, share_prompt: bool = False,
+                  device: torch.device | None = None,
                   transform: Callable[[list[Row]], list[Row]] | None = None) -> dict[str, float]:
     """Metrics (as `MetricSums.reduce`) of `model` over every row of `global_batches`; rank r runs its
     `eval_slice` of each batch. `transform` maps a rank's rows before collation (e.g. lambda conditioning).
@@ -27,7 +28,7 @@ def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[l
             rows, count = eval_slice(global_rows, rank, world)  # every rank runs the same number of forwards
             if transform is not None:
                 rows = transform(rows)
-            batch = collate(rows, pad_id, with_scores=listwise)
+            batch = collate(rows, pad_id, with_scores=listwise, share_prompt=share_prompt)
             if device is not None:
                 batch = batch.to(device)
             out = forward_loss(model, batch, loss_fn, listwise, target_tau)
@@ -68,11 +69,12 @@ def evaluate_export(config, model_dir: str, *, split: str = "validation", lambda
     rows = pq.read_table(prepared.split_path(split)).to_pylist()
     lm, tokenizer, recorded = load_export(model_dir, trust_remote_code=config.model.trust_remote_code)
     conditioning = conditioning or recorded
-    policy = lambda ids, mask, labels: response_stats(lm, ids, mask, labels, with_entropy=False).logp_sum  # noqa: E731
+    policy = lambda **inputs: response_stats(lm, **inputs, with_entropy=False).logp_sum  # noqa: E731
     batch = config.batch.micro_batch_size
     batches = lambda: [rows[i:i + batch] for i in range(0, len(rows), batch)]  # noqa: E731
     common = dict(rank=0, world=1, pad_id=tokenizer.pad_token_id, loss_fn=build_loss(config.loss.name, **config.loss.params),
-                  listwise=is_listwise(config.loss.name), target_tau=config.lambdas.target_tau)
+                  listwise=is_listwise(config.loss.name), target_tau=config.lambdas.target_tau,
+                  share_prompt=config.model.share_prompt)
     if not common["listwise"]:
         return {"pairwise": evaluate_rows(policy, batches(), **common)}
     objectives = prepared.manifest.get("objectives") or []

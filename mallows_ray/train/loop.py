@@ -130,7 +130,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
               "params/local_fraction_min": local_min, "params/local_fraction_max": local_max}
     seed_everything(config.run.seed + 1 + rank)  # distinct dropout streams per rank from here on
     common = dict(rank=rank, world=world, pad_id=tokenizer.pad_token_id, loss_fn=loss_fn, listwise=listwise,
-                  target_tau=lambda_cfg.target_tau, device=engine.device)  # evaluation settings
+                  target_tau=lambda_cfg.target_tau, share_prompt=config.model.share_prompt,
+                  device=engine.device)  # evaluation settings
 
     # ---- listwise: the lambda scheduler, the conditioner, the learned scheduler's fixed validation batch
     scheduler = conditioner = None
@@ -177,7 +178,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                 lambdas = step_lambdas(scheduler, len(global_rows), seed=config.run.seed, step=step)
                 rows = conditioner.apply(rows, rank_slice(lambdas.tolist(), rank, world))
             for micro_rows in micro_batches(rows, micro):                # `accumulation` micro-batches
-                batch = collate(micro_rows, tokenizer.pad_token_id, with_scores=listwise).to(engine.device)
+                batch = collate(micro_rows, tokenizer.pad_token_id, with_scores=listwise,
+                                share_prompt=config.model.share_prompt).to(engine.device)
                 out = forward_loss(engine, batch, loss_fn, listwise, lambda_cfg.target_tau)  # out.losses [B]
                 engine.backward(out.losses.mean())  # DeepSpeed divides by `accumulation`; ranks are averaged
                 grad_norm = optimizer_step(engine)  # the optimizer steps after the last micro-batch only

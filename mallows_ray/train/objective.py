@@ -29,7 +29,6 @@ def loss_inputs(batch: Batch, policy_logps: torch.Tensor, listwise: bool,
 def forward_loss(model: Callable[..., torch.Tensor], batch: Batch,
                  loss_fn: Callable[[PairwiseInputs | ListwiseInputs], LossOutput], listwise: bool,
                  target_tau: float = 1.0) -> LossOutput:
-    """`model` maps (input_ids, attention_mask, labels) [R, T] to lp(y) [R] (the DeepSpeed engine)."""
-    packed = batch.packed
-    logps = model(packed.input_ids, packed.attention_mask, packed.labels)  # [R] sum of response log-probs
+    """`model` maps `PackedResponses.model_inputs()` to lp(y) [R] (the DeepSpeed engine)."""
+    logps = model(**batch.packed.model_inputs())  # [R] sum of response log-probs
     return loss_fn(loss_inputs(batch, batch.grid(logps), listwise, target_tau))  # losses [B]

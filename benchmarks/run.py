@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-response-length", type=int, default=64, help="response token limit of every row")
     parser.add_argument("--skip", action="append", default=[], metavar="NAME",
                         help="leave a measurement out (its rows say so): " + ", ".join(
-                            ["matmul", "mallows_step", "trl_default", "trl_precompute", "scoring_loop",
+                            ["matmul", "mallows_step", "mallows_step_per_response", "trl_default", "trl_precompute", "scoring_loop",
                              "chunked", "naive", "pool", "e2e_mallows", "e2e_trl"]))
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--logs", type=Path, default=HERE / "logs",
@@ -55,6 +55,24 @@ def parse_args() -> argparse.Namespace:
 
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, from the first line of /proc/stat (steal counts as busy)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+def other_work(seconds: float = 10.0) -> float:
+    """Share of the machine's cores busy with other work, sampled over `seconds` while this driver idles.
+
+    The load average cannot tell: it decays over minutes, so right after a measurement it still shows the
+    benchmark's own two threads."""
+    busy0, total0 = _cpu_jiffies()
+    time.sleep(seconds)
+    busy1, total1 = _cpu_jiffies()
+    return (busy1 - busy0) / max(1, total1 - total0)
 
 
 def machine() -> dict[str, str]:
@@ -115,13 +133,15 @@ def main() -> None:
         "e2e_trl": ("step_trl", [*workload_flags(e2e), "--epoch"]),
         "matmul": ("matmul_peak", [f"--threads={workload.threads}", f"--repeats={5 if quick else 20}"]),
         "mallows_step": ("step_mallows", workload_flags(workload)),
+        "mallows_step_per_response": ("step_mallows", [*workload_flags(workload), "--share-prompt=0"]),
         "trl_default": ("step_trl", workload_flags(workload)),
         "trl_precompute": ("step_trl", [*workload_flags(workload), "--precompute"]),
         "scoring_loop": ("scoring", ["loop", f"--pairs={scoring_pairs}", f"--repeats={1 if quick else 3}", *lengths]),
         "chunked": ("scoring", ["chunked", f"--pairs={scoring_pairs}", *lengths]),
         "naive": ("scoring", ["naive", f"--pairs={scoring_pairs}", *lengths]),
     }
-    found = Measurements(machine=machine(), load_before=load_average(), workload=workload, e2e_pairs=e2e.pairs,
+    found = Measurements(machine=machine(), load_before=load_average(), busy_before=other_work(),
+                         workload=workload, e2e_pairs=e2e.pairs,
                          scoring_pairs=scoring_pairs, quick=quick,
                          invocation="python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     started = time.perf_counter()
@@ -130,6 +150,7 @@ def main() -> None:
             continue
         found.results[name], found.commands[name], found.walls[name] = measure(name, module, flags, args.logs)
     found.load_after = load_average()
+    found.busy_after = other_work()
     found.total_seconds = time.perf_counter() - started
     args.output.write_text(render(found))
     (args.logs / "results.json").write_text(json.dumps(found.results, indent=1))

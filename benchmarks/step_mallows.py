@@ -77,6 +77,7 @@ def main() -> None:
         "framework": "mallows_ray", "mode": "reference precomputed" + (", shared prompt" if share else ""),
         "step_seconds": seconds, "step_cpu_seconds": cpu_seconds, "step_tokens": tokens,
         "step_model_tokens": model_tokens, "model_tokens_per_s": sum(model_tokens) / sum(seconds),
+        "median_model_tokens_per_s": median([t / s for t, s in zip(model_tokens, seconds)]),
         "median_step_s": median(seconds), "tokens_per_s": sum(tokens) / sum(seconds),
         "median_tokens_per_s": median([t / s for t, s in zip(tokens, seconds)]),
         "median_tokens_per_cpu_s": median([t / s for t, s in zip(tokens, cpu_seconds)]),

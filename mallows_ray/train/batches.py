@@ -33,13 +33,18 @@ WINDOW_BATCHES = 50
 Row = dict[str, Any]
 
 
-def padded_length(row: Row) -> int:
-    """Length of the row's longest packed sequence: what its micro-batch gets padded to."""
-    return len(row["prompt_ids"]) + max(len(r) for r in row["response_ids"])
+def padded_length(row: Row, share_prompt: bool = False) -> int:
+    """Length of the row's packed sequence(s): what its micro-batch gets padded to (data/collate.py's layouts:
+    prompt + longest response, or with a shared prompt the prompt once and every response, each opened by
+    the last prompt token)."""
+    responses = [len(r) for r in row["response_ids"]]
+    if share_prompt:
+        return len(row["prompt_ids"]) - 1 + sum(responses) + len(responses)
+    return len(row["prompt_ids"]) + max(responses)
 
 
 def order_window(rows: list[Row], *, global_batch_size: int, seed: int, epoch: int, window: int,
-                 shuffle: bool, group_by_length: bool) -> list[list[Row]]:
+                 shuffle: bool, group_by_length: bool, share_prompt: bool = False) -> list[list[Row]]:
     """The full global batches of one window, in training order; the incomplete remainder is dropped."""
     rng = np.random.default_rng([seed, epoch, window])
     n_batches = len(rows) // global_batch_size
@@ -47,7 +52,8 @@ def order_window(rows: list[Row], *, global_batch_size: int, seed: int, epoch: i
     # choose the kept rows before sorting, so the dropped remainder is random rather than the longest rows
     order = order[: n_batches * global_batch_size]
     if group_by_length:
-        order = sorted(order, key=lambda i: padded_length(rows[i]))  # stable: ties keep the shuffled order
+        # stable: ties keep the shuffled order
+        order = sorted(order, key=lambda i: padded_length(rows[i], share_prompt))
     batches = [[rows[i] for i in order[b * global_batch_size:(b + 1) * global_batch_size]]
                for b in range(n_batches)]
     if shuffle and group_by_length:
@@ -56,11 +62,11 @@ def order_window(rows: list[Row], *, global_batch_size: int, seed: int, epoch: i
 
 
 def epoch_batches(windows: Iterable[list[Row]], *, global_batch_size: int, seed: int, epoch: int,
-                  shuffle: bool, group_by_length: bool) -> Iterator[list[Row]]:
+                  shuffle: bool, group_by_length: bool, share_prompt: bool = False) -> Iterator[list[Row]]:
     """Global batches of one epoch from a stream of windows of `WINDOW_BATCHES * global_batch_size` rows."""
     for window, rows in enumerate(windows):
         yield from order_window(rows, global_batch_size=global_batch_size, seed=seed, epoch=epoch, window=window,
-                                shuffle=shuffle, group_by_length=group_by_length)
+                                shuffle=shuffle, group_by_length=group_by_length, share_prompt=share_prompt)
 
 
 def rank_slice(global_rows: list[Row], rank: int, world: int) -> list[Row]:

@@ -170,7 +170,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
         windows = (table.to_pylist() for table in train_shard.iter_batches(
             batch_size=WINDOW_BATCHES * plan.global_batch_size, batch_format="pyarrow"))
         batches = epoch_batches(windows, global_batch_size=plan.global_batch_size, seed=config.run.seed,
-                                epoch=epoch, shuffle=config.batch.shuffle, group_by_length=config.batch.group_by_length)
+                                epoch=epoch, shuffle=config.batch.shuffle, group_by_length=config.batch.group_by_length,
+                                share_prompt=config.model.share_prompt)
         for global_rows in itertools.islice(batches, consumed, None):  # skip what a resumed run already did
             lr = engine.get_lr()[0]
             rows = rank_slice(global_rows, rank, world)                  # micro x accumulation prompts

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mallows_ray.config import load_config
+from mallows_ray.data.collate import pack_responses
 from mallows_ray.losses import build_loss
 from mallows_ray.train.batches import (
     collate, epoch_batches, eval_slice, micro_batches, order_window, padded_length, rank_slice,
@@ -42,6 +43,14 @@ def test_window_order_is_seeded_complete_and_length_grouped():
     assert sum(spans) < sum(max(map(padded_length, b)) - min(map(padded_length, b)) for b in shuffled)
     plain = order_window(rows, epoch=0, **{**kwargs, "shuffle": False, "group_by_length": False})
     assert _ids(plain)[0] == [f"r{i}" for i in range(8)]
+
+
+def test_padded_length_is_the_packed_width_of_either_layout():
+    row = {"prompt_ids": [1, 2, 3], "response_ids": [[4, 5], [6], [7, 8, 9, 10]]}
+    for share in (False, True):
+        packed = pack_responses([row["prompt_ids"]], [row["response_ids"]], pad_id=0, share_prompt=share)
+        assert padded_length(row, share) == packed.input_ids.shape[1]
+    assert (padded_length(row), padded_length(row, True)) == (7, 12)
 
 
 def test_epoch_batches_only_drop_the_tail_of_the_last_window():

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("mallows_ray_demo"),
                       help="folder for the data subsets, the run (checkpoints, export) and the report "
                       "(default: ./mallows_ray_demo)")
-    demo.add_argument("--train-rows", type=int, default=48, help="training prompts (4 replies each; the "
+    demo.add_argument("--train-rows", type=int, default=128, help="training prompts (4 replies each; the "
                       "bundled train split has 128); optim.max_steps=N trains longer")
     demo.add_argument("--test-rows", type=int, default=16, help="test prompts for the evaluation")
     demo.add_argument("--max-new-tokens", type=int, default=40, help="reply length of the judged generations")

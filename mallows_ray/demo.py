@@ -79,7 +79,7 @@ def _phase(timings: dict[str, float], name: str, headline: str) -> Iterator[None
     print(f"[demo] {name} took {timings[name]:.0f} s", flush=True)
 
 
-def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 48,
+def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 128,
              test_rows: int = 16, max_new_tokens: int = 40) -> dict[str, Path]:
     from mallows_ray.generate import generate, load_export
     from mallows_ray.lambdas import format_lambda

@@ -16,10 +16,10 @@ from benchmarks.common import Workload
 CAUSES = {
     "speed_default": "TRL's default step runs the policy forward+backward plus a reference forward (~8N flops/token "
                      "against our 6N); mallows_ray also runs each prompt once per pair instead of twice and steps "
-                     "a fused AdamW. A miss means the machine's load swamped those margins (see the load line).",
+                     "a fused AdamW. A miss means the machine's load swamped those margins (see the other-work line).",
     "speed_precompute": "with precomputed reference log-probs TRL runs the same body and a full-vocabulary head on "
                         "both sequences of a pair; mallows_ray's lead is the shared prompt (row 1e) and the fused "
-                        "optimizer. A miss means the machine's load swamped that margin (see the load line).",
+                        "optimizer. A miss means the machine's load swamped that margin (see the other-work line).",
     "memory": "the policy's parameters, gradients and AdamW moments (4 x 0.54 GB fp32 for 135M parameters) plus "
               "the Python/torch runtime and the benchmark's tokenized HH file (~0.45 GB, both sides) are a floor "
               "of ~2.5 GB that fp32 full fine-tuning cannot go below; TRL's default adds one fp32 reference copy "

@@ -29,14 +29,13 @@ def main() -> None:
     parser.add_argument("--max-prompt-length", type=int, default=64)
     parser.add_argument("--max-response-length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--share-prompt", type=int, choices=[0, 1], default=1,
-                        help="model.share_prompt of the loop (the memory modes compare per-response rows)")
     args = parser.parse_args()
     quiet_libraries()
     set_threads(args.threads)
 
     import torch
 
+    from mallows_ray.config import ModelConfig
     from mallows_ray.data.collate import pack_responses
     from mallows_ray.data.tokenize import LengthLimits, tokenize_record
     from mallows_ray.models import load_model, load_tokenizer, response_stats
@@ -48,7 +47,7 @@ def main() -> None:
     workload = Workload(pairs=args.pairs, max_prompt_length=args.max_prompt_length,
                         max_response_length=args.max_response_length)
 
-    def packed_of(rows, share_prompt=args.share_prompt == 1):
+    def packed_of(rows, share_prompt=ModelConfig().share_prompt):  # the loop packs as prepare does by default
         return pack_responses([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], pad,
                               share_prompt=share_prompt)
 

@@ -97,7 +97,7 @@ def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
 
 def build_optimizer(params: list[nn.Parameter], optim: OptimConfig) -> torch.optim.AdamW:
     """torch AdamW with the fused kernel: one pass over each tensor instead of a dozen elementwise ops with
-    temporaries (on CPU, 135M parameters: 0.08 s instead of 0.34 s per step; benchmarks/RESULTS.md). Same
+    temporaries (on CPU, 135M parameters: 0.08 s instead of 0.34 s per step; benchmarks/README.md). Same
     update as the for-loop AdamW within float rounding (tests/unit/test_engine.py)."""
     return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
                              fused=True)

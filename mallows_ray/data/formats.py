@@ -51,14 +51,17 @@ number fills them with that number.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 import os
 import re
 import statistics
+import warnings
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypedDict
 
@@ -69,12 +72,16 @@ from mallows_ray.data.rejects import (
     BAD_FIELD,
     BAD_MESSAGES,
     BAD_SCORE,
+    DAMAGED_FILE,
     DUPLICATE_ID,
     EMPTY_PROMPT,
     EMPTY_RESPONSE,
     IDENTICAL_RESPONSES,
+    INVALID_UNICODE,
     LENGTH_MISMATCH,
     MISSING_FIELD,
+    NORMALISER_ERROR,
+    OBJECTIVE_MISMATCH,
     PROMPT_TOO_LONG,
     TOO_FEW_RESPONSES,
     UNDECODABLE,
@@ -84,7 +91,8 @@ from mallows_ray.data.rejects import (
 
 __all__ = [
     "FORMATS", "FORMAT_COLUMNS", "KINDS", "NORMALISED_SCHEMA", "PROMPT_TOO_LONG", "DataSourceError",
-    "FormatError", "Message", "NormalisedRecord", "RawRow", "Reject", "detect_format", "iter_raw_rows",
+    "FormatError", "Message", "NormalisedRecord", "RawRow", "Reject", "SkippedFilesWarning", "detect_format",
+    "iter_raw_rows",
     "list_source_files", "normalise", "read_normalised",
 ]
 
@@ -154,6 +162,12 @@ class RawRow(NamedTuple):
     record: dict[str, Any] | None
     error: str | None = None  # set (and record None) when the row is undecodable
     raw_text: str = ""  # the undecodable line, truncated, for the rejects file
+    name: str = ""  # the source in default ids: its path relative to the folder read, else its basename
+    damaged: bool = False  # an error row saying the file cannot be read from here on (see DAMAGED_FILE)
+
+
+class SkippedFilesWarning(UserWarning):
+    """A folder source holds files that are not data files and are not read."""
 
 
 class FormatError(ValueError):
@@ -195,35 +209,41 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
-def _is_data_file(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(SUFFIXES)
+def _has_data_suffix(name: str) -> bool:
+    return name.lower().endswith(SUFFIXES)  # .JSONL, .Parquet: the case of the suffix does not matter
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.endswith(SUFFIXES)
+    return name.startswith(("/", ".", "~")) or _has_data_suffix(name)
 
 
 def list_source_files(path: str) -> list[str]:
     """The local files that make up a source, in reading order.
 
-    A data file gives [path]; a folder gives every .jsonl / .jsonl.gz / .parquet file under it, sorted by
-    path (each one readable on its own with `iter_raw_rows`: the unit of parallel reading). A save_to_disk
-    folder gives all of its files (what a content fingerprint hashes; it is read as a whole). A hub dataset
-    name gives [].
+    A data file gives [path]; a folder gives every .jsonl / .jsonl.gz / .parquet file under it (any case of
+    the suffix), sorted by path (each one readable on its own with `iter_raw_rows`: the unit of parallel
+    reading); the other files of the folder are named in a SkippedFilesWarning. A save_to_disk folder gives
+    all of its files (what a content fingerprint hashes; it is read as a whole). A hub dataset name gives [].
     """
     local = Path(path).expanduser()
     if _is_saved_dataset(local):
         return [str(p) for p in sorted(local.rglob("*")) if p.is_file()]
     if local.is_dir():
-        files = [str(p) for p in sorted(local.rglob("*")) if _is_data_file(p)]
+        every = [p for p in sorted(local.rglob("*")) if p.is_file()]
+        files = [str(p) for p in every if _has_data_suffix(p.name)]
         if not files:
             raise DataSourceError(
                 f"{path}: folder holds no {' / '.join(SUFFIXES)} files (searched recursively) and is not a "
                 "datasets save_to_disk folder (dataset_info.json + state.json, or dataset_dict.json)"
             )
+        skipped = [str(p.relative_to(local)) for p in every if not _has_data_suffix(p.name)]
+        if skipped:
+            shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+            warnings.warn(f"{path}: skipping {len(skipped)} file(s) that are not {' / '.join(SUFFIXES)}: {shown}",
+                          SkippedFilesWarning)  # one place: shown once per message, however often listed
         return files
     if local.is_file():
-        if not _is_data_file(local):
+        if not _has_data_suffix(local.name):
             raise DataSourceError(f"{path}: unsupported file type; valid: {', '.join(SUFFIXES)}")
         return [str(local)]
     if _looks_local(path):
@@ -249,47 +269,78 @@ def iter_raw_rows(path_or_name: str, *, split: str | None = None) -> Iterator[Ra
             f"split={split!r} applies only to Hugging Face datasets; {path_or_name} is a local file or folder: "
             "point at the split's own file or folder instead"
         )
+    root = Path(path_or_name).expanduser()
     for file in files:
-        yield from _iter_parquet(file) if file.endswith(".parquet") else _iter_jsonl(file)
+        name = os.path.relpath(file, root) if root.is_dir() else os.path.basename(file)
+        yield from _iter_parquet(file, name) if file.lower().endswith(".parquet") else _iter_jsonl(file, name)
 
 
-def _unreadable_rest(path: str, row: int, err: Exception) -> RawRow:
-    return RawRow(path, row, None, f"the file cannot be read from here on ({type(err).__name__}: {err})")
+def _unreadable_rest(path: str, name: str, rows: range, err: Exception) -> Iterator[RawRow]:
+    """Damaged-file rows for `rows`, the rows the file has but that cannot be read."""
+    for row in rows:
+        yield RawRow(path, row, None, f"the file cannot be read from here on ({type(err).__name__}: {err})",
+                     name=name, damaged=True)
 
 
-def _iter_jsonl(path: str) -> Iterator[RawRow]:
-    opener = gzip.open if path.endswith(".gz") else open
+def _iter_jsonl(path: str, name: str) -> Iterator[RawRow]:
+    opener = gzip.open if path.lower().endswith(".gz") else open
     line_no = 0
-    with opener(path, "rb") as fh:
-        try:
+    try:
+        with opener(path, "rb") as fh:
             for line_no, line in enumerate(fh, start=1):
+                if line_no == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark (Windows editors)
                 if line.strip():
-                    yield _decode_line(path, line_no, line)
-        except (OSError, EOFError, zlib.error) as err:  # a corrupt or truncated gzip member
-            yield _unreadable_rest(path, line_no + 1, err)
+                    yield _decode_line(path, name, line_no, line)
+    except (OSError, EOFError, zlib.error) as err:  # a corrupt or truncated gzip stream, an unreadable file
+        # how many lines the rest held is unknown: one row stands for it
+        yield from _unreadable_rest(path, name, range(line_no + 1, line_no + 2), err)
 
 
-def _decode_line(path: str, line_no: int, line: bytes) -> RawRow:
+def _decode_line(path: str, name: str, line_no: int, line: bytes) -> RawRow:
     try:
         record = json.loads(line)
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         error = f"not valid JSON: {err}"
+    except RecursionError:
+        error = "not readable JSON: nested too deeply for the JSON parser"
     else:
         if isinstance(record, dict):
-            return RawRow(path, line_no, record)
+            return RawRow(path, line_no, record, name=name)
         error = f"a JSON {_JSON_TYPES.get(type(record), type(record).__name__)} where an object {{...}} is expected"
-    return RawRow(path, line_no, None, error, raw_excerpt(line.decode("utf-8", errors="replace").rstrip("\n")))
+    raw_text = raw_excerpt(line.decode("utf-8", errors="replace").rstrip("\n"))
+    return RawRow(path, line_no, None, error, raw_text, name=name)
 
 
-def _iter_parquet(path: str) -> Iterator[RawRow]:
-    row = 0
+def _iter_parquet(path: str, name: str) -> Iterator[RawRow]:
+    row, total = 0, None
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-            for record in batch.to_pylist():
-                yield RawRow(path, row, record)
+        file = pq.ParquetFile(path)
+        total = file.metadata.num_rows
+        for batch in file.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for record, error in _batch_records(batch):
+                yield RawRow(path, row, record, error, name=name)
                 row += 1
-    except (pa.ArrowException, OSError) as err:
-        yield _unreadable_rest(path, row, err)
+    except (pa.ArrowException, OSError) as err:  # a broken footer (truncated file) or page
+        # the footer, when readable, says how many rows the file has: each unread one is a row
+        yield from _unreadable_rest(path, name, range(row, max(total or 0, row + 1)), err)
+
+
+def _batch_records(batch: pa.RecordBatch) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """(record, None) per row of a parquet batch, or (None, error) for a row Arrow cannot turn into Python
+    (e.g. a string column holding invalid UTF-8): the batch is retried row by row to find it."""
+    try:
+        records = batch.to_pylist()
+    except (pa.ArrowException, ValueError):
+        records = None
+    if records is not None:
+        yield from ((record, None) for record in records)
+        return
+    for i in range(batch.num_rows):
+        try:
+            yield batch.slice(i, 1).to_pylist()[0], None
+        except (pa.ArrowException, ValueError) as err:
+            yield None, f"the row cannot be read ({type(err).__name__}: {err})"
 
 
 def _import_datasets():
@@ -342,7 +393,7 @@ def _iter_hub(name: str, split: str | None) -> Iterator[RawRow]:
 
 def _iter_dataset(source: str, data) -> Iterator[RawRow]:
     for row, record in enumerate(data):
-        yield RawRow(source, row, record)
+        yield RawRow(source, row, record, name=os.path.basename(source))
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -492,8 +543,12 @@ def _score_value(value: Any) -> float | None:
             value = float(value)
         except ValueError:
             return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            return None
+        return value if math.isfinite(value) else None
     return None
 
 
@@ -512,7 +567,10 @@ def _fill(raw: list[Any], fill: ScoreFill, where: str) -> list[float]:
     valid = [v for v in values if v is not None]
     if fill in SCORE_FILLS and not valid:
         raise _RowError(BAD_SCORE, f"{where}: no valid score to take the {fill} of ({raw_excerpt(raw, 80)})")
-    replacement = {"min": min, "mean": statistics.fmean}[fill](valid) if fill in SCORE_FILLS else float(fill)
+    try:
+        replacement = {"min": min, "mean": statistics.fmean}[fill](valid) if fill in SCORE_FILLS else float(fill)
+    except OverflowError:  # the mean of huge scores overflows
+        raise _RowError(BAD_SCORE, f"{where}: the {fill} of the valid scores overflows a float") from None
     return [replacement if v is None else v for v in values]
 
 
@@ -588,7 +646,11 @@ def _ultrafeedback(record: dict[str, Any], spec: _ScoreSpec) -> _Parts:
         if not isinstance(completion, dict):
             raise _RowError(BAD_FIELD, f"completions[{i}] is {_describe(completion)}; expected an object")
         responses.append(_text(completion, "response", f"completions[{i}]."))
-        for aspect, note in (completion.get("annotations") or {}).items():
+        annotations = completion.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            detail = f"completions[{i}].annotations is {_describe(annotations)}; expected {{aspect: {{Rating}}}}"
+            raise _RowError(BAD_FIELD, detail)
+        for aspect, note in annotations.items():
             rating = note.get("Rating") if isinstance(note, dict) else None
             ratings.setdefault(aspect, [None] * len(completions))[i] = rating
     if not ratings:
@@ -638,7 +700,23 @@ def _record_id(raw: RawRow) -> str:
         if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
             raise _RowError(BAD_FIELD, f"{key!r} is {_describe(value)}; expected a non-empty text or integer id")
         return str(value)
-    return f"{os.path.basename(raw.source)}:{raw.row}"
+    return f"{raw.name or os.path.basename(raw.source)}:{raw.row}"
+
+
+def _check_unicode(record: NormalisedRecord) -> None:
+    """Every text must encode as UTF-8, which Arrow and the tokenizer need: JSON can carry lone surrogates."""
+    texts = [("id", record["id"]), ("source", record["source"])]
+    texts += [(f"prompt[{i}].content", m["content"]) for i, m in enumerate(record["prompt"])]
+    texts += [(f"responses[{i}]", r) for i, r in enumerate(record["responses"])]
+    texts += [(f"objective name {i}", name) for i, name in enumerate(record["objectives"])]
+    for where, text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _RowError(
+                INVALID_UNICODE, f"{where} holds {text[err.start]!r} at character {err.start}: a lone surrogate "
+                "is not valid Unicode (in JSON, an unpaired \\udXXX escape)",
+            ) from None
 
 
 def normalise(
@@ -650,44 +728,132 @@ def normalise(
     listwise objectives (others in the row are ignored); `score_fill` handles invalid scores (module docstring).
     """
     _check_format(fmt)
-    spec = _ScoreSpec(objectives, _check_score_fill(score_fill))
+    return _normalise(raw, fmt, _ScoreSpec(objectives, _check_score_fill(score_fill)))
+
+
+def _normalise(raw: RawRow, fmt: str, spec: _ScoreSpec) -> NormalisedRecord | Reject:
     if raw.record is None:
-        return Reject(raw.source, raw.row, UNDECODABLE, raw.error or "no record", raw.raw_text)
+        reason = DAMAGED_FILE if raw.damaged else UNDECODABLE
+        return Reject(raw.source, raw.row, reason, raw.error or "no record", raw.raw_text)
     try:
         row_fmt = detect_format(raw.record) if fmt == "auto" else fmt
         parts = _NORMALISERS[row_fmt](raw.record, spec)
         kind = KINDS[row_fmt]
         _check_prompt(parts.prompt)
         _check_responses(parts.responses, kind)
-        record_id = _record_id(raw)
+        record: NormalisedRecord = {
+            "id": _record_id(raw), "kind": kind, "prompt": parts.prompt, "responses": parts.responses,
+            "objectives": list(parts.objectives), "scores": list(parts.scores), "source": raw.source,
+            "row": raw.row,
+        }
+        _check_unicode(record)
     except FormatError as err:
         return Reject(raw.source, raw.row, MISSING_FIELD, str(err), raw_excerpt(raw.record))
     except _RowError as err:
         return Reject(raw.source, raw.row, err.reason, err.detail, raw_excerpt(raw.record))
-    return {
-        "id": record_id, "kind": kind, "prompt": parts.prompt, "responses": parts.responses,
-        "objectives": list(parts.objectives), "scores": list(parts.scores), "source": raw.source, "row": raw.row,
-    }
+    except Exception as err:  # a safety net: no row, whatever it holds, may stop the run
+        detail = f"{type(err).__name__}: {err} (reading the row as {fmt})"
+        return Reject(raw.source, raw.row, NORMALISER_ERROR, detail, raw_excerpt(raw.record))
+    return record
 
 
-def _source_format(raw: RawRow, fmt: str, formats: dict[str, str]) -> str:
-    """`fmt`, or under "auto" the format detected from the first decodable record of raw's source (recorded
-    in `formats`); every source of one dataset must be of the same kind."""
-    if fmt != "auto":
-        return fmt
-    if raw.source not in formats and raw.record is not None:
+def _file_format(rows: list[RawRow]) -> tuple[str | None, list[str | None], int]:
+    """(the format most decodable rows of one file have, or None when no row has one; each row's own format
+    or None; how many rows have the file's format). Ties go to the format seen first."""
+    detected: list[str | None] = []
+    for raw in rows:
         try:
-            detected = detect_format(raw.record)
-        except FormatError as err:
-            raise FormatError(f"{raw.source} row {raw.row} (its first decodable record): {err}") from None
-        for other, other_fmt in formats.items():
-            if KINDS[other_fmt] != KINDS[detected]:
-                raise FormatError(
-                    f"{raw.source} is {detected} ({KINDS[detected]}) but {other} is {other_fmt} "
-                    f"({KINDS[other_fmt]}): one dataset must be all pairwise or all listwise"
-                )
-        formats[raw.source] = detected
-    return formats.get(raw.source, "auto")
+            detected.append(None if raw.record is None else detect_format(raw.record))
+        except FormatError:
+            detected.append(None)
+    votes = Counter(d for d in detected if d is not None)
+    if not votes:
+        return None, detected, 0
+    [(fmt, count)] = votes.most_common(1)  # most_common keeps first-seen order among equal counts
+    return fmt, detected, count
+
+
+def _check_kind(source: str, fmt: str, formats: dict[str, str]) -> None:
+    """Every source of one dataset must be of the same kind (pairwise or listwise)."""
+    for other, other_fmt in formats.items():
+        if KINDS[other_fmt] != KINDS[fmt]:
+            raise FormatError(
+                f"{source} is {fmt} ({KINDS[fmt]}) but {other} is {other_fmt} "
+                f"({KINDS[other_fmt]}): one dataset must be all pairwise or all listwise"
+            )
+    formats[source] = fmt
+
+
+def _damaged(rows: list[RawRow], outs: list[NormalisedRecord | Reject]) -> list[NormalisedRecord | Reject]:
+    """A file that cannot be read to its end is rejected as a whole: its rows read before the damage too."""
+    first = next((raw for raw in rows if raw.damaged), None)
+    if first is None:
+        return outs
+    unit = "row" if first.source.lower().endswith(".parquet") else "line"
+    detail = (f"the file cannot be read to its end (from {unit} {first.row}: {first.error}), so the whole file is "
+              "rejected")
+    return [out if raw.damaged else Reject(raw.source, raw.row, DAMAGED_FILE, detail,
+                                           raw_excerpt(raw.record) if raw.record is not None else raw.raw_text)
+            for raw, out in zip(rows, outs, strict=True)]
+
+
+def _read_source(rows: list[RawRow], fmt: str, spec: _ScoreSpec, formats: dict[str, str]) -> list[Any]:
+    """Normalised records and rejects, one per row, of one source (a file, or a dataset's split)."""
+    if fmt != "auto":
+        return _damaged(rows, [_normalise(raw, fmt, spec) for raw in rows])
+    file_fmt, detected, votes = _file_format(rows)
+    if file_fmt is None:  # no row of a known shape: each row's reject lists the formats
+        return _damaged(rows, [_normalise(raw, "auto", spec) for raw in rows])
+    _check_kind(rows[0].source, file_fmt, formats)
+    outs = []
+    for raw, own in zip(rows, detected, strict=True):
+        out = _normalise(raw, file_fmt, spec)
+        if isinstance(out, Reject) and raw.record is not None and own != file_fmt:
+            looks = f"this row looks like {own}" if own else "this row matches no format"
+            out = replace(out, detail=f"{out.detail} (read as {file_fmt}, the format of {votes} of {len(rows)} "
+                                      f"rows of this file; {looks})")
+        outs.append(out)
+    return _damaged(rows, outs)
+
+
+def _reject_other_objectives(outcomes: list[Any]) -> None:
+    """Listwise records must all score the same objectives: the set most of them score (the first seen among
+    equals) is kept; a record lacking one of its names is a missing_field reject, one with other names an
+    objective_mismatch reject. Never a silent drop of an objective."""
+    listwise = [(i, out) for i, out in enumerate(outcomes) if not isinstance(out, Reject) and out["kind"] == "listwise"]
+    counts = Counter(tuple(out["objectives"]) for _, out in listwise)
+    if len(counts) < 2:
+        return
+    [(common, n_common)] = counts.most_common(1)
+    first = next(out for _, out in listwise if tuple(out["objectives"]) == common)
+    others = (f"{n_common} of {len(listwise)} listwise rows score {', '.join(common)} (the first at "
+              f"{first['source']}:{first['row']})")
+    for i, out in listwise:
+        names = tuple(out["objectives"])
+        if names == common:
+            continue
+        has = ", ".join(names)
+        if missing := [name for name in common if name not in names]:
+            reason, detail = MISSING_FIELD, f"scores has no objective {missing[0]!r} (has: {has}); {others}"
+        else:
+            extra = ", ".join(name for name in names if name not in common)
+            reason, detail = OBJECTIVE_MISMATCH, (f"scores has objective(s) {extra} that the other rows do not "
+                                                  f"(has: {has}); {others}; set data.objectives to pick the "
+                                                  "objectives to train on")
+        outcomes[i] = Reject(out["source"], out["row"], reason, detail, raw_excerpt(out))
+
+
+def _reject_duplicate_ids(outcomes: list[Any]) -> None:
+    """A repeated id is a duplicate_id reject; the first occurrence is kept."""
+    first_seen: dict[str, str] = {}  # id -> "source:row" of its first record
+    for i, out in enumerate(outcomes):
+        if isinstance(out, Reject):
+            continue
+        if out["id"] in first_seen:
+            detail = f"id {out['id']!r} is already used by {first_seen[out['id']]}"
+            outcomes[i] = Reject(out["source"], out["row"], DUPLICATE_ID, detail, raw_excerpt(out))
+        else:
+            first_seen[out["id"]] = f"{out['source']}:{out['row']}"
 
 
 def read_normalised(
@@ -698,27 +864,23 @@ def read_normalised(
     objectives: list[str] | None = None,
     score_fill: ScoreFill = None,
 ) -> tuple[list[NormalisedRecord], list[Reject]]:
-    """Read and normalise a whole source: (records, rejects); every row is in exactly one of the two.
+    """Read and normalise a whole source: (records, rejects); every row read is in exactly one of the two.
 
-    Under fmt="auto" each file's format is detected from its first decodable record. Without `objectives`,
-    the first valid listwise record fixes the objective names for the rest. A repeated id is a
-    `duplicate_id` reject (the first occurrence is kept).
+    Under fmt="auto" each file is read as the format most of its decodable rows have (the first seen among
+    equals), so an odd first row does not decide; a reject of a row of another shape says so. A file that
+    cannot be read to its end is rejected as a whole (`damaged_file`). Without `objectives`, listwise rows
+    must score the same objectives (see `_reject_other_objectives`). A repeated id is a `duplicate_id`
+    reject (the first occurrence is kept); the raw excerpt of these two kinds of reject is the normalised
+    record. Records and rejects each keep the reading order.
     """
     _check_format(fmt)
-    records: list[NormalisedRecord] = []
-    rejects: list[Reject] = []
-    formats: dict[str, str] = {}
-    first_seen: dict[str, str] = {}  # id -> "source:row" of its first record
-    for raw in iter_raw_rows(path, split=split):
-        out = normalise(raw, _source_format(raw, fmt, formats), objectives=objectives, score_fill=score_fill)
-        if isinstance(out, Reject):
-            rejects.append(out)
-        elif out["id"] in first_seen:
-            detail = f"id {out['id']!r} is already used by {first_seen[out['id']]}"
-            rejects.append(Reject(raw.source, raw.row, DUPLICATE_ID, detail, raw_excerpt(raw.record)))
-        else:
-            first_seen[out["id"]] = f"{raw.source}:{raw.row}"
-            if objectives is None and out["kind"] == "listwise":
-                objectives = out["objectives"]
-            records.append(out)
-    return records, rejects
+    spec = _ScoreSpec(objectives, _check_score_fill(score_fill))
+    outcomes: list[NormalisedRecord | Reject] = []
+    formats: dict[str, str] = {}  # source -> detected format, under "auto"
+    for _, rows in itertools.groupby(iter_raw_rows(path, split=split), key=lambda raw: raw.source):
+        outcomes += _read_source(list(rows), fmt, spec, formats)
+    if objectives is None:
+        _reject_other_objectives(outcomes)
+    _reject_duplicate_ids(outcomes)
+    records = [out for out in outcomes if not isinstance(out, Reject)]
+    return records, [out for out in outcomes if isinstance(out, Reject)]

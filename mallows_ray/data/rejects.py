@@ -5,6 +5,9 @@ nothing is dropped silently. `write_rejects` writes them to a jsonl file (one ob
 source, row, reason, detail, raw), and `check_bad_fraction` stops a run whose share of rejects exceeds the
 configured `max_bad_fraction`, with a message that says why and where to look.
 
+A reject's text fields are always valid UTF-8 (lone surrogates are written as `\\udXXX` escapes) and its
+detail is at most DETAIL_CHARS long, so whatever a row held, the rejects file can be written and read back.
+
 Row numbers follow the reader: the 1-based line number for jsonl / jsonl.gz files, the 0-based row index
 for parquet files and Hugging Face datasets.
 """
@@ -30,6 +33,11 @@ LENGTH_MISMATCH = "length_mismatch"
 BAD_SCORE = "bad_score"
 DUPLICATE_ID = "duplicate_id"
 PROMPT_TOO_LONG = "prompt_too_long"
+DAMAGED_FILE = "damaged_file"
+INVALID_UNICODE = "invalid_unicode"
+OBJECTIVE_MISMATCH = "objective_mismatch"
+IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
+NORMALISER_ERROR = "normaliser_error"
 
 REASONS: dict[str, str] = {
     UNDECODABLE: "the line/row could not be read: bad JSON, bad UTF-8, a corrupt gzip member, or JSON that "
@@ -46,9 +54,21 @@ REASONS: dict[str, str] = {
     BAD_SCORE: "a score is missing, non-numeric, NaN or infinite and no `score_fill` policy is set",
     DUPLICATE_ID: "the record's id was already used by an earlier record of the same dataset",
     PROMPT_TOO_LONG: "(tokenizer stage) the prompt leaves no room for a response under max_length",
+    DAMAGED_FILE: "the row's file cannot be read to its end (a truncated or corrupt gzip stream, a broken "
+    "parquet footer or page): the whole file is rejected, every row read from it and the unreadable rest "
+    "(one reject per unread row where the file records how many, else one for the rest)",
+    INVALID_UNICODE: "a text holds a lone UTF-16 surrogate (e.g. a \\ud800 escape in the JSON), which is not "
+    "valid Unicode and cannot be stored or tokenized",
+    OBJECTIVE_MISMATCH: "a listwise row scores objectives that the other rows do not (set data.objectives to "
+    "pick the ones to train on)",
+    IDENTICAL_AFTER_TRUNCATION: "(tokenizer stage) two responses differ only after max_response_length / "
+    "max_length tokens, so the truncated pair has nothing to prefer",
+    NORMALISER_ERROR: "the normaliser failed on the row in an unforeseen way (a bug: please report it with "
+    "the row); the row is rejected instead of the run stopping",
 }
 
 RAW_EXCERPT_CHARS = 500
+DETAIL_CHARS = 1000
 N_EXAMPLES = 3
 
 
@@ -65,6 +85,10 @@ class Reject:
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
             raise ValueError(f"unknown reject reason {self.reason!r}; valid: {', '.join(REASONS)}")
+        # frozen dataclass: object.__setattr__ is the documented way to set fields in __post_init__
+        object.__setattr__(self, "source", utf8_safe(self.source))
+        object.__setattr__(self, "detail", utf8_safe(_truncate(self.detail, DETAIL_CHARS)))
+        object.__setattr__(self, "raw", utf8_safe(self.raw))
 
     def describe(self) -> str:
         """`file:row reason detail`, the one-line form used in messages."""
@@ -75,10 +99,29 @@ class DataValidationError(ValueError):
     """Too many rows were rejected (more than `max_bad_fraction` allows)."""
 
 
-def raw_excerpt(value: Any, limit: int = RAW_EXCERPT_CHARS) -> str:
-    """A short text copy of a record (as JSON) or of a raw line, for the rejects file."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+def utf8_safe(text: str) -> str:
+    """`text` with lone surrogates (not encodable as UTF-8) replaced by `\\udXXX` escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"
+
+
+def raw_excerpt(value: Any, limit: int = RAW_EXCERPT_CHARS) -> str:
+    """A short text copy of a record (as JSON) or of a raw line, for the rejects file; never raises."""
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (RecursionError, ValueError, TypeError) as err:  # nesting too deep for the encoder
+            text = f"<a {type(value).__name__} that cannot be shown: {type(err).__name__}>"
+    return utf8_safe(_truncate(text, limit))
 
 
 def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> Path:

@@ -25,6 +25,7 @@ from mallows_ray.data.formats import (
     DataSourceError,
     FormatError,
     RawRow,
+    SkippedFilesWarning,
     detect_format,
     iter_raw_rows,
     list_source_files,
@@ -238,11 +239,13 @@ def test_folder_is_read_recursively_in_sorted_order(tmp_path):
     _write_jsonl(tmp_path / "a.jsonl.gz", [hh, hh])
     (tmp_path / "notes.txt").write_text("not data")
     expected = [str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.jsonl"), str(tmp_path / "sub" / "a.parquet")]
-    assert list_source_files(str(tmp_path)) == expected
+    with pytest.warns(SkippedFilesWarning, match="skipping 1 file.*: notes.txt"):
+        assert list_source_files(str(tmp_path)) == expected
     assert [(r.source, r.row) for r in iter_raw_rows(str(tmp_path))] == [
         (expected[0], 1), (expected[0], 2), (expected[1], 1), (expected[2], 0)]
     records = _read(tmp_path)  # each file's format detected on its own: hh, then pairwise_text
-    assert [r["id"] for r in records] == ["a.jsonl.gz:1", "a.jsonl.gz:2", "b.jsonl:1", "a.parquet:0"]
+    # default ids name the file by its path under the folder read (a.parquet alone could clash)
+    assert [r["id"] for r in records] == ["a.jsonl.gz:1", "a.jsonl.gz:2", "b.jsonl:1", "sub/a.parquet:0"]
     _write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "responses": ["a", "b"], "scores": {"x": [1, 2]}}])
     with pytest.raises(FormatError, match="all pairwise or all listwise"):
         read_normalised(str(tmp_path))
@@ -252,13 +255,22 @@ def test_folder_is_read_recursively_in_sorted_order(tmp_path):
     lambda gz: gz + b"not a gzip member",  # a bad second member
     lambda gz: gz[:-12],  # a truncated stream
 ])
-def test_bad_gzip_member_is_an_undecodable_row(tmp_path, corrupt):
+def test_bad_gzip_member_rejects_the_whole_file(tmp_path, corrupt):
+    """Issue 15: a truncated .jsonl.gz gave its readable rows and ONE reject, so the lost rest counted as one
+    bad row. Now the file fails as a whole: every row read is a damaged_file reject, plus one for the rest."""
     rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(3)]
     path = tmp_path / "broken.jsonl.gz"
     path.write_bytes(corrupt(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows))))
-    records, rejects = read_normalised(str(path))
-    assert [(r.reason, r.row) for r in rejects] == [("undecodable", len(records) + 1)]
-    assert "cannot be read from here on" in rejects[0].detail and len(records) >= 2
+    good = _write_jsonl(tmp_path / "good.jsonl", rows)
+    records, rejects = read_normalised(str(tmp_path))
+    assert [r["source"] for r in records] == [str(good)] * 3
+    n_read = len(rejects) - 1  # the rows read before the damage (2 or 3), then the row for the rest
+    assert n_read >= 2 and {r.reason for r in rejects} == {"damaged_file"} and {r.source for r in rejects} == {str(path)}
+    assert [r.row for r in rejects] == list(range(1, n_read + 2))
+    assert "cannot be read from here on" in rejects[-1].detail
+    assert all(f"cannot be read to its end (from line {n_read + 1}: " in r.detail and "whole file is rejected"
+               in r.detail for r in rejects[:-1])
+    assert json.loads(rejects[0].raw) == rows[0]  # the row itself is in the rejects file
 
 
 def test_source_errors_are_clear(tmp_path):

@@ -7,7 +7,10 @@
       --> manifest.json (written last: its presence marks a complete cache entry)
 
 Normalisation runs on the driver so that every reject carries its file and line; tokenization and scoring,
-the expensive parts, run on the cluster. Nothing is dropped without a line in rejects.jsonl.
+the expensive parts, run on the cluster. Nothing is dropped without a line in rejects.jsonl, which is always
+written (empty when no row is rejected), and `_account` is the one place rejects are counted and gated.
+A reused cache entry is checked against its manifest (sizes, SHA-256) and rebuilt when damaged, and its
+recorded counts go through the bad-row gate again: `max_bad_fraction` is not part of the cache key.
 """
 
 from __future__ import annotations
@@ -113,6 +116,48 @@ def _shared_objectives(records: dict[str, list[dict[str, Any]]]) -> list[str]:
     return list(next(iter(seen), ()))
 
 
+def open_cache(folder: str | Path, max_bad_fraction: float) -> PreparedData | None:
+    """The complete scored cache entry at `folder` (None when it has no manifest: an interrupted run), after
+    the bad-row gate on its recorded counts. CacheError naming the path when the entry is damaged
+    (`manifest.read_manifest`); DataValidationError when its rejects exceed `max_bad_fraction`."""
+    folder = Path(folder).expanduser()
+    manifest = mf.read_manifest(folder)
+    if manifest is None:
+        return None
+    rows_in = sum(split["rows_in"] for split in manifest["splits"].values())
+    check_bad_fraction(manifest["rejects"]["count"], rows_in, max_bad_fraction, folder / mf.REJECTS_FILE)
+    return PreparedData(folder, manifest)
+
+
+def _check_raw_source(split: str, src: str) -> None:
+    """A scored cache folder (or one of its splits) is not raw data: say so instead of reading it as rows."""
+    signs = mf.scored_folder_signs(src)
+    if not signs:
+        return
+    if (Path(src).expanduser() / mf.MANIFEST).is_file():
+        advice = f"train on it as it is (mallows-ray train data.train={src}); prepare reads raw data"
+    else:
+        advice = (f"it has no {mf.MANIFEST}: an interrupted or damaged prepare, or a split folder of a cache entry "
+                  f"(train on the entry folder that holds {mf.MANIFEST}). Point data.{split} at the raw data to "
+                  "prepare it again")
+    raise mf.CacheError(f"data.{split}={src} is a scored cache folder, not raw data ({'; '.join(signs)}): {advice}")
+
+
+def _account(rejects_path: Path, rejects: dict[str, list[Reject]], rows_in: dict[str, int],
+             sources: dict[str, str], max_bad_fraction: float) -> list[Reject]:
+    """The one place rejects are counted: write them all to rejects.jsonl (empty when none), then stop the run
+    when they exceed max_bad_fraction of the rows read, or when a split keeps no row. Every reject is one row
+    read, so rows_in = rows kept + rejects."""
+    all_rejects = [r for split_rejects in rejects.values() for r in split_rejects]
+    write_rejects(rejects_path, all_rejects)
+    check_bad_fraction(len(all_rejects), sum(rows_in.values()), max_bad_fraction, rejects_path)
+    for split, src in sources.items():
+        if len(rejects[split]) >= rows_in[split]:
+            raise ValueError(f"{split} data {src!r}: no usable rows ({len(rejects[split])} of {rows_in[split]} "
+                             f"rejected; see {rejects_path})")
+    return all_rejects
+
+
 def prepare(config: Config, *, address: str | None = None, force: bool = False) -> PreparedData:
     """Validate, tokenize and reference-score `config.data`; reuse the cache when nothing changed."""
     import ray
@@ -124,6 +169,8 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         raise ValueError("data.train is empty: give a file, folder, save_to_disk folder or HF dataset name")
     model_path = resolve_model_path(config.model.name_or_path)
     sources = {split: src for split, src in (("train", data_cfg.train), ("validation", data_cfg.validation)) if src}
+    for split, src in sources.items():
+        _check_raw_source(split, src)
     key_parts = {
         "data": {s: mf.data_fingerprint(list_source_files(src), src) for s, src in sources.items()},
         "model": mf.model_fingerprint(model_path),
@@ -132,9 +179,15 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         "version": __version__,
     }
     folder = Path(data_cfg.cache_dir).expanduser() / mf.cache_key(key_parts)
-    if not force and (manifest := mf.read_manifest(folder)) is not None:
-        print(f"[prepare] nothing changed: reusing the scored cache {folder}")
-        return PreparedData(folder, manifest)
+    if not force:
+        try:
+            cached = open_cache(folder, data_cfg.max_bad_fraction)
+        except mf.CacheError as err:
+            print(f"[prepare] rebuilding the damaged scored cache: {err}")
+            cached = None
+        if cached is not None:
+            print(f"[prepare] nothing changed: reusing the scored cache {folder}")
+            return cached
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     started = time.time()
@@ -142,22 +195,23 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
     limits = LengthLimits(data_cfg.max_prompt_length, data_cfg.max_response_length, data_cfg.max_length)
     scoring = data_cfg.scoring
 
-    # 1. normalise + validate (driver), 2. tokenize (Ray tasks), materialized once so that splitting good
-    #    from prompt_too_long rows does not tokenize twice
-    good: dict[str, ray.data.Dataset] = {}
+    # 1. normalise + validate (driver); the gate runs now and after tokenization
     rejects: dict[str, list[Reject]] = {}
     rows_in: dict[str, int] = {}
     records_by_split: dict[str, list[dict[str, Any]]] = {}
     for split, src in sources.items():
         print(f"[prepare] reading and validating {split}: {src}")
-        records, rejects[split] = read_normalised(
+        records_by_split[split], rejects[split] = read_normalised(
             src, fmt=data_cfg.format, split=data_cfg.split if split == "train" else None,
             objectives=data_cfg.objectives, score_fill=data_cfg.score_fill,
         )
-        rows_in[split] = len(records) + len(rejects[split])
-        records_by_split[split] = records
-        if not records:
-            raise ValueError(f"{split} data {src!r}: no usable rows ({len(rejects[split])} rejected)")
+        rows_in[split] = len(records_by_split[split]) + len(rejects[split])
+    rejects_path = folder / mf.REJECTS_FILE
+    _account(rejects_path, rejects, rows_in, sources, data_cfg.max_bad_fraction)
+
+    # 2. tokenize (Ray tasks), materialized once so that splitting good from rejected rows does not tokenize twice
+    good: dict[str, ray.data.Dataset] = {}
+    for split, records in records_by_split.items():
         # small blocks: progress is reported per block and every actor of the pool gets work; but at most
         # ~2000 blocks, so huge datasets do not drown the scheduler
         n = len(records)
@@ -171,10 +225,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         good[split] = tokenized.filter(expr=col("reject_reason") == "")
 
     objectives = _shared_objectives(records_by_split)
-    all_rejects = [r for split_rejects in rejects.values() for r in split_rejects]
-    rejects_path = folder / "rejects.jsonl"
-    write_rejects(rejects_path, all_rejects)
-    check_bad_fraction(len(all_rejects), sum(rows_in.values()), data_cfg.max_bad_fraction, rejects_path)
+    all_rejects = _account(rejects_path, rejects, rows_in, sources, data_cfg.max_bad_fraction)
 
     # 3. reference scoring on the actor pool
     tokenizer = cached_tokenizer(str(model_path))

@@ -5,7 +5,8 @@ tokenizer's chat template and a generation prompt (plain "Role: text" concatenat
 no template); each response is tokenized on its own and followed by EOS, which closes the assistant turn in
 ChatML-style templates. Truncation: the prompt keeps its END (the latest turns matter most), a response keeps
 its START. A prompt that leaves no room for a response under `max_length` is a reject (`prompt_too_long`),
-never silently cut.
+never silently cut; so is a record two of whose different responses become the same tokens once truncated
+(`identical_after_truncation`): the pair would have nothing to prefer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from mallows_ray.data.formats import PROMPT_TOO_LONG
+from mallows_ray.data.rejects import IDENTICAL_AFTER_TRUNCATION, PROMPT_TOO_LONG
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,23 @@ def tokenize_record(tokenizer, record: dict[str, Any], limits: LengthLimits) -> 
     eos = [tokenizer.eos_token_id]
     encoded = tokenizer(list(record["responses"]), add_special_tokens=False)["input_ids"]
     responses = [ids + eos for ids in encoded]
+    response_ids = [ids[:room] for ids in responses]
     out.update(
         prompt_ids=prompt_ids,
-        response_ids=[ids[:room] for ids in responses],
+        response_ids=response_ids,
         prompt_truncated=prompt_truncated,
         response_truncated=[len(ids) > room for ids in responses],
     )
+    seen: dict[tuple[int, ...], int] = {}
+    for i, ids in enumerate(response_ids):
+        first = seen.setdefault(tuple(ids), i)
+        if first != i:  # the texts differ (formats rejects identical texts): the truncation made them one
+            how = (f"once truncated to the {room} tokens the prompt leaves (max_response_length="
+                   f"{limits.max_response_length}, max_length={limits.total})" if len(ids) == room
+                   else "(the tokenizer maps both texts to the same tokens)")
+            out.update(reject_reason=IDENTICAL_AFTER_TRUNCATION,
+                       reject_detail=f"responses {first} and {i} are the same {len(ids)} tokens {how}: nothing to prefer")
+            break
     return out
 
 

@@ -757,20 +757,23 @@ def _normalise(raw: RawRow, fmt: str, spec: _ScoreSpec) -> NormalisedRecord | Re
     return record
 
 
-def _file_format(rows: list[RawRow]) -> tuple[str | None, list[str | None], int]:
-    """(the format most decodable rows of one file have, or None when no row has one; each row's own format
-    or None; how many rows have the file's format). Ties go to the format seen first."""
-    detected: list[str | None] = []
-    for raw in rows:
-        try:
-            detected.append(None if raw.record is None else detect_format(raw.record))
-        except FormatError:
-            detected.append(None)
-    votes = Counter(d for d in detected if d is not None)
+def _own_format(raw: RawRow) -> str | None:
+    """The format this row's own columns match, None when it has none (or no record)."""
+    try:
+        return None if raw.record is None else detect_format(raw.record)
+    except FormatError:
+        return None
+
+
+def _file_format(own: list[str | None], outs: list[Any]) -> tuple[str | None, int]:
+    """(the format of one file, how many of its rows have it): the one most rows are valid records of, else
+    the one most rows match; ties go to the format seen first; None when no row matches any format."""
+    valid = Counter(fmt for fmt, out in zip(own, outs, strict=True) if fmt and not isinstance(out, Reject))
+    votes = valid or Counter(fmt for fmt in own if fmt)
     if not votes:
-        return None, detected, 0
+        return None, 0
     [(fmt, count)] = votes.most_common(1)  # most_common keeps first-seen order among equal counts
-    return fmt, detected, count
+    return fmt, count
 
 
 def _check_kind(source: str, fmt: str, formats: dict[str, str]) -> None:
@@ -801,18 +804,21 @@ def _read_source(rows: list[RawRow], fmt: str, spec: _ScoreSpec, formats: dict[s
     """Normalised records and rejects, one per row, of one source (a file, or a dataset's split)."""
     if fmt != "auto":
         return _damaged(rows, [_normalise(raw, fmt, spec) for raw in rows])
-    file_fmt, detected, votes = _file_format(rows)
+    own = [_own_format(raw) for raw in rows]
+    outs = [_normalise(raw, row_fmt or "auto", spec) for raw, row_fmt in zip(rows, own, strict=True)]
+    file_fmt, votes = _file_format(own, outs)
     if file_fmt is None:  # no row of a known shape: each row's reject lists the formats
-        return _damaged(rows, [_normalise(raw, "auto", spec) for raw in rows])
+        return _damaged(rows, outs)
     _check_kind(rows[0].source, file_fmt, formats)
-    outs = []
-    for raw, own in zip(rows, detected, strict=True):
-        out = _normalise(raw, file_fmt, spec)
-        if isinstance(out, Reject) and raw.record is not None and own != file_fmt:
-            looks = f"this row looks like {own}" if own else "this row matches no format"
+    for i, (raw, row_fmt) in enumerate(zip(rows, own, strict=True)):
+        if raw.record is None or row_fmt == file_fmt:
+            continue
+        out = _normalise(raw, file_fmt, spec)  # a row of another shape is read as the file's format
+        if isinstance(out, Reject):
+            looks = f"this row looks like {row_fmt}" if row_fmt else "this row matches no format"
             out = replace(out, detail=f"{out.detail} (read as {file_fmt}, the format of {votes} of {len(rows)} "
                                       f"rows of this file; {looks})")
-        outs.append(out)
+        outs[i] = out
     return _damaged(rows, outs)
 
 
@@ -866,8 +872,9 @@ def read_normalised(
 ) -> tuple[list[NormalisedRecord], list[Reject]]:
     """Read and normalise a whole source: (records, rejects); every row read is in exactly one of the two.
 
-    Under fmt="auto" each file is read as the format most of its decodable rows have (the first seen among
-    equals), so an odd first row does not decide; a reject of a row of another shape says so. A file that
+    Under fmt="auto" each file is read as the format most of its rows are valid records of (else the one most
+    rows match; the first seen among equals), so an odd first row does not decide; a reject of a row of
+    another shape says so. A file that
     cannot be read to its end is rejected as a whole (`damaged_file`). Without `objectives`, listwise rows
     must score the same objectives (see `_reject_other_objectives`). A repeated id is a `duplicate_id`
     reject (the first occurrence is kept); the raw excerpt of these two kinds of reject is the normalised

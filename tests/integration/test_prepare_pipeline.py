@@ -100,6 +100,7 @@ def test_cache_reuse_and_invalidation(ray_local, tmp_path, tiny_model_dir):
     first = prepare(_config(tmp_path, tiny_model_dir, train))
     again = prepare(_config(tmp_path, tiny_model_dir, train))
     assert again.folder == first.folder and again.manifest == first.manifest
+    assert (first.folder / "rejects.jsonl").read_text() == ""  # written, empty, when no row is rejected
     changed_setting = prepare(_config(tmp_path, tiny_model_dir, train, **{"data.max_response_length": 16}))
     assert changed_setting.folder != first.folder
     _write_jsonl(train, PAIRS[:5])

@@ -1,0 +1,71 @@
+"""Issue 15 on a real local Ray instance: the bad-row gate on a reused cache, the rebuild of a damaged cache,
+identical-after-truncation rejects, and the rejects file when every row is bad."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from mallows_ray.config import load_config
+from mallows_ray.data.pipeline import prepare
+from mallows_ray.data.rejects import DataValidationError
+
+GOOD = [{"id": f"g{i}", "prompt": f"Question {i}?", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(4)]
+# differ only after the first 8 tokens (the byte-level tiny tokenizer: one token per byte)
+SAME_START = {"id": "t", "prompt": "Tell me", "chosen": "the same long start, then A", "rejected": "the same long start, then B"}
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _config(tmp_path, model_dir, train, **overrides):
+    items = {"model.name_or_path": str(model_dir), "data.train": str(train), "data.cache_dir": str(tmp_path / "cache"),
+             "data.scoring.num_actors": 1, "data.scoring.batch_size": 4, "data.max_prompt_length": 32,
+             "data.max_response_length": 8, **overrides}
+    return load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def test_gate_on_reuse_and_damaged_cache_rebuilt(ray_local, tmp_path, tiny_model_dir, capsys):
+    train = _write_jsonl(tmp_path / "train.jsonl", [*GOOD, SAME_START, "{not json"])
+    prepared = prepare(_config(tmp_path, tiny_model_dir, train, **{"data.max_bad_fraction": 0.4}))
+    manifest = prepared.manifest
+    assert manifest["rejects"]["by_reason"] == {"identical_after_truncation": 1, "undecodable": 1}
+    assert (manifest["splits"]["train"]["rows_in"], manifest["splits"]["train"]["rows_out"]) == (6, 4)
+    rejects = [json.loads(line) for line in open(prepared.folder / "rejects.jsonl")]
+    assert sorted((r["row"], r["reason"]) for r in rejects) == [(5, "identical_after_truncation"), (6, "undecodable")]
+    manifest_file = prepared.folder / "manifest.json"
+    stamp = os.stat(manifest_file).st_mtime_ns
+
+    # the same data and settings with a stricter gate: the cache is found, and the gate refuses it
+    with pytest.raises(DataValidationError) as err:
+        prepare(_config(tmp_path, tiny_model_dir, train, **{"data.max_bad_fraction": 0.1}))
+    assert "2 of 6 rows rejected (33.33%), more than max_bad_fraction=0.1" in str(err.value)
+    assert str(prepared.folder / "rejects.jsonl") in str(err.value) and "identical_after_truncation=1" in str(err.value)
+    assert os.stat(manifest_file).st_mtime_ns == stamp  # refused as it is, not rebuilt
+
+    # a truncated split parquet: named, and the entry is rebuilt
+    part = prepared.folder / "train" / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:-100])
+    capsys.readouterr()
+    rebuilt = prepare(_config(tmp_path, tiny_model_dir, train, **{"data.max_bad_fraction": 0.4}))
+    out = capsys.readouterr().out
+    assert f"rebuilding the damaged scored cache: {part}: " in out and "(truncated or changed)" in out
+    assert rebuilt.folder == prepared.folder and os.stat(manifest_file).st_mtime_ns != stamp
+    assert pq.read_table(part).num_rows == 4
+
+
+def test_every_row_bad_still_writes_the_rejects_file(ray_local, tmp_path, tiny_model_dir):
+    train = _write_jsonl(tmp_path / "bad.jsonl", ["{not json", {"question": "q"}, {**GOOD[0], "rejected": "yes 0"}])
+    rejects_files = lambda: list((tmp_path / "cache").glob("*/rejects.jsonl"))  # noqa: E731
+    with pytest.raises(DataValidationError, match="3 of 3 rows rejected"):
+        prepare(_config(tmp_path, tiny_model_dir, train))
+    [path] = rejects_files()
+    assert [json.loads(line)["reason"] for line in open(path)] == ["undecodable", "missing_field", "identical_responses"]
+    path.unlink()
+    with pytest.raises(ValueError, match=r"no usable rows \(3 of 3 rejected; see .*rejects.jsonl\)"):
+        prepare(_config(tmp_path, tiny_model_dir, train, **{"data.max_bad_fraction": 1.0}))
+    [path] = rejects_files()
+    assert len(path.read_text().splitlines()) == 3

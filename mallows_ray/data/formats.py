@@ -1,16 +1,19 @@
 """Readers and normalisers: preference data in any supported format -> one pairwise/listwise schema.
 
 Sources (`iter_raw_rows`, `list_source_files`)
-    * a .jsonl, .jsonl.gz or .parquet file, or a folder of them (searched recursively, read in sorted
-      path order);
+    * a .jsonl, .jsonl.gz or .parquet file (any case of the suffix), or a folder of them (searched
+      recursively, read in sorted path order; its other files are named in a SkippedFilesWarning);
     * a Hugging Face `datasets` folder written by `save_to_disk` (a Dataset: dataset_info.json + state.json;
       a DatasetDict: dataset_dict.json, pick one with `split`);
     * otherwise a Hugging Face hub dataset name, loaded with `datasets.load_dataset` when the hub is
       reachable.
     Row numbers: the 1-based line number for jsonl / jsonl.gz (blank lines are skipped but counted), the
     0-based row index for parquet files and Hugging Face datasets. Undecodable lines come out as rows with
-    `error` set, and a file that stops being readable (a corrupt gzip member, a bad parquet page) ends with
-    one such row: a reader never raises in the middle of a file.
+    `error` set (invalid JSON or UTF-8, nesting too deep to parse, a parquet row Arrow cannot convert), and
+    a file that stops being readable (a corrupt or truncated gzip stream, a broken parquet footer or page)
+    ends with `damaged` rows: one per unread row where the parquet footer gives the count, else one for
+    the unknown rest. A reader never raises in the middle of a file; `read_normalised` rejects a damaged
+    file as a whole (every row read from it too), so a truncated file cannot pass as a few bad rows.
 
 Formats (`FORMATS`; `detect_format` picks one from a record's columns, see `FORMAT_COLUMNS`)
     pairwise_text            prompt, chosen, rejected as text (prompt may also be a message list)
@@ -31,7 +34,8 @@ reply that itself contains "\\n\\nHuman:" / "\\n\\nAssistant:" (it happens in th
 rather than misread as more dialogue; turn texts are stripped.
 
 Normalised schema (`NormalisedRecord`, `NORMALISED_SCHEMA`): one record per prompt
-    id          the record's own `id` / `prompt_id`, else "<basename of source>:<row>"; unique within one
+    id          the record's own `id` / `prompt_id`, else "<name>:<row>" where name is the file's path under
+                the folder read (its basename for a single file or dataset); unique within one
                 `read_normalised` call (a repeat is a `duplicate_id` reject)
     kind        "pairwise" (responses = [chosen, rejected]) or "listwise" (the N responses)
     prompt      [{role, content}] with roles system/user/assistant, ending with a user turn
@@ -43,7 +47,8 @@ Normalised schema (`NormalisedRecord`, `NORMALISED_SCHEMA`): one record per prom
     source, row where the row came from (see row numbers above)
 
 Validation: every row that does not normalise becomes a `Reject` with a reason code from
-`mallows_ray.data.rejects.REASONS`. Missing or non-numeric scores are `bad_score` unless `score_fill` is set:
+`mallows_ray.data.rejects.REASONS`, whatever it holds (texts with lone surrogates: `invalid_unicode`; so
+every record fits NORMALISED_SCHEMA in Arrow). Missing or non-numeric scores are `bad_score` unless `score_fill` is set:
 "min" / "mean" fill them with the min / mean of the same objective's valid scores for the same prompt, a
 number fills them with that number.
 """

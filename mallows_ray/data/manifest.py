@@ -115,15 +115,16 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write the manifest, with the size and SHA-256 of every file of the entry, atomically and last."""
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest, with the size and SHA-256 of every file of the entry (`files`), atomically and
+    last; returns what was written."""
     folder = Path(folder)
     path = folder / MANIFEST
-    files = {str(p.relative_to(folder)): _file_entry(p) for p in _entry_files(folder)}
+    manifest = {**manifest, "files": {str(p.relative_to(folder)): _file_entry(p) for p in _entry_files(folder)}}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**manifest, "files": files}, indent=2, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     tmp.replace(path)  # atomic: the manifest's presence means the folder is complete
-    return path
+    return manifest
 
 
 def scored_folder_signs(path: str | Path) -> list[str]:

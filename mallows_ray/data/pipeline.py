@@ -281,7 +281,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         "seconds": round(seconds, 2),
         "rows_per_second": round(sum(rows_in.values()) / seconds, 2),
     }
-    mf.write_manifest(folder, manifest)
+    manifest = mf.write_manifest(folder, manifest)
     print(format_summary(manifest))
     return PreparedData(folder, manifest)
 

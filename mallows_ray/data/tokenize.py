@@ -88,7 +88,8 @@ def tokenize_record(tokenizer, record: dict[str, Any], limits: LengthLimits) -> 
                    f"{limits.max_response_length}, max_length={limits.total})" if len(ids) == room
                    else "(the tokenizer maps both texts to the same tokens)")
             out.update(reject_reason=IDENTICAL_AFTER_TRUNCATION,
-                       reject_detail=f"responses {first} and {i} are the same {len(ids)} tokens {how}: nothing to prefer")
+                       reject_detail=f"responses {first} and {i} are the same {len(ids)} tokens {how}: "
+                       "nothing to prefer")
             break
     return out
 

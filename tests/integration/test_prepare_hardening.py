@@ -13,7 +13,8 @@ from mallows_ray.data.rejects import DataValidationError
 
 GOOD = [{"id": f"g{i}", "prompt": f"Question {i}?", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(4)]
 # differ only after the first 8 tokens (the byte-level tiny tokenizer: one token per byte)
-SAME_START = {"id": "t", "prompt": "Tell me", "chosen": "the same long start, then A", "rejected": "the same long start, then B"}
+SAME_START = {"id": "t", "prompt": "Tell me", "chosen": "the same long start, then A",
+              "rejected": "the same long start, then B"}
 
 
 def _write_jsonl(path, rows):
@@ -43,7 +44,8 @@ def test_gate_on_reuse_and_damaged_cache_rebuilt(ray_local, tmp_path, tiny_model
     with pytest.raises(DataValidationError) as err:
         prepare(_config(tmp_path, tiny_model_dir, train, **{"data.max_bad_fraction": 0.1}))
     assert "2 of 6 rows rejected (33.33%), more than max_bad_fraction=0.1" in str(err.value)
-    assert str(prepared.folder / "rejects.jsonl") in str(err.value) and "identical_after_truncation=1" in str(err.value)
+    assert str(prepared.folder / "rejects.jsonl") in str(err.value)
+    assert "identical_after_truncation=1" in str(err.value)
     assert os.stat(manifest_file).st_mtime_ns == stamp  # refused as it is, not rebuilt
 
     # a truncated split parquet: named, and the entry is rebuilt
@@ -63,7 +65,8 @@ def test_every_row_bad_still_writes_the_rejects_file(ray_local, tmp_path, tiny_m
     with pytest.raises(DataValidationError, match="3 of 3 rows rejected"):
         prepare(_config(tmp_path, tiny_model_dir, train))
     [path] = rejects_files()
-    assert [json.loads(line)["reason"] for line in open(path)] == ["undecodable", "missing_field", "identical_responses"]
+    reasons = [json.loads(line)["reason"] for line in open(path)]
+    assert reasons == ["undecodable", "missing_field", "identical_responses"]
     path.unlink()
     with pytest.raises(ValueError, match=r"no usable rows \(3 of 3 rejected; see .*rejects.jsonl\)"):
         prepare(_config(tmp_path, tiny_model_dir, train, **{"data.max_bad_fraction": 1.0}))

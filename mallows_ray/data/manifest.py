@@ -142,6 +142,6 @@ def scored_folder_signs(path: str | Path) -> list[str]:
         columns = set(pq.read_schema(first).names) if first is not None else set()
     except (pa.ArrowException, OSError):
         columns = set()
-    if columns & _SCORED_COLUMNS:
-        signs.append(f"{first} has the scored columns {', '.join(sorted(columns & _SCORED_COLUMNS))}")
+    if _SCORED_COLUMNS <= columns:  # both: raw data may well carry a prompt_ids column of its own
+        signs.append(f"{first} has the scored columns {', '.join(sorted(_SCORED_COLUMNS))}")
     return signs

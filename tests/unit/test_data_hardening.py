@@ -238,6 +238,10 @@ def test_a_scored_folder_is_not_read_as_raw_data(tmp_path, tiny_model_dir):
     with pytest.raises(mf.CacheError, match=r"it has manifest.json.*train on it as it is"):
         prepare(_config(tiny_model_dir, folder, tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()  # nothing was prepared
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(pa.Table.from_pylist([{**_pair(0), "prompt_ids": [1, 2]}]), raw / "pre_tokenized.parquet")
+    assert mf.scored_folder_signs(raw) == []  # raw data with a prompt_ids column of its own is raw data
 
 
 def test_records_fit_the_arrow_schema_whatever_the_source(tmp_path):

@@ -65,11 +65,7 @@ def ensure_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         # "local" explicitly: a stale ray_current_cluster file would make a bare ray.init() join a dead head
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:  # a local instance listens on loopback only, not on the node's IP
-            ray.init(address="local", _node_ip_address="127.0.0.1")
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
 
 
 def _tokenize_block(table: pa.Table, tokenizer_path: str, limits: LengthLimits) -> pa.Table:

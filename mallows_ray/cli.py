@@ -170,6 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # the stages' own checks: data, settings, run folders, checkpoints
         print(f"mallows-ray {args.command}: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        import ray.train  # loaded already whenever training ran
+
+        if not isinstance(err, ray.train.WorkerGroupError):  # anything else: a bug, keep its traceback
+            raise
+        print(f"mallows-ray {args.command}: training failed, run.max_failures restarts used up; "
+              f"{_worker_failures(err.worker_failures)} (tracebacks: the worker logs above)", file=sys.stderr)
+        return 1
+
+
+def _worker_failures(failures: dict) -> str:
+    """Ray Train's {rank: error} as `rank r: Type: first line` (a worker's error arrives wrapped, with the
+    original as `.cause`), so the reason reaches the terminal rather than a truncated remote traceback."""
+    parts = []
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure
+        text = str(cause).strip().splitlines()
+        parts.append(f"rank {rank}: {type(cause).__name__}: {text[0] if text else ''}")
+    return "; ".join(parts)
 
 
 def _run_stage(args: argparse.Namespace) -> int:

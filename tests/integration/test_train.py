@@ -307,7 +307,8 @@ def test_interrupted_driver_resumes_from_the_checkpoint_just_written(ray_local, 
     resumed = subprocess.run(_train_command(items, address), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"after step {newest} of {STEPS}" in resumed.stdout + resumed.stderr
-    export = Path(json.loads(resumed.stdout.strip().splitlines()[-1])["export"])
+    printed = [line for line in resumed.stdout.splitlines() if line.startswith('{"metrics"')]  # workers log too
+    export = Path(json.loads(printed[-1])["export"])
     assert _max_abs_diff(load_file(export / "model.safetensors"), _weights(reference)) == 0.0
     rank0 = [json.loads(line) for line in open(storage / "interrupted" / "examples" / "rank0.jsonl")]
     resumed_steps = [line["step"] for line in rank0][-(STEPS - newest):]
@@ -349,14 +350,13 @@ class _Payload:
         return (os.mkdir, (self.marker,))
 
 
-def test_a_planted_pickle_in_a_checkpoint_does_not_run(trained, tmp_path):
+def test_a_planted_pickle_in_a_checkpoint_does_not_run(ray_local, trained, scored, tiny_model_dir, tmp_path):
     """Someone who can write the storage folder replaces a DeepSpeed file (and fixes the record's hashes):
-    the resume stops with the file named, and the code in it never runs."""
-    import ray.train
-
+    `mallows-ray train` stops with the file named in its last line, and the code in the file never runs."""
     from mallows_ray.train import checkpoint_files as files
 
-    folder = _copy_final_checkpoint(trained("zero3"), "planted")
+    reference = trained("zero3")
+    folder = _copy_final_checkpoint(reference, "planted")
     target = next(folder.glob("step*/zero_pp_rank_0_*model_states.pt"))
     marker = tmp_path / "code_ran"
     torch.save({"module": {}, "payload": _Payload(str(marker))}, target)
@@ -364,7 +364,12 @@ def test_a_planted_pickle_in_a_checkpoint_does_not_run(trained, tmp_path):
     record["files"] = files.file_digests(str(folder))
     record["files"].pop(files.RECORD)
     files.write_record(str(folder), {k: v for k, v in record.items() if k != "format"})
-    with pytest.raises(ray.train.TrainingFailedError) as err:
-        trained("planted", **{"run.max_failures": 0})
-    assert f"checkpoint file {target} was not loaded" in str(err.value)
+    items = {**BASE, "model.name_or_path": tiny_model_dir, "data.train": scored.folder,
+             "run.storage_path": reference.plan.storage_path, "run.name": "planted", "run.max_failures": 0}
+    out = subprocess.run(_train_command(items, ray_local.get_runtime_context().gcs_address), capture_output=True,
+                         text=True, timeout=900)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert last.startswith("mallows-ray train: training failed") and \
+        f"rank 0: CheckpointError: checkpoint file {target} was not loaded" in last, out.stderr[-3000:]
     assert not marker.exists()

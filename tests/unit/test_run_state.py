@@ -179,3 +179,16 @@ def test_deepspeed_files_load_as_data_only(tmp_path):
     evil.write_bytes(evil.read_bytes()[:50])  # damaged
     with pytest.raises(files.CheckpointError, match=f"checkpoint file {evil} was not loaded"):
         load_weights_only(str(evil))
+
+
+def test_demo_replaces_an_earlier_run_only_when_asked_and_only_a_marked_one(tmp_path):
+    from mallows_ray.demo import start_fresh
+
+    start_fresh(tmp_path / "none", fresh=False)  # nothing there: nothing to do
+    run_dir.claim(_plan(tmp_path, "demo"))
+    (tmp_path / "data").mkdir()
+    with pytest.raises(run_dir.RunFolderError, match="holds an earlier demo run.*add --fresh"):
+        start_fresh(tmp_path / "demo", fresh=False)
+    assert (tmp_path / "demo").is_dir()
+    start_fresh(tmp_path / "demo", fresh=True)
+    assert not (tmp_path / "demo").exists() and (tmp_path / "data").is_dir()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 from typing import Iterator
 
 import numpy as np
@@ -79,7 +80,11 @@ def load_weights_only(path: str, map_location=None):
         with torch.serialization.safe_globals(deepspeed_safe_types()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # UnpicklingError (a disallowed type), RuntimeError (a damaged zip), OSError
-        reason = str(err).strip().splitlines()[-1] if isinstance(err, RuntimeError) else str(err).split("\n\n")[0]
+        text = str(err).strip()
+        # torch's UnpicklingError is a page of advice around the one sentence that names the disallowed type
+        disallowed = re.search(r"[^\n]*GLOBAL [\w.]+[^\n]*?(?=\. Please use|\.?\n|\.?$)", text)
+        reason = (f"{disallowed.group(0).removeprefix('WeightsUnpickler error: ')} (only tensors, plain values "
+                  "and DeepSpeed's data types load)" if disallowed else text.splitlines()[-1] if text else "")
         raise CheckpointError(f"checkpoint file {path} was not loaded: {type(err).__name__}: {reason}") from None
 
 

@@ -83,7 +83,7 @@ def load_weights_only(path: str, map_location=None):
         text = str(err).strip()
         # torch's UnpicklingError is a page of advice around the one sentence that names the disallowed type
         disallowed = re.search(r"[^\n]*GLOBAL [\w.]+[^\n]*?(?=\. Please use|\.?\n|\.?$)", text)
-        reason = (f"{disallowed.group(0).removeprefix('WeightsUnpickler error: ')} (only tensors, plain values "
+        reason = (f"{disallowed.group(0).strip().removeprefix('WeightsUnpickler error: ')} (only tensors, plain values "
                   "and DeepSpeed's data types load)" if disallowed else text.splitlines()[-1] if text else "")
         raise CheckpointError(f"checkpoint file {path} was not loaded: {type(err).__name__}: {reason}") from None
 

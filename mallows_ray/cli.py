@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-rows", type=int, default=16, help="test prompts for the evaluation")
     demo.add_argument("--max-new-tokens", type=int, default=40, help="reply length of the judged generations")
     demo.add_argument("--address", help="Ray address to join (default: $RAY_ADDRESS, else a local instance)")
+    demo.add_argument("--fresh", action="store_true", help="replace an earlier demo run in <out>/<run.name> "
+                      "(that folder only, and only if mallows-ray made it); without it an earlier run stops the demo")
     demo.add_argument("overrides", nargs="*", metavar="section.key=value",
                       help="overrides of the demo config (mallows_ray/resources/demo_config.yaml)")
     evaluate = sub.add_parser(
@@ -160,29 +162,52 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"mallows-ray generate: {err}", file=sys.stderr)
             return 2
+    try:
+        return _run_stage(args)
+    except ConfigError as err:
+        print(f"mallows-ray {args.command}: configuration error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # the stages' own checks: data, settings, run folders, checkpoints
+        print(f"mallows-ray {args.command}: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        import ray.train  # loaded already whenever training ran
+
+        if not isinstance(err, ray.train.WorkerGroupError):  # anything else: a bug, keep its traceback
+            raise
+        print(f"mallows-ray {args.command}: training failed, run.max_failures restarts used up; "
+              f"{_worker_failures(err.worker_failures)} (tracebacks: the worker logs above)", file=sys.stderr)
+        return 1
+
+
+def _worker_failures(failures: dict) -> str:
+    """Ray Train's {rank: error} as `rank r: Type: first line` (a worker's error arrives wrapped, with the
+    original as `.cause`), so the reason reaches the terminal rather than a truncated remote traceback."""
+    parts = []
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure
+        text = str(cause).strip().splitlines()
+        parts.append(f"rank {rank}: {type(cause).__name__}: {text[0] if text else ''}")
+    return "; ".join(parts)
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    """prepare, train, eval or demo; their errors of configuration, data and run state are ValueErrors."""
     overrides = list(args.overrides)
     if args.command == "demo":
         from mallows_ray.demo import run_demo
 
         paths = run_demo(overrides, out_dir=args.out, address=args.address, train_rows=args.train_rows,
-                         test_rows=args.test_rows, max_new_tokens=args.max_new_tokens)
+                         test_rows=args.test_rows, max_new_tokens=args.max_new_tokens, fresh=args.fresh)
         print(json.dumps({name: str(path) for name, path in paths.items()}))
         return 0
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"mallows-ray {args.command}: configuration error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, overrides)
     if args.command == "eval":
         from mallows_ray.train.conditioning import read_conditioning
         from mallows_ray.train.evaluation import evaluate_export
 
         objectives = (read_conditioning(args.model) or {}).get("objectives", [])
-        try:
-            lambdas = _parse_lambdas(args.lambdas, objectives, args.normalize)
-        except ValueError as err:
-            print(f"mallows-ray eval: {err}", file=sys.stderr)
-            return 2
+        lambdas = _parse_lambdas(args.lambdas, objectives, args.normalize)
         metrics = evaluate_export(config, args.model, split=args.split, lambdas=lambdas or None, address=args.address)
         print(json.dumps(metrics, indent=2))
         return 0

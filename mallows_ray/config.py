@@ -11,6 +11,7 @@ Workers receive the config as a plain dict (`to_dict`) in `train_loop_config` an
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -33,16 +34,40 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key and the valid choices."""
 
 
-def bounded(default: Any, low: float | None = None, high: float | None = None) -> Any:
-    """A numeric field whose value `from_dict` checks against [low, high] (None: unbounded)."""
-    return field(default=default, metadata={"range": (low, high)})
+def bounded(default: Any, low: float | None = None, high: float | None = None, *,
+            open_low: bool = False, open_high: bool = False) -> Any:
+    """A numeric field whose value `from_dict` checks against [low, high] (None: unbounded; `open_low` /
+    `open_high`: that end excluded, e.g. (0, inf) for a scale). None values (an unset optional) pass."""
+    return field(default=default, metadata={"range": (low, high, open_low, open_high)})
+
+
+def _interval(low: float | None, high: float | None, open_low: bool, open_high: bool) -> str:
+    return (f"{'(' if open_low or low is None else '['}{'-inf' if low is None else low}, "
+            f"{'inf' if high is None else high}{')' if open_high or high is None else ']'}")
+
+
+def _in_range(value: float, low: float | None, high: float | None, open_low: bool, open_high: bool) -> bool:
+    above = low is None or (value > low if open_low else value >= low)
+    below = high is None or (value < high if open_high else value <= high)
+    return above and below
+
+
+# a plain single folder name: run folders are created, resumed and (by the demo, on request) deleted by name,
+# so '', '.', '..', separators or surrounding spaces would point at a parent, a sibling or a surprise
+_RUN_NAME = re.compile(r"[^/\\\x00]+")
+
+
+def check_run_name(name: str, where: str) -> None:
+    if name != name.strip() or name in ("", ".", "..") or not _RUN_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: {name!r} is not a plain folder name; give one name without '/' or '\\', "
+                          "surrounding spaces, and not '', '.' or '..' (e.g. run.name=my-run)")
 
 
 @dataclass
 class LoraConfig:
     rank: int = bounded(16, 1)
-    alpha: float = 32.0
-    dropout: float = bounded(0.0, 0.0, 1.0)
+    alpha: float = bounded(32.0, 0.0, open_low=True)
+    dropout: float = bounded(0.0, 0.0, 1.0, open_high=True)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -80,12 +105,13 @@ class DataConfig:
     ] = "auto"
     split: str | None = None
     objectives: list[str] | None = None  # listwise objective order; default: sorted names
-    score_fill: Union[None, Literal["min", "mean"], float] = None
+    score_fill: Union[None, Literal["min", "mean"], float] = None  # a float must be finite
     max_prompt_length: int = bounded(512, 1)
     max_response_length: int = bounded(512, 1)
     max_length: int | None = None  # prompt + response; default: the sum of the two limits above
     max_bad_fraction: float = bounded(0.0, 0.0, 1.0)
-    dispersion_scale: Union[Literal["auto"], float] = "auto"  # c of ALGORITHMS 2.3
+    dispersion_scale: Union[Literal["auto"], float] = bounded("auto", 0.0, open_low=True)  # c of ALGORITHMS 2.3;
+    # > 0: s(x) = c / Hbar(x) multiplies every reward, and c <= 0 would erase or reverse every preference
     cache_dir: str = str(CACHE_ROOT / "scored")
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
@@ -143,13 +169,20 @@ class LambdaConfig:
 @dataclass
 class OptimConfig:
     lr: float = bounded(5e-6, 0.0)
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = bounded(0.0, 0.0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (beta1, beta2), each in [0, 1)
     schedule: Literal["constant", "linear", "cosine"] = "linear"  # decay to 0 over the run, after warmup
     warmup_steps: int = bounded(0, 0)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = bounded(1.0, 0.0)  # 0: no clipping (DeepSpeed's gradient_clipping)
     epochs: int = bounded(1, 1)
-    max_steps: int | None = None  # optimizer steps; None: `epochs` passes over the data
+    max_steps: int | None = bounded(None, 1)  # optimizer steps; None: `epochs` passes over the data
+
+    def check(self, where: str) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{where}.betas: {self.betas!r}; expected two numbers in [0, 1) (Adam's beta1, beta2)")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ConfigError(f"{where}.warmup_steps: {self.warmup_steps} is not below {where}.max_steps="
+                              f"{self.max_steps}; the learning rate would never leave its warmup")
 
 
 @dataclass
@@ -182,12 +215,18 @@ class RunConfig:
     storage_path: str = "~/mallows_ray_runs"  # S3/GCS/NFS path on a multi-node cluster
     checkpoint_every: int = bounded(0, 0)  # optimizer steps; 0: only at the end
     keep_checkpoints: int = bounded(2, 1)
-    max_failures: int = bounded(0, -1)  # restarts from the last checkpoint; -1: retry forever (Ray convention)
+    # restarts after a worker or node failure, each from the newest complete checkpoint; -1: retry forever
+    # (Ray's convention). 3: a lost worker (preemption, OOM kill) costs a restart, not the run, while an error
+    # that repeats (a bug, bad data) still ends the run after 4 attempts (README "What a failure costs")
+    max_failures: int = bounded(3, -1)
     eval_every: int = bounded(0, 0)  # optimizer steps; 0: only at the end
     eval_at_start: bool = False  # also evaluate the untrained policy (logged as step 0) before the first step
     log_every: int = bounded(1, 1)
-    seed: int = 0
-    fail_at_step: int | None = None  # test-only: rank 0 raises once after this step (fault-tolerance tests)
+    seed: int = bounded(0, 0, 2**31 - 1)  # numpy takes seeds in [0, 2**32); the ranks use seed + 1 + rank
+    fail_at_step: int | None = bounded(None, 1)  # test-only: rank 0 raises once after this step (fault-tolerance tests)
+
+    def check(self, where: str) -> None:
+        check_run_name(self.name, f"{where}.name")
 
 
 @dataclass
@@ -227,6 +266,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         errors = []
         for option in typing.get_args(tp):
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):  # a section: its own error is clearer
+                return _coerce(value, option, where)
             try:
                 return _coerce(value, option, where)
             except ConfigError:
@@ -256,6 +297,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # YAML reads .nan and .inf: a NaN learning rate trains NaN, silently
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -278,14 +321,11 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     for f in dataclasses.fields(cls):
-        low, high = f.metadata.get("range", (None, None))
-        value = kwargs.get(f.name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            (low is not None and value < low) or (high is not None and value > high)
-        ):
+        bounds = f.metadata.get("range")
+        value = kwargs.get(f.name, f.default)
+        if bounds and isinstance(value, (int, float)) and not isinstance(value, bool) and not _in_range(value, *bounds):
             key = f"{where}.{f.name}" if where else f.name
-            raise ConfigError(f"{key}: {value!r} is out of range; expected a value in "
-                              f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]")
+            raise ConfigError(f"{key}: {value!r} is out of range; expected a value in {_interval(*bounds)}")
     obj = cls(**kwargs)
     if hasattr(obj, "check"):  # a section's checks across its own fields
         obj.check(where or cls.__name__)
@@ -335,20 +375,45 @@ def set_key(data: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply one `dotted.key=value` override in place; the value is parsed as YAML (`0.2`, `true`, `[a, b]`)."""
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not of the form section.key=value")
-    set_key(data, key.strip(), load_yaml(raw))
+    try:
+        value = load_yaml(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(err)}); "
+                          "quote a whole mapping or list, e.g. \"model.lora={rank: 8, alpha: 16}\"") from None
+    set_key(data, key.strip(), value)
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """A YAML config file's values; a missing, unreadable or malformed file is a `ConfigError` naming it."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate, return a `Config`."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        data = load_yaml(text) or {}
+        data = read_yaml_file(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     for override in overrides:

@@ -11,15 +11,15 @@
               model's; lambda control: the judges' mean scores of replies generated under each vertex lambda
     report    <out>/report: metrics.json, summary.md, PNG plots, and the exported model under <out>/run
 
-A second run reuses the converted model and the scoring cache, and trains afresh (the previous run folder
-under <out> is replaced, so the report always shows a whole training run).
+A second run reuses the converted model and the scoring cache. The report shows one whole training run, so
+an earlier run folder <out>/<run.name> stops the demo with a message; --fresh replaces it (deleting that one
+folder, and only if mallows-ray made it), or give another --out or run.name.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,8 +79,23 @@ def _phase(timings: dict[str, float], name: str, headline: str) -> Iterator[None
     print(f"[demo] {name} took {timings[name]:.0f} s", flush=True)
 
 
+def start_fresh(run_folder: Path, fresh: bool) -> None:
+    """The demo trains from step 0: an earlier run folder is deleted with `fresh` (if mallows-ray made it,
+    `run_dir.delete`), else the demo stops and says how to go on."""
+    from mallows_ray.train import run_dir
+
+    if not (run_folder.exists() or run_folder.is_symlink()):
+        return
+    if not fresh:
+        raise run_dir.RunFolderError(
+            f"{run_folder} holds an earlier demo run, and the demo reports one whole run: add --fresh to replace "
+            "it (only that folder is deleted), or give another --out or run.name=NAME")
+    run_dir.delete(run_folder)
+    print(f"[demo] --fresh: deleted the earlier run {run_folder}", flush=True)
+
+
 def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 128,
-             test_rows: int = 16, max_new_tokens: int = 40) -> dict[str, Path]:
+             test_rows: int = 16, max_new_tokens: int = 40, fresh: bool = False) -> dict[str, Path]:
     from mallows_ray.generate import generate, load_export
     from mallows_ray.lambdas import format_lambda
     from mallows_ray.report import write_report
@@ -92,7 +107,7 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
     config = demo_config(out_dir, overrides, {"train": train_rows, "test": test_rows})
     timings: dict[str, float] = {}
 
-    shutil.rmtree(Path(config.run.storage_path) / config.run.name, ignore_errors=True)  # else it would resume
+    start_fresh(Path(config.run.storage_path).expanduser() / config.run.name, fresh)  # else it would resume
     with _phase(timings, "prepare_and_train", f"1-3/4 prepare + train ({train_rows} prompts x 4 replies, "
                 f"{config.optim.max_steps} steps), evaluated on {test_rows} test prompts before, during and after"):
         result = run_training(config, address=address)

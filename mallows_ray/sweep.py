@@ -51,7 +51,9 @@ from typing import Any, Iterator, Literal
 
 import yaml
 
-from mallows_ray.config import Config, ConfigError, apply_override, bounded, from_dict, load_yaml, set_key, to_dict
+from mallows_ray.config import (
+    Config, ConfigError, apply_override, bounded, from_dict, load_yaml, read_yaml_file, set_key, to_dict,
+)
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # keys whose value changes the scored data (pipeline cache key): swept only over listed values, each prepared once
@@ -207,7 +209,7 @@ def load_sweep_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     """Read a sweep YAML, apply `section.key=value` overrides (`sweep.num_samples=8` or `loss.beta=0.2`), and
     validate the sweep section, the base training config, and every swept key and value against the training
     config: an unknown key or a bad value raises `ConfigError` naming it."""
-    data = load_yaml(Path(path).read_text()) or {}
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     for override in overrides:

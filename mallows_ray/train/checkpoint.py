@@ -1,36 +1,32 @@
-"""Checkpoints through Ray Train: DeepSpeed's per-rank files, RNG states and the data position.
+"""Checkpoints through Ray Train: DeepSpeed's per-rank files, RNG states, the data position, a completion record.
 
 Saving: every rank writes its own shards into a private temp folder (`engine.save_checkpoint`, no gather to
-one rank) plus its RNG states, and reports the folder with the same `checkpoint_dir_name`; Ray copies all
-ranks' files into one `<run_dir>/ckpt_stepNNNNNN/` folder (DeepSpeed's file names carry the rank, so they
-never collide). The LR scheduler is saved by the engine, which owns it. The data position is the number of
-optimizer steps taken: with the deterministic global-batch order of `batches.py` that pins down the epoch
-and the batch within it (`TrainPlan.position`).
+one rank), its RNG states (safetensors) and the sizes and SHA-256 of its files, and reports the folder with
+the same `checkpoint_dir_name`; Ray copies all ranks' files into one `<run_dir>/ckpt_stepNNNNNN/` folder
+(DeepSpeed's file names carry the rank, so they never collide) before `report` returns. Rank 0 then gathers
+the ranks' file lists and writes the completion record (`checkpoint_files.py`). The LR scheduler is saved by
+the engine, which owns it. The data position is the number of optimizer steps taken: with the deterministic
+global-batch order of `batches.py` that pins down the epoch and the batch within it (`TrainPlan.position`).
 
-Restoring: `ray.train.get_checkpoint()` is the latest committed checkpoint, both after a worker failure
-(`FailureConfig` restart) and when a new driver runs the same `run.name` and `run.storage_path` again.
+Restoring: the newest complete checkpoint in the run folder, both after a worker failure (`FailureConfig`
+restart) and when a new driver runs the same `run.name` and `run.storage_path` again; the driver checks it
+first (`check_resume`). DeepSpeed loads only that folder, with `torch.load(weights_only=True)` (`safe_state.py`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import random
 import tempfile
 
-import numpy as np
+import pyarrow.fs as pafs
 import ray.train
 import torch
 
+from mallows_ray.train import checkpoint_files as files
 from mallows_ray.train.plan import TrainPlan
+from mallows_ray.train.safe_state import load_rng, rng_file, save_rng, weights_only_loading
 
 log = logging.getLogger(__name__)
-
-LATEST = "latest"  # DeepSpeed's file naming the last tag in a checkpoint folder
-
-
-def _rng_file(folder: str, rank: int) -> str:
-    return os.path.join(folder, f"rng_rank{rank}.pt")
 
 
 def report(metrics: dict, engine, plan: TrainPlan, step: int, *, save: bool, state: dict | None = None) -> None:
@@ -42,49 +38,66 @@ def report(metrics: dict, engine, plan: TrainPlan, step: int, *, save: bool, sta
     if not save:
         ray.train.report(metrics)
         return
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     folder = tempfile.mkdtemp(prefix=f"mallows_ckpt_r{rank}_")  # per rank: the save would clash in a shared one
-    client_state = {"step": step, "world_size": ray.train.get_context().get_world_size(),
-                    "global_batch_size": plan.global_batch_size, "steps_per_epoch": plan.steps_per_epoch,
-                    "state": state or {}}
-    engine.save_checkpoint(folder, tag=f"step{step}", client_state=client_state)
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, _rng_file(folder, rank))
+    tag = f"step{step}"
+    engine.save_checkpoint(folder, tag=tag)
+    save_rng(rng_file(folder, rank))
+    digests = files.file_digests(folder)  # before the upload: what this rank wrote, as it wrote it
+    name = files.folder_name(step)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                     checkpoint_dir_name=f"ckpt_step{step:06d}", delete_local_checkpoint_after_upload=True)
+                     checkpoint_dir_name=name, delete_local_checkpoint_after_upload=True)
+    # every rank's files are on storage once every rank is past its report (the upload is synchronous)
+    gathered = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(digests, gathered, dst=0)
+    if rank == 0:
+        record = {"step": step, "tag": tag, "world_size": world, "global_batch_size": plan.global_batch_size,
+                  "steps_per_epoch": plan.steps_per_epoch, "state": state or {},
+                  "files": {path: value for rank_files in gathered for path, value in rank_files.items()}}
+        files.write_record(f"{plan.run_dir}/{name}", record)
+
+
+def check_resume(plan: TrainPlan, world_size: int) -> dict | None:
+    """Driver, before any worker starts: the record of the checkpoint the run will resume from (None: a fresh
+    start), after checking it against this run and hashing its files. Raises `CheckpointError`."""
+    files.check_ray_snapshot(plan.run_dir)
+    found = files.latest_complete(plan.run_dir)
+    if found is None:
+        return None
+    folder, record = found
+    files.check_compatible(record, folder, world_size=world_size, global_batch_size=plan.global_batch_size,
+                           steps_per_epoch=plan.steps_per_epoch)
+    files.check_files(folder, record, hashes=True)
+    return record
 
 
 def restore(engine, plan: TrainPlan) -> tuple[int, dict]:
-    """Load the latest checkpoint into `engine` and this rank's RNGs; (steps already taken, the extra state
-    given to `report`)."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    """Load the newest complete checkpoint into `engine` and this rank's RNGs; (steps already taken, the extra
+    state given to `report`)."""
+    found = files.latest_complete(plan.run_dir)
+    if found is None:
         return 0, {}
+    folder, record = found
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    with checkpoint.as_directory() as folder:  # on local storage: the run's folder itself, read only
-        with open(os.path.join(folder, LATEST)) as fh:
-            tag = fh.read().strip()
-        load_path, client = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+    # before DeepSpeed reads anything: its errors on a mismatch do not say what is wrong
+    files.check_compatible(record, folder, world_size=world, global_batch_size=plan.global_batch_size,
+                           steps_per_epoch=plan.steps_per_epoch)
+    files.check_files(folder, record, hashes=False)  # sizes only: the driver hashed them before launching
+    fs, path = pafs.FileSystem.from_uri(folder)
+    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as local:  # local storage: the folder itself
+        try:
+            with weights_only_loading(engine):
+                load_path, _ = engine.load_checkpoint(local, tag=record["tag"], load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        except files.CheckpointError:
+            raise
+        except Exception as err:
+            raise files.CheckpointError(f"DeepSpeed could not load checkpoint {folder}: {type(err).__name__}: "
+                                        f"{err}") from err
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint.path} (tag {tag})")
-        # each rank reads the shard files of its own rank: the layout is tied to the world size
-        if client["world_size"] != world:
-            raise RuntimeError(f"checkpoint {checkpoint.path} was written by {client['world_size']} workers; "
-                               f"resume it with scaling.num_workers={client['world_size']} (now {world})")
-        # the data position counts global batches: it means the same rows only if these did not change
-        for key in ("global_batch_size", "steps_per_epoch"):
-            if client[key] != getattr(plan, key):
-                raise RuntimeError(f"checkpoint {checkpoint.path} has {key}={client[key]}, this run "
-                                   f"{getattr(plan, key)}: the batch settings or the data changed")
-        rng = torch.load(_rng_file(folder, rank), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    log.info(f"[train] rank {rank}: resumed from {checkpoint.path} after step {client['step']}")
-    return int(client["step"]), client.get("state", {})
+            raise files.CheckpointError(f"DeepSpeed could not load checkpoint {folder} (tag {record['tag']})")
+        load_rng(rng_file(local, rank))
+    log.info(f"[train] rank {rank}: resumed from {folder} after step {record['step']}")
+    return int(record["step"]), record.get("state", {})

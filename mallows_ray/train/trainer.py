@@ -73,6 +73,10 @@ def make_plan(config: Config, prepared: PreparedData) -> TrainPlan:
     if mf.tokenizer_fingerprint(model_path) != manifest["tokenizer"]:
         raise ValueError(f"the scored data {prepared.folder} was tokenized with {manifest['tokenizer_path']}, "
                          f"whose tokenizer differs from that of model {config.model.name_or_path}")
+    total_steps = config.optim.max_steps or config.optim.epochs * steps_per_epoch
+    if config.optim.warmup_steps >= total_steps:
+        raise ValueError(f"optim.warmup_steps={config.optim.warmup_steps} is not below the run's {total_steps} "
+                         "optimizer steps: the learning rate would never leave its warmup")
     storage = config.run.storage_path
     if "://" not in storage:  # Ray needs an absolute local path or a URI
         storage = os.path.abspath(os.path.expanduser(storage))
@@ -86,7 +90,7 @@ def make_plan(config: Config, prepared: PreparedData) -> TrainPlan:
         train_rows=rows,
         global_batch_size=global_batch,
         steps_per_epoch=steps_per_epoch,
-        total_steps=config.optim.max_steps or config.optim.epochs * steps_per_epoch,
+        total_steps=total_steps,
         storage_path=storage,
         run_name=config.run.name,
         export_dir=export_dir,
@@ -147,11 +151,19 @@ def run_training(config: Config, *, address: str | None = None) -> TrainResult:
     """Prepare (or reuse) the scored data, train with DeepSpeed on Ray Train workers, export.
 
     Joins `address` / $RAY_ADDRESS, else starts a local Ray instance. Running again with the same
-    `run.name` and `run.storage_path` resumes from that run's latest checkpoint.
+    `run.name` and `run.storage_path` resumes from that run's newest complete checkpoint, after checking it
+    against this run's settings here, before any worker starts (`checkpoint.check_resume`).
     """
+    from mallows_ray.train import checkpoint, run_dir
+
     ensure_ray(address)
     prepared = scored_data(config, address)
     plan = make_plan(config, prepared)
+    run_dir.claim(plan)
+    record = checkpoint.check_resume(plan, config.scaling.num_workers)
+    if record is not None:
+        print(f"[train] resuming {plan.run_dir} from its newest complete checkpoint, after step {record['step']} "
+              f"of {plan.total_steps}", flush=True)
     result = build_trainer(config, plan, load_datasets(prepared, plan)).fit()  # raises TrainingFailedError
     history = result.return_value or []                                       # once max_failures are used up
     return TrainResult(

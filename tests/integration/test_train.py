@@ -8,8 +8,17 @@ through the HF export of each run.
 
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -194,3 +203,174 @@ def test_worker_failure_restarts_from_last_checkpoint(trained):
     assert rank0[4]["ids"] == rank0[5]["ids"]  # step 5 redone on the same examples
     assert _steps_from_example_logs(result, 2) == _steps_from_example_logs(trained("zero3"), 2)
 
+
+
+# ---- hardening: every failure resumes from the newest complete checkpoint on disk, or stops with a clear message
+
+
+def _newest_complete(run_dir):
+    from mallows_ray.train.checkpoint_files import complete_checkpoints
+
+    found = complete_checkpoints(str(run_dir))
+    return found[-1][0] if found else 0
+
+
+def _record(run_dir, step):
+    from mallows_ray.train.checkpoint_files import RECORD, folder_name
+
+    return Path(run_dir) / folder_name(step) / RECORD
+
+
+@contextmanager
+def _in_thread(action):
+    """Run `action(done)` in a thread for the block's duration; `done` is set when the block is left."""
+    done = threading.Event()
+    thread = threading.Thread(target=action, args=(done,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _train_workers():
+    """This session's Ray Train worker processes: ray_local started Ray in this process, so they descend from it."""
+    workers = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                workers.append(proc)
+        except psutil.Error:
+            continue
+    return workers
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_newest_checkpoint_with_default_settings(trained):
+    """kill -9 of one of the two training workers just after the step-8 checkpoint is complete, default
+    run.max_failures: the worker group restarts from that checkpoint and the run ends exactly as if never hit."""
+    reference = trained("zero3")
+    run_dir = Path(reference.plan.storage_path) / "killed"
+    killed = {}
+
+    def kill_after_step_8(done):
+        while not done.is_set() and not _record(run_dir, 8).exists():
+            time.sleep(0.05)
+        workers = _train_workers()
+        if done.is_set() or len(workers) != 2:
+            killed["workers_seen"] = len(workers)
+            return
+        workers[1].send_signal(signal.SIGKILL)
+        killed.update(pid=workers[1].pid, newest=_newest_complete(run_dir))
+
+    with _in_thread(kill_after_step_8):
+        result = trained("killed")
+    assert "pid" in killed, killed
+    assert killed["newest"] >= 8 and result.history[0]["step"] == killed["newest"] + 1  # not step 1
+    assert _max_abs_diff(_weights(result), _weights(reference)) == 0.0
+    assert _steps_from_example_logs(result, 2) == _steps_from_example_logs(reference, 2)
+
+
+def _train_command(items, address):
+    return [sys.executable, "-m", "mallows_ray.cli", "train", "--address", address,
+            *[f"{key}={value}" for key, value in items.items()]]
+
+
+@pytest.mark.slow
+def test_interrupted_driver_resumes_from_the_checkpoint_just_written(ray_local, trained, scored, tiny_model_dir):
+    """SIGINT (Ctrl+C) to a `mallows-ray train` driver 1 s after the step-8 checkpoint is complete; running the
+    same command again resumes after step 8 (not from step 1, whatever Ray's own snapshot lists) and ends with
+    the uninterrupted run's weights."""
+    reference = trained("zero3")
+    storage = Path(reference.plan.storage_path)
+    items = {**BASE, "model.name_or_path": tiny_model_dir, "data.train": scored.folder, "run.storage_path": storage,
+             "run.name": "interrupted"}
+    address = ray_local.get_runtime_context().gcs_address  # the session's Ray: one instance on the machine
+    driver = subprocess.Popen(_train_command(items, address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        deadline = time.time() + 600
+        while not _record(storage / "interrupted", 8).exists() and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert driver.poll() is None, driver.communicate()[0][-3000:]
+        driver.send_signal(signal.SIGINT)
+        output, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode != 0, output[-3000:]
+    newest = _newest_complete(storage / "interrupted")
+    assert 8 <= newest < STEPS
+    resumed = subprocess.run(_train_command(items, address), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"after step {newest} of {STEPS}" in resumed.stdout + resumed.stderr
+    printed = [line for line in resumed.stdout.splitlines() if line.startswith('{"metrics"')]  # workers log too
+    export = Path(json.loads(printed[-1])["export"])
+    assert _max_abs_diff(load_file(export / "model.safetensors"), _weights(reference)) == 0.0
+    rank0 = [json.loads(line) for line in open(storage / "interrupted" / "examples" / "rank0.jsonl")]
+    resumed_steps = [line["step"] for line in rank0][-(STEPS - newest):]
+    assert resumed_steps == list(range(newest + 1, STEPS + 1))  # the second driver's steps
+
+
+def _copy_final_checkpoint(result, name):
+    """A new run folder holding a copy of `result`'s final checkpoint (and the run marker)."""
+    from mallows_ray.train.run_dir import MARKER
+
+    source, target = Path(result.run_dir), Path(result.run_dir).parent / name
+    target.mkdir()
+    shutil.copy(source / MARKER, target / MARKER)
+    shutil.copytree(source / f"ckpt_step{STEPS:06d}", target / f"ckpt_step{STEPS:06d}")
+    return target / f"ckpt_step{STEPS:06d}"
+
+
+def test_resume_with_other_worker_count_or_damaged_file_stops_on_the_driver(trained):
+    """Checked before any worker starts, so the message is the error itself, not a worker log."""
+    from mallows_ray.train.checkpoint_files import CheckpointError
+
+    reference = trained("zero3")
+    with pytest.raises(CheckpointError, match=r"was written by 2 workers; resume it with scaling.num_workers=2 \(now 1\)"):
+        trained("one_worker", **{"run.name": "zero3", "scaling.num_workers": 1, "batch.gradient_accumulation": 2})
+    folder = _copy_final_checkpoint(reference, "damaged")
+    shard = next(folder.glob("step*/zero_pp_rank_1_*optim_states.pt"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"checkpoint {folder} is damaged: {shard} differs from what was written"):
+        trained("damaged")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_planted_pickle_in_a_checkpoint_does_not_run(ray_local, trained, scored, tiny_model_dir, tmp_path):
+    """Someone who can write the storage folder replaces a DeepSpeed file (and fixes the record's hashes):
+    `mallows-ray train` stops with the file named in its last line, and the code in the file never runs."""
+    from mallows_ray.train import checkpoint_files as files
+
+    reference = trained("zero3")
+    folder = _copy_final_checkpoint(reference, "planted")
+    target = next(folder.glob("step*/zero_pp_rank_0_*model_states.pt"))
+    marker = tmp_path / "code_ran"
+    torch.save({"module": {}, "payload": _Payload(str(marker))}, target)
+    record = json.loads((folder / files.RECORD).read_text())
+    record["files"] = files.file_digests(str(folder))
+    record["files"].pop(files.RECORD)
+    files.write_record(str(folder), {k: v for k, v in record.items() if k != "format"})
+    items = {**BASE, "model.name_or_path": tiny_model_dir, "data.train": scored.folder,
+             "run.storage_path": reference.plan.storage_path, "run.name": "planted", "run.max_failures": 0}
+    out = subprocess.run(_train_command(items, ray_local.get_runtime_context().gcs_address), capture_output=True,
+                         text=True, timeout=900)
+    ours = [line for line in out.stderr.splitlines() if line.startswith("mallows-ray train:")]  # workers log too
+    assert out.returncode == 1 and len(ours) == 1, out.stderr[-3000:]
+    assert ours[0].startswith("mallows-ray train: training failed") and \
+        f"rank 0: CheckpointError: checkpoint file {target} was not loaded: UnpicklingError: " \
+        in ours[0] and "GLOBAL posix.mkdir" in ours[0], ours[0]
+    assert not marker.exists()

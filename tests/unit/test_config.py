@@ -56,3 +56,71 @@ def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path):
     assert load_config(None, ["optim.lr=+3e+2", "run.name=1e5x"]).run.name == "1e5x"
     with pytest.raises(ConfigError, match="optim.lr: expected float, got '5e-x'"):
         load_config(None, ["optim.lr=5e-x"])
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lr=.nan", "optim.lr: nan is not a finite number"),
+        ("optim.lr=.inf", "optim.lr: inf is not a finite number"),
+        ("optim.lr=-1e-5", "optim.lr: -1e-05 is out of range; expected a value in [0.0, inf)"),
+        ("data.dispersion_scale=0", "data.dispersion_scale: 0.0 is out of range; expected a value in (0.0, inf)"),
+        ("data.dispersion_scale=-0.5", "data.dispersion_scale: -0.5 is out of range"),
+        ("optim.max_steps=0", "optim.max_steps: 0 is out of range; expected a value in [1, inf)"),
+        ("optim.max_steps=-2", "optim.max_steps: -2 is out of range"),
+        ("optim.max_grad_norm=-1", "optim.max_grad_norm: -1.0 is out of range"),
+        ("optim.max_grad_norm=.inf", "optim.max_grad_norm: inf is not a finite number"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay: -0.1 is out of range"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps: -1 is out of range"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas: [0.9, 1.0]; expected two numbers in [0, 1)"),
+        ("optim.betas=[0.9]", "optim.betas: [0.9]; expected two numbers"),
+        ("optim.epochs=0", "optim.epochs: 0 is out of range"),
+        ("run.seed=-1", "run.seed: -1 is out of range"),
+        ("run.fail_at_step=0", "run.fail_at_step: 0 is out of range"),
+        ("run.max_failures=-2", "run.max_failures: -2 is out of range"),
+        ("data.score_fill=.nan", "data.score_fill"),
+        ("model.lora={rank: 4, dropout: 1.0}", "model.lora.dropout: 1.0 is out of range; expected a value in [0.0, 1.0)"),
+        ("model.lora={rank: 4, alpha: 0}", "model.lora.alpha: 0.0 is out of range; expected a value in (0.0, inf)"),
+    ],
+)
+def test_numeric_settings_outside_their_meaningful_range_are_rejected(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_warmup_must_end_before_max_steps():
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps: 8 is not below optim.max_steps=8"):
+        load_config(None, ["optim.max_steps=8", "optim.warmup_steps=8"])
+    assert load_config(None, ["optim.max_steps=8", "optim.warmup_steps=7"]).optim.max_steps == 8
+
+
+def test_valid_edges_and_unset_optionals_pass():
+    config = load_config(None, ["optim.lr=0", "data.dispersion_scale=1e-3", "optim.max_steps=1", "optim.max_grad_norm=0",
+                                "data.dispersion_scale=auto", "optim.max_steps=null"])
+    assert config.optim.lr == 0.0 and config.optim.max_steps is None and config.data.dispersion_scale == "auto"
+    assert config.run.max_failures == 3  # a lost worker restarts by default
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "/abs", "a\\b", " x", "x "])
+def test_run_name_is_one_plain_folder_name(name):
+    with pytest.raises(ConfigError, match="run.name: .* is not a plain folder name"):
+        from_dict(Config, {"run": {"name": name}})
+
+
+def test_run_name_accepts_ordinary_names():
+    for name in ("demo", "run-1", "x.y", "beta_0.1"):
+        assert from_dict(Config, {"run": {"name": name}}).run.name == name
+
+
+def test_missing_or_malformed_config_file_and_bad_yaml_override_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path / 'nope.yaml'} does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [1e-5\nrun:\n  name: x\n")
+    with pytest.raises(ConfigError, match=rf"config file {bad} is not valid YAML: .* at line \d+, column \d+"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"override 'model.lora=\{rank: 8': the value is not valid YAML"):
+        load_config(None, ["model.lora={rank: 8"])
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path)  # a folder

@@ -68,3 +68,19 @@ def test_cluster_configs_keep_token_auth_and_a_loopback_job_server():
         env = {e["name"]: e for e in container["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]  # from a Secret, never inline
+
+
+def test_kuberay_ray_pods_admit_only_their_cluster_namespace_and_operator():
+    """The head's job server listens on the pod IP in Kubernetes: a NetworkPolicy selects every pod of the Ray
+    cluster and admits its own pods, this namespace's pods and the KubeRay operator, on the service ports."""
+    docs = [doc for doc in yaml.safe_load_all((REPO / "cluster" / "kuberay" / "raycluster.yaml").read_text()) if doc]
+    cluster = next(doc for doc in docs if doc["kind"] == "RayCluster")
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    policy = next(doc for doc in docs if doc["kind"] == "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    assert policy["policyTypes"] == ["Ingress"]
+    own, outside = policy["ingress"]
+    assert own["from"] == [{"podSelector": {"matchLabels": {"ray.io/cluster": cluster["metadata"]["name"]}}}]
+    assert {p["port"] for p in outside["ports"]} == {6379, 8265, 10001}
+    assert {"podSelector": {}} in outside["from"]  # this namespace only: no bare namespaceSelector {}
+    assert all("podSelector" in rule for rule in outside["from"])  # a namespaceSelector alone would admit namespaces

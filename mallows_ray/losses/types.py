@@ -36,3 +36,4 @@ class LossOutput:
     accuracy: Tensor          # [B] detached 0/1 (pairwise: chosen reward > rejected; listwise: top-1 agreement)
     pair_accuracy: Tensor | None = None  # [B] listwise only: share of target-ordered response pairs the rewards
                                          # order the same way (`listwise.pair_agreement`)
+    terms: dict[str, Tensor] | None = None  # composite losses: {term label: [B] detached unweighted term loss}

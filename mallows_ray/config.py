@@ -147,6 +147,13 @@ class LossConfig:
             return loss_composite.terms_use_dispersion(self.terms)
         return loss_registry.uses_dispersion(self.name, self.params)
 
+    @property
+    def uses_wpo(self) -> bool:
+        """Whether a term weights its loss by WPO, so the policy forward must return a(y)."""
+        if self.terms is not None:
+            return loss_composite.terms_use_wpo(self.terms)
+        return loss_registry.uses_wpo(self.name, self.params)
+
     def build(self):
         """The loss function of this config; training and evaluation both build it here."""
         if self.terms is not None:

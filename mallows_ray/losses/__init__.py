@@ -8,7 +8,7 @@ from mallows_ray.losses.mallows import kendall_link, mallows_ipo, mallows_phi, m
 from mallows_ray.losses.pairwise import cdpo, dpo, ipo, plug_in_dispersion, robust, simpo
 from mallows_ray.losses.registry import (
     LISTWISE_LOSSES, LOSSES, PAIRWISE_LOSSES, REFERENCE_FREE, SPECS, LossSpec, build_loss, check_parameters,
-    is_listwise, loss_parameters, loss_spec, uses_dispersion,
+    is_listwise, loss_parameters, loss_spec, uses_dispersion, uses_wpo,
 )
 from mallows_ray.losses.scores import F_DIVERGENCES, f_score
 from mallows_ray.losses.trl_pairwise import (
@@ -16,6 +16,7 @@ from mallows_ray.losses.trl_pairwise import (
     sppo_hard,
 )
 from mallows_ray.losses.types import ListwiseInputs, LossOutput, PairwiseInputs
+from mallows_ray.losses.weighting import wpo_weighted, wpo_weights
 
 __all__ = [
     "F_DIVERGENCES", "IGNORE_INDEX", "LISTWISE_LOSSES", "LOSSES", "PAIRWISE_LOSSES", "REFERENCE_FREE", "SPECS",
@@ -25,5 +26,5 @@ __all__ = [
     "ipo", "is_listwise", "kendall_link", "listwise", "listwise_rewards", "loss_parameters", "loss_spec",
     "mallows_ipo", "mallows_phi", "mallows_simpo", "mallows_theta", "mixed_target", "nca_pair", "nll",
     "plackett_luce", "plug_in_dispersion", "prompt_mean_entropy", "response_logprobs", "robust", "sigmoid_norm",
-    "simpo", "sppo_hard", "term_labels", "uses_dispersion",
+    "simpo", "sppo_hard", "term_labels", "uses_dispersion", "uses_wpo", "wpo_weighted", "wpo_weights",
 ]

@@ -18,7 +18,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from mallows_ray.losses.registry import SPECS, build_loss, loss_spec, uses_dispersion
+from mallows_ray.losses.registry import SPECS, build_loss, loss_spec, uses_dispersion, uses_wpo
 from mallows_ray.losses.types import ListwiseInputs, LossOutput, PairwiseInputs
 
 TERM_KEYS = ("name", "weight", "params")
@@ -82,6 +82,10 @@ def lead_term(terms: Sequence[Term]) -> Term:
 
 def terms_use_dispersion(terms: Sequence[Term]) -> bool:
     return any(uses_dispersion(t.name, t.params) for t in terms)
+
+
+def terms_use_wpo(terms: Sequence[Term]) -> bool:
+    return any(uses_wpo(t.name, t.params) for t in terms)
 
 
 def weighted_terms(inputs: PairwiseInputs | ListwiseInputs, *,

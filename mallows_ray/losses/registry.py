@@ -23,6 +23,7 @@ from mallows_ray.losses.trl_pairwise import (
     sigmoid_norm, sppo_hard,
 )
 from mallows_ray.losses.types import ListwiseInputs, LossOutput, PairwiseInputs
+from mallows_ray.losses.weighting import wpo_weighted
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class LossSpec:
     # single preference logit for s(x) to scale (`no_dispersion` says why)
     dispersion: Literal["always", "option", "never"] = "option"
     batch_level: bool = False  # one example's loss depends on the others of its micro-batch
+    wpo: bool = True  # takes `wpo: true` (weighting.py); pairwise losses but the sorting ones
     ranges: dict[str, Interval] = field(default_factory=dict)
     no_dispersion: str = ""
 
@@ -81,16 +83,16 @@ SPECS: dict[str, LossSpec] = {
     "nca_pair": LossSpec(nca_pair, dispersion="never", no_dispersion=_SEPARATE),
     "bco_pair": LossSpec(bco_pair, dispersion="never", no_dispersion=_SEPARATE),
     "sppo_hard": LossSpec(sppo_hard, dispersion="never", no_dispersion=_SEPARATE),
-    "aot": LossSpec(aot, dispersion="never", batch_level=True, no_dispersion=_SORTED),
-    "aot_unpaired": LossSpec(aot_unpaired, dispersion="never", batch_level=True, no_dispersion=_SORTED),
+    "aot": LossSpec(aot, dispersion="never", batch_level=True, wpo=False, no_dispersion=_SORTED),
+    "aot_unpaired": LossSpec(aot_unpaired, dispersion="never", batch_level=True, wpo=False, no_dispersion=_SORTED),
     "apo_zero": LossSpec(apo_zero, dispersion="never", no_dispersion=_SEPARATE),
     "apo_down": LossSpec(apo_down, dispersion="never", no_dispersion=_SEPARATE),
     "discopop": LossSpec(discopop),
     "sigmoid_norm": LossSpec(sigmoid_norm),
     "nll": LossSpec(nll, reference=False, dispersion="never",
                     no_dispersion="it is the likelihood of the chosen reply alone, with no preference logit"),
-    "listwise": LossSpec(listwise, kind="listwise"),
-    "plackett_luce": LossSpec(plackett_luce, kind="listwise"),
+    "listwise": LossSpec(listwise, kind="listwise", wpo=False),
+    "plackett_luce": LossSpec(plackett_luce, kind="listwise", wpo=False),
 }
 PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "pairwise"}
 LISTWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "listwise"}
@@ -123,7 +125,13 @@ def _same_kind(value: Any, default: Any) -> bool:
 def check_parameters(name: str, params: dict[str, Any]) -> None:
     """Names, kinds, ranges and choices of a loss's parameters; raises ValueError naming the parameter."""
     spec, valid = loss_spec(name), loss_parameters(name)
+    if spec.wpo:
+        valid["wpo"] = False
     for key, value in params.items():
+        if key == "wpo" and not spec.wpo:
+            raise ValueError(f"loss {name!r} takes no 'wpo' parameter: WPO weights one pair's loss, and "
+                             + ("this loss is listwise" if spec.kind == "listwise" else
+                                "this loss's i-th value is a quantile of the sorted batch, not pair i's"))
         if key == "dispersion" and spec.dispersion != "option":
             why = ("it always reads s(x); drop the key" if spec.dispersion == "always"
                    else f"the dispersion plug-in has no meaning for it: {spec.no_dispersion}")
@@ -144,11 +152,20 @@ def check_parameters(name: str, params: dict[str, Any]) -> None:
 def build_loss(name: str, **params: Any) -> Callable[[PairwiseInputs | ListwiseInputs], LossOutput]:
     """The loss with its parameters bound; unknown names or bad parameters raise with the valid choices."""
     check_parameters(name, params)
-    return functools.partial(SPECS[name].fn, **params)
+    params = dict(params)
+    wpo = params.pop("wpo", False)
+    loss = functools.partial(SPECS[name].fn, **params)
+    return functools.partial(wpo_weighted, loss=loss) if wpo else loss
 
 
 def is_listwise(name: str) -> bool:
     return loss_spec(name).kind == "listwise"
+
+
+def uses_wpo(name: str, params: dict[str, Any]) -> bool:
+    """Whether the loss needs the policy's WPO aligned log-probs (`wpo: true`)."""
+    loss_spec(name)
+    return bool(params.get("wpo", False))
 
 
 def uses_dispersion(name: str, params: dict[str, Any]) -> bool:

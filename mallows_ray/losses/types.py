@@ -16,6 +16,8 @@ class PairwiseInputs:
     chosen_lengths: Tensor            # [B] n(y_w), response token counts
     rejected_lengths: Tensor          # [B] n(y_l)
     dispersion: Tensor | None = None  # [B] s(x) >= 0, no grad; needed by the Mallows losses / plug-in
+    policy_chosen_aligned: Tensor | None = None    # [B] WPO's a(y_w) = mean_t log p(y_t) - log sum_v p_v^2, no grad
+    policy_rejected_aligned: Tensor | None = None  # [B] a(y_l); both only for losses with wpo: true
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 from mallows_ray.train.batches import Row, collate, eval_slice
 from mallows_ray.train.conditioning import Conditioner
 from mallows_ray.train.metrics import MetricSums
-from mallows_ray.train.objective import forward_loss
+from mallows_ray.train.objective import forward_loss, policy_outputs
 
 
 def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[list[Row]], *, rank: int, world: int,
@@ -68,7 +68,9 @@ def evaluate_export(config, model_dir: str, *, split: str = "validation", lambda
     rows = pq.read_table(prepared.split_path(split)).to_pylist()
     lm, tokenizer, recorded = load_export(model_dir, trust_remote_code=config.model.trust_remote_code)
     conditioning = conditioning or recorded
-    policy = lambda **inputs: response_stats(lm, **inputs, with_entropy=False).logp_sum  # noqa: E731
+    wpo = config.loss.uses_wpo
+    policy = lambda **inputs: policy_outputs(response_stats(lm, **inputs, with_entropy=False, with_wpo=wpo),  # noqa: E731
+                                             wpo)
     batch = config.batch.micro_batch_size
     batches = lambda: [rows[i:i + batch] for i in range(0, len(rows), batch)]  # noqa: E731
     common = dict(rank=0, world=1, pad_id=tokenizer.pad_token_id, loss_fn=config.loss.build(),

@@ -121,7 +121,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     # ---- model: every rank builds identical weights (LoRA's random init included) from the same seed
     seed_everything(config.run.seed)
     tokenizer = load_tokenizer(plan.model_path, trust_remote_code=config.model.trust_remote_code)
-    policy = build_policy(config.model, plan.model_path, dtype, config.deepspeed.zero_stage)
+    policy = build_policy(config.model, plan.model_path, dtype, config.deepspeed.zero_stage, config.loss.uses_wpo)
     engine = build_engine(policy, config, dtype, plan.total_steps)
     counts = parameter_counts(engine)
     local_min, local_max = rank_extremes(counts["local"] / counts["total"])

@@ -35,16 +35,17 @@ def _batch(b=8, t=7, seed=0, dtype=torch.float64):
 
 
 def _trl_loss(loss_types, weights, completion, token_logps, ref, *, beta, label_smoothing=0.0,
-              f_divergence_type="reverse_kl", f_alpha=0.5, tau=0.05):
+              f_divergence_type="reverse_kl", f_alpha=0.5, tau=0.05, log_sum_sq=None):
     b = completion.shape[0] // 2
     model = lambda **kwargs: SimpleNamespace(  # noqa: E731 - the fused LM head's outputs
         log_probs=token_logps, entropy=torch.zeros_like(token_logps), mean_logits=torch.zeros_like(token_logps),
-        is_top1=torch.zeros_like(token_logps, dtype=torch.bool))
+        is_top1=torch.zeros_like(token_logps, dtype=torch.bool), log_sum_sq_probs=log_sum_sq)
     accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
         precompute_ref_logps=True, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha,
-        loss_types=loss_types, loss_weights=weights, beta=beta, label_smoothing=label_smoothing, use_weighting=False,
+        loss_types=loss_types, loss_weights=weights, beta=beta, label_smoothing=label_smoothing,
+        use_weighting=log_sum_sq is not None,
         args=SimpleNamespace(discopop_tau=tau), _metrics={"train": defaultdict(list)}, _total_train_tokens=0,
         _tp_size=1)
     inputs = {"input_ids": torch.zeros_like(completion), "attention_mask": torch.ones_like(completion),
@@ -52,10 +53,11 @@ def _trl_loss(loss_types, weights, completion, token_logps, ref, *, beta, label_
     return trl_dpo.DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
 
 
-def _ours(terms, token_logps, ref, lengths):
+def _ours(terms, token_logps, ref, lengths, aligned=None):
     b = lengths.shape[0] // 2
     sums = token_logps.sum(dim=1)
-    x = PairwiseInputs(sums[:b], sums[b:], ref[:b], ref[b:], lengths[:b].to(sums.dtype), lengths[b:].to(sums.dtype))
+    x = PairwiseInputs(sums[:b], sums[b:], ref[:b], ref[b:], lengths[:b].to(sums.dtype), lengths[b:].to(sums.dtype),
+                       None, *((None, None) if aligned is None else (aligned[:b], aligned[b:])))
     return build_composite(terms)(x).losses.mean()
 
 
@@ -85,3 +87,18 @@ def test_weighted_mix_matches_trls_trainer():
     ours = _ours([Term("dpo", 0.8, {"beta": 0.1}), Term("bco_pair", 0.2, {"beta": 0.1}),
                   Term("nll", 1.0, {"reduction": "token"})], token_logps, ref, lengths)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_wpo_weighting_matches_trls_use_weighting():
+    completion, token_logps, ref, lengths = _batch(seed=7)
+    g = torch.Generator().manual_seed(8)
+    log_sum_sq = -torch.rand(token_logps.shape, generator=g, dtype=token_logps.dtype) * 3  # log sum_v p_v^2 <= 0
+    mask = completion[:, 1:]
+    aligned = ((token_logps - log_sum_sq) * mask).sum(1) / lengths  # a(y), as logprobs.py computes it
+    for loss_types, weights, terms in (
+            (["sigmoid"], [1.0], [Term("dpo", 1.0, {"beta": 0.5, "wpo": True})]),
+            # not with sft: TRL 1.16 raises there (`*=` on the expanded scalar sft loss)
+            (["hinge", "bco_pair"], [1.0, 0.3], [Term("hinge", 1.0, {"beta": 0.5, "wpo": True}),
+                                                 Term("bco_pair", 0.3, {"beta": 0.5, "wpo": True})])):
+        theirs = _trl_loss(loss_types, weights, completion, token_logps, ref, beta=0.5, log_sum_sq=log_sum_sq)
+        torch.testing.assert_close(_ours(terms, token_logps, ref, lengths, aligned), theirs, rtol=0, atol=1e-6)

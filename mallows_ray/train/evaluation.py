@@ -69,8 +69,10 @@ def evaluate_export(config, model_dir: str, *, split: str = "validation", lambda
     lm, tokenizer, recorded = load_export(model_dir, trust_remote_code=config.model.trust_remote_code)
     conditioning = conditioning or recorded
     wpo = config.loss.uses_wpo
-    policy = lambda **inputs: policy_outputs(response_stats(lm, **inputs, with_entropy=False, with_wpo=wpo),  # noqa: E731
-                                             wpo)
+
+    def policy(**inputs):
+        return policy_outputs(response_stats(lm, **inputs, with_entropy=False, with_wpo=wpo), wpo)
+
     batch = config.batch.micro_batch_size
     batches = lambda: [rows[i:i + batch] for i in range(0, len(rows), batch)]  # noqa: E731
     common = dict(rank=0, world=1, pad_id=tokenizer.pad_token_id, loss_fn=config.loss.build(),

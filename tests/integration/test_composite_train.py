@@ -21,7 +21,8 @@ ITEMS = {
     "run.eval_every": 4, "run.log_every": 1,
 }
 RUNS = {"dpo-nll": {},
-        "wpo": {"loss.terms": f"[{{name: dpo, params: {{beta: 0.1, wpo: true}}}}, {{name: nll, weight: {NLL_WEIGHT}}}]"}}
+        "wpo": {"loss.terms": f"[{{name: dpo, params: {{beta: 0.1, wpo: true}}}}, "
+                              f"{{name: nll, weight: {NLL_WEIGHT}}}]"}}
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,9 @@ def test_terms_load_round_trip_and_build(tmp_path):
     assert config.loss.name == "dpo" and config.loss.params == {} and not config.loss.listwise
     assert config.loss.uses_dispersion
     assert from_dict(Config, to_dict(config)) == config
-    assert to_dict(config)["loss"] == {"terms": [{"name": "dpo", "weight": 1.0, "params": {"beta": 0.2, "dispersion": True}},
-                                                 {"name": "nll", "weight": 0.25, "params": {"reduction": "sum"}}]}
+    assert to_dict(config)["loss"] == {"terms": [
+        {"name": "dpo", "weight": 1.0, "params": {"beta": 0.2, "dispersion": True}},
+        {"name": "nll", "weight": 0.25, "params": {"reduction": "sum"}}]}
     # the single-loss form is unchanged and builds the plain loss
     single = load_config(None, ["loss.name=hinge", "loss.beta=0.3"]).loss
     assert single.terms is None and to_dict(single) == {"name": "hinge", "beta": 0.3}

@@ -153,7 +153,8 @@ def test_identities_between_losses():
         one = PairwiseInputs(*(t[:1] for t in (x.policy_chosen_logps, x.policy_rejected_logps,
                                                x.reference_chosen_logps, x.reference_rejected_logps,
                                                x.chosen_lengths, x.rejected_lengths)))
-        same(build_loss(name, beta=0.3, label_smoothing=0.1)(one), build_loss("cdpo", beta=0.3, label_smoothing=0.1)(one))
+        same(build_loss(name, beta=0.3, label_smoothing=0.1)(one),
+             build_loss("cdpo", beta=0.3, label_smoothing=0.1)(one))
     unit = PairwiseInputs(*(x.policy_chosen_logps, x.policy_rejected_logps, x.reference_chosen_logps,
                             x.reference_rejected_logps, torch.ones(6, dtype=D), torch.ones(6, dtype=D)))
     same(build_loss("sigmoid_norm", beta=0.3)(unit), build_loss("dpo", beta=0.3)(unit))
@@ -200,7 +201,7 @@ def _gradcheck(fn, s=None, b=4):
     rc, rr = torch.randn(b, generator=g, dtype=D), torch.randn(b, generator=g, dtype=D)
     nc, nr = torch.tensor([2.0, 3, 4, 1], dtype=D), torch.tensor([1.0, 5, 2, 3], dtype=D)
     f = lambda pc, pr: fn(PairwiseInputs(pc, pr, rc, rr, nc, nr, s)).losses  # noqa: E731
-    inputs = (torch.randn(b, generator=g, dtype=D).requires_grad_(), torch.randn(b, generator=g, dtype=D).requires_grad_())
+    inputs = tuple(torch.randn(b, generator=g, dtype=D).requires_grad_() for _ in range(2))
     assert torch.autograd.gradcheck(f, inputs)
 
 
@@ -214,7 +215,8 @@ def test_gradcheck_composite_and_nll():
     for reduction in ("mean", "sum", "token"):
         _gradcheck(build_loss("nll", reduction=reduction))
     _gradcheck(build_composite([Term("dpo", 0.7, {"dispersion": True}), Term("nll", 0.2), Term("aot", 0.1),
-                                Term("discopop", 1.0, {"f_divergence": "js_divergence"})]), s=torch.rand(4, dtype=D) + 0.2)
+                                Term("discopop", 1.0, {"f_divergence": "js_divergence"})]),
+               s=torch.rand(4, dtype=D) + 0.2)
 
 
 # --- TRL's formulas, transcribed from DPOTrainer._compute_loss (trl 1.16.0) --------------------------------
@@ -253,7 +255,8 @@ def trl_reference(loss_type, x, beta, label_smoothing=0.0, f_divergence_type="re
         return qw * (log_qw - torch.log1p(-epsilon)) + ql * (log_ql - torch.log(epsilon))
     if loss_type == "nca_pair":
         chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
-        return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+        return (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
+                - 0.5 * F.logsigmoid(-rejected_rewards))
     if loss_type == "robust":
         clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta_score)
         flipped = -label_smoothing * F.logsigmoid(-beta * delta_score)
@@ -272,7 +275,8 @@ def trl_reference(loss_type, x, beta, label_smoothing=0.0, f_divergence_type="re
     if loss_type == "apo_zero":
         return 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
     if loss_type == "apo_down":
-        return torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+        return (torch.sigmoid(beta * chosen_logratios) + 1
+                - torch.sigmoid(beta * (chosen_logratios - rejected_logratios)))
     if loss_type == "discopop":
         logits = delta_score * beta
         modulation = torch.sigmoid(logits / tau)
@@ -369,3 +373,18 @@ def test_mallows_phi_link_is_accurate_near_phi_one():
             want = exact(z, s)
             # the information is in loss - log 2 ~ s z / 3; log1p(-exp(x)) got it to ~1e-5 relative, here ~1e-9
             assert abs(float((ours - want) / (want - mpmath.log(2)))) < 1e-7, (s, z)
+
+
+def test_listwise_terms_compose_too():
+    from mallows_ray.losses import ListwiseInputs, mixed_target
+
+    g = torch.Generator().manual_seed(4)
+    lp, ref = torch.randn(3, 4, generator=g, dtype=D), torch.randn(3, 4, generator=g, dtype=D)
+    mask = torch.tensor([[True] * 4, [True, True, False, True], [True, True, True, False]])
+    target = mixed_target(torch.randn(3, 2, 4, generator=g, dtype=D), torch.full((3, 2), 0.5, dtype=D),
+                          response_mask=mask)
+    x = ListwiseInputs(lp, ref, torch.ones(3, 4, dtype=D), target, mask)
+    out = build_composite([Term("listwise", 0.7), Term("plackett_luce", 0.3, {"beta": 0.5})])(x)
+    lw, pl = build_loss("listwise")(x), build_loss("plackett_luce", beta=0.5)(x)
+    torch.testing.assert_close(out.losses, 0.7 * lw.losses + 0.3 * pl.losses)
+    assert torch.equal(out.pair_accuracy, lw.pair_accuracy) and set(out.terms) == {"listwise", "plackett_luce"}

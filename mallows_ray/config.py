@@ -23,6 +23,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from mallows_ray import lambdas as lambda_schedulers
+from mallows_ray.losses import composite as loss_composite
 from mallows_ray.losses import registry as loss_registry
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -118,14 +119,22 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """A registered loss and its keyword parameters, written flat: `{name: simpo, beta: 2.0, gamma: 0.5}`."""
+    """One registered loss with its keyword parameters, written flat: `{name: simpo, beta: 2.0, gamma: 0.5}`;
+    or a weighted sum of terms (losses/composite.py): `{terms: [{name: dpo, weight: 1.0, params: {beta: 0.1}},
+    {name: nll, weight: 0.2}]}`. With terms, `name` is the lead term's (composite.lead_term), so code that asks
+    a loss name for the run's kind (pairwise / listwise) gets the terms' common kind, and `params` is empty.
+    Every value is checked at load (names, kinds, ranges: beta > 0 and finite, label smoothing in its loss's
+    range, ...), before Ray starts."""
 
     name: str = "mallows_theta"
     params: dict[str, Any] = field(default_factory=dict)
+    terms: list[loss_composite.Term] | None = None
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], where: str) -> "LossConfig":
         data = dict(data)
+        if "terms" in data:
+            return cls._from_terms(data, where)
         name = data.pop("name", cls.name)
         data.update(data.pop("params", {}) or {})
         try:
@@ -134,8 +143,48 @@ class LossConfig:
             raise ConfigError(f"{where}: {err}") from None
         return cls(name=name, params=data)
 
+    @classmethod
+    def _from_terms(cls, data: dict[str, Any], where: str) -> "LossConfig":
+        terms = data.pop("terms")
+        if data:
+            raise ConfigError(f"{where}: give either name (with its parameters) or terms, not both; found "
+                              f"{', '.join(sorted(data))} beside terms (a term's parameters go under its params)")
+        if not isinstance(terms, list):
+            raise ConfigError(f"{where}.terms: expected a list of {{name, weight, params}}, got {terms!r}")
+        try:
+            parsed = [loss_composite.Term.from_mapping(t, f"{where}.terms.{k}") for k, t in enumerate(terms)]
+            loss_composite.check_terms(parsed, f"{where}.terms")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return cls(name=loss_composite.lead_term(parsed).name, params={}, terms=parsed)
+
     def to_mapping(self) -> dict[str, Any]:
+        if self.terms is not None:
+            return {"terms": [t.to_mapping() for t in self.terms]}
         return {"name": self.name, **self.params}
+
+    @property
+    def listwise(self) -> bool:
+        return loss_registry.is_listwise(self.name)
+
+    @property
+    def uses_dispersion(self) -> bool:
+        if self.terms is not None:
+            return loss_composite.terms_use_dispersion(self.terms)
+        return loss_registry.uses_dispersion(self.name, self.params)
+
+    @property
+    def uses_wpo(self) -> bool:
+        """Whether a term weights its loss by WPO, so the policy forward must return a(y)."""
+        if self.terms is not None:
+            return loss_composite.terms_use_wpo(self.terms)
+        return loss_registry.uses_wpo(self.name, self.params)
+
+    def build(self):
+        """The loss function of this config; training and evaluation both build it here."""
+        if self.terms is not None:
+            return loss_composite.build_composite(self.terms)
+        return loss_registry.build_loss(self.name, **self.params)
 
 
 @dataclass
@@ -365,14 +414,21 @@ def load_yaml(text: str) -> Any:
 
 
 def set_key(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set dotted `key` (e.g. `loss.beta`) in the nested mapping `data`, creating sections on the way."""
+    """Set dotted `key` (e.g. `loss.beta`) in the nested mapping `data`, creating sections on the way; a
+    number indexes into an existing list (`loss.terms.1.weight`)."""
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        node = node[_list_index(node, part, key)] if isinstance(node, list) else node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
             raise ConfigError(f"{key}: {part} is not a section")
-    node[leaf] = value
+    node[_list_index(node, leaf, key) if isinstance(node, list) else leaf] = value
+
+
+def _list_index(items: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"{key}: {part!r} is not an index of a list of {len(items)} items (0 to {len(items) - 1})")
+    return int(part)
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

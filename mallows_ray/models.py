@@ -140,7 +140,7 @@ def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 
 def response_stats(model, *, input_ids, attention_mask, labels, owner, num_responses: int, position_ids=None,
-                   segment_ids=None, with_entropy: bool, max_chunk_bytes: int | None = None):
+                   segment_ids=None, with_entropy: bool, max_chunk_bytes: int | None = None, with_wpo: bool = False):
     """Per-response log-prob sums, token counts and mean normalised entropy of the labelled tokens under `model`.
 
     The tensors are `PackedResponses.model_inputs()` (data/collate.py), [rows, T] each: one response per row,
@@ -163,5 +163,5 @@ def response_stats(model, *, input_ids, attention_mask, labels, owner, num_respo
     head = model.get_output_embeddings()  # weight [V, H]; hidden [rows, T, H]
     return response_logprobs(
         hidden, head.weight, labels, bias=head.bias, owner=owner, num_responses=num_responses,
-        with_entropy=with_entropy, max_chunk_bytes=max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES,
+        with_entropy=with_entropy, max_chunk_bytes=max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES, with_wpo=with_wpo,
     )

@@ -271,12 +271,19 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def _key_label(key: str) -> str:
+    """The leaf of a dotted key; a key through a list keeps the path below its section (`terms.1.weight`),
+    so the terms of a composite loss stay apart."""
+    rest = key.partition(".")[2]
+    return rest if any(part.isdigit() for part in key.split(".")) else key.rsplit(".", 1)[-1]
+
+
 def trial_name(trial: Any) -> str:
     """`<index>_<leaf>=<value>_...`: grid and random trials are numbered in generation order (Tune's trial id
     ends with that counter), so an interrupted sweep names them alike when it runs again; optuna's trial ids
     are random and stand in for the index."""
     index = trial.trial_id.rsplit("_", 1)[-1]
-    values = "_".join(f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in sorted(trial.config.items()))
+    values = "_".join(f"{_key_label(key)}={_short(value)}" for key, value in sorted(trial.config.items()))
     return re.sub(r"[^A-Za-z0-9._=+,-]", "", f"{index}_{values}")[:96]
 
 

@@ -11,6 +11,7 @@ the training step and the entropy of the dispersion estimator (ALGORITHMS.md sec
     log p(y_t)  = logit[y_t] - lse
     H_t         = lse - sum_v softmax(logit)_v * logit_v      (nats, float32)
     Hbar(y)     = mean_t H_t / log(V)                         (in [0, 1])
+    a(y)        = mean_t (log p(y_t) - log sum_v p_v^2)       (with_wpo: WPO's aligned log-prob, no gradient)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ResponseStats:
     logp_sum: Tensor      # [B] sum of the labelled tokens' log-probs (differentiable w.r.t. hidden and weight)
     token_count: Tensor   # [B] long, number of labelled tokens n(y)
     mean_entropy: Tensor  # [B] float32, detached Hbar(y) in [0, 1]; 0 where a row has no labels or with_entropy=False
+    aligned_logp_mean: Tensor | None = None  # [B] detached a(y) (WPO weights exp(a)); with_wpo only
 
     @property
     def logp_mean(self) -> Tensor:
@@ -44,12 +46,14 @@ def _chunk_logits(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _chunked_forward(rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
-                     with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(token log-prob [M], entropy [M] or [0], logsumexp [M]) of M labelled rows, `chunk` rows at a time."""
+                     with_entropy: bool, with_wpo: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(token log-prob [M], entropy [M] or [0], log sum_v p_v^2 [M] or [0], logsumexp [M]) of M labelled rows,
+    `chunk` rows at a time."""
     m = rows.shape[0]
     dtype = torch.promote_types(rows.dtype, torch.float32)
     token_logp = torch.empty(m, dtype=dtype, device=rows.device)
     entropy = torch.empty(m if with_entropy else 0, dtype=dtype, device=rows.device)
+    log_sum_sq = torch.empty(m if with_wpo else 0, dtype=dtype, device=rows.device)
     lse = torch.empty(m, dtype=dtype, device=rows.device)
     for start in range(0, m, chunk):
         sl = slice(start, start + chunk)
@@ -61,7 +65,9 @@ def _chunked_forward(rows: Tensor, weight: Tensor, bias: Tensor | None, targets:
         token_logp[sl] = logits.gather(1, targets[sl, None])[:, 0] - lse[sl]
         if with_entropy:
             entropy[sl] = lse[sl] - torch.linalg.vecdot(shifted, logits) / total  # sum_v p_v logit_v, no 3rd block
-    return token_logp, entropy, lse
+        if with_wpo:  # sum_v p_v^2 = sum_v shifted_v^2 / total^2; the max term of shifted is 1, so no underflow
+            log_sum_sq[sl] = torch.linalg.vecdot(shifted, shifted).log() - 2 * total.log()
+    return token_logp, entropy, log_sum_sq, lse
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -69,19 +75,20 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     d log p(y) / d logit = onehot(y) - softmax(logit), so with g the incoming gradient per row and
     D = g * (onehot - p) ([c, V], rebuilt chunk by chunk): grad_rows = D @ W, grad_W = sum_chunks D^T @ rows,
-    grad_bias = sum_chunks D.sum(0). The entropy output carries no gradient.
+    grad_bias = sum_chunks D.sum(0). The entropy and log sum p^2 outputs carry no gradient.
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, targets, chunk, with_entropy):
-        token_logp, entropy, lse = _chunked_forward(rows, weight, bias, targets, chunk, with_entropy)
+    def forward(ctx, rows, weight, bias, targets, chunk, with_entropy, with_wpo):
+        token_logp, entropy, log_sum_sq, lse = _chunked_forward(rows, weight, bias, targets, chunk, with_entropy,
+                                                                with_wpo)
         ctx.save_for_backward(rows, weight, bias, targets, lse)
         ctx.chunk = chunk
-        ctx.mark_non_differentiable(entropy)
-        return token_logp, entropy
+        ctx.mark_non_differentiable(entropy, log_sum_sq)
+        return token_logp, entropy, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
+    def backward(ctx, grad_logp, _grad_entropy, _grad_log_sum_sq):
         rows, weight, bias, targets, lse = ctx.saved_tensors
         need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_rows = torch.empty_like(rows) if need_rows else None
@@ -100,13 +107,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_bias:
                 grad_bias += dlogits.sum(dim=0)
         return (grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
 
 
 def response_logprobs(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, owner: Tensor | None = None,
     num_responses: int | None = None, chunk_tokens: int | None = None,
-    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, with_entropy: bool = True,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, with_entropy: bool = True, with_wpo: bool = False,
 ) -> ResponseStats:
     """Per-response log-prob sum, token count and mean normalised entropy of the labelled tokens.
 
@@ -121,6 +128,9 @@ def response_logprobs(
             `max_chunk_bytes`. The forward holds two such blocks at its peak (the logits and their
             exponentials), the backward one (built in place).
         with_entropy: also compute mean_entropy (the reference-scoring pass); the training step skips it.
+        with_wpo: also compute aligned_logp_mean, the per-token mean of log p(y_t) - log sum_v p_v^2 whose exp
+            is the WPO weight of a reply (Zhou et al. 2024, https://arxiv.org/abs/2406.11827, Eq. 2 with TRL's
+            alignment); detached.
 
     Matches `log_softmax(hidden @ weight.T + bias)` gathered at the labels, values and gradients. When no
     gradient is needed (under no_grad, or no input requires grad) the same chunk loop runs without autograd.
@@ -133,13 +143,18 @@ def response_logprobs(
         batch, owner = num_responses, owner[mask]                   # [M] response of each labelled position
     rows, targets = hidden[mask], labels[mask]                      # [M, H], [M]: only these reach the vocab
     chunk = chunk_tokens or max(1, max_chunk_bytes // (4 * vocab))
-    args = (rows, weight, bias, targets, chunk, with_entropy)
+    args = (rows, weight, bias, targets, chunk, with_entropy, with_wpo)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    token_logp, entropy = _ChunkedTokenLogprobs.apply(*args) if needs_grad else _chunked_forward(*args)[:2]
+    token_logp, entropy, log_sum_sq = (_ChunkedTokenLogprobs.apply(*args) if needs_grad
+                                       else _chunked_forward(*args)[:3])
     count = torch.bincount(owner, minlength=batch)                  # [B] long
     logp_sum = token_logp.new_zeros(batch).index_add(0, owner, token_logp)
     mean_entropy = torch.zeros(batch, dtype=torch.float32, device=hidden.device)
     if with_entropy:
         entropy_sum = entropy.new_zeros(batch).index_add(0, owner, entropy)
         mean_entropy = (entropy_sum / count.clamp(min=1) / math.log(vocab)).float()
-    return ResponseStats(logp_sum, count, mean_entropy.detach())
+    aligned = None
+    if with_wpo:
+        aligned_sum = log_sum_sq.new_zeros(batch).index_add(0, owner, token_logp.detach() - log_sum_sq)
+        aligned = aligned_sum / count.clamp(min=1)
+    return ResponseStats(logp_sum, count, mean_entropy.detach(), aligned)

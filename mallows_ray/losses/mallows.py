@@ -15,6 +15,12 @@ with probability
     g_phi(d) = (d+1) / (1 - phi^(d+1)) - d / (1 - phi^d),        g_phi(1) = 1 / (1 + phi)
 
 and loss = -log g_phi(beta * u), the link extended to real z by g(z) for z >= 0 and 1 - g(-z) for z < 0.
+
+The authors' own conventions (haoxian-chen/MallowsPO; ALGORITHMS.md section 2.2b), under their own names so
+their runs can be reproduced, beside the project's `simpo` / `ipo` with `dispersion: true`:
+
+    mallows_simpo  -logsigmoid(s(x) (beta (lp(y_w)/n(y_w) - lp(y_l)/n(y_l)) - gamma)),  gamma = beta * home_advantage
+    mallows_ipo    (s(x) u_avg - 1/(2 beta))^2      (the project's plug-in: (s(x) (u_avg - 1/(2 beta)))^2)
 """
 
 from __future__ import annotations
@@ -22,16 +28,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mallows_ray.losses.pairwise import cdpo, dpo_logit, pairwise_output, require_dispersion
+from mallows_ray.losses.pairwise import (
+    cdpo, dpo_logit, log_ratios, mean_score_difference, pairwise_output, require_dispersion, simpo,
+)
 from mallows_ray.losses.types import LossOutput, PairwiseInputs
 
 PHI_MIN, PHI_MAX = 1e-6, 1.0 - 1e-6
 _SERIES_BELOW = 1e-2  # log C(x) switches to its Taylor series below this x
 
 
-def mallows_theta(inputs: PairwiseInputs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+def mallows_theta(inputs: PairwiseInputs, *, beta: float = 0.1, label_smoothing: float = 0.0,
+                  f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """Section 2.1: cDPO (DPO when label_smoothing = 0) with the dispersion plug-in always on."""
-    return cdpo(inputs, beta=beta, label_smoothing=label_smoothing, dispersion=True)
+    return cdpo(inputs, beta=beta, label_smoothing=label_smoothing, dispersion=True, f_divergence=f_divergence,
+                f_alpha=f_alpha)
+
+
+def mallows_simpo(inputs: PairwiseInputs, *, beta: float = 10.0, home_advantage: float = 0.25) -> LossOutput:
+    """The authors' Mallows-SimPO (section 2.2b): `simpo` with the plug-in on and the margin given as the
+    ratio home_advantage = gamma / beta, as their configs write it. Defaults: their beta = 10; home_advantage
+    0.25 is our choice, the gamma / beta of `simpo`'s defaults (0.5 / 2): set it from the run you reproduce.
+    Reference-free."""
+    return simpo(inputs, beta=beta, gamma=beta * home_advantage, dispersion=True)
+
+
+def mallows_ipo(inputs: PairwiseInputs, *, beta: float = 0.1) -> LossOutput:
+    """The authors' Mallows-IPO (section 2.2b): (s(x) u_avg - 1/(2 beta))^2, u_avg from per-token mean
+    log-ratios as in `ipo`. The dispersion scales u only; `ipo` with dispersion=True scales the residual."""
+    chosen, rejected = log_ratios(inputs)
+    s = require_dispersion(inputs).to(chosen.dtype)
+    residual = s * mean_score_difference(inputs, "reverse_kl", 0.5) - 1 / (2 * beta)
+    return pairwise_output(residual**2, beta * chosen, beta * rejected)
 
 
 def _log_c(x: Tensor) -> Tensor:
@@ -67,7 +94,8 @@ def _log_kendall_link(z: Tensor, s: Tensor) -> Tensor:
     positive = z >= 0
     d = torch.where(positive, z, -z)  # |z| >= 0: both branches below get a safe argument
     log_c_d = _log_c(s * d)
-    log_q = log_c_d + torch.log1p(-torch.exp(_log_c(s * (d + 1)) - log_c_d)) - torch.log(s)
+    # log(1 - C(s(d+1)) / C(sd)) as log(-expm1(.)): the ratio is 1 - O(s), and 1 - exp(x) would cancel
+    log_q = log_c_d + torch.log(-torch.expm1(_log_c(s * (d + 1)) - log_c_d)) - torch.log(s)
     return torch.where(positive, torch.log1p(-torch.exp(log_q)), log_q)
 
 
@@ -86,7 +114,8 @@ def kendall_link(z: Tensor | float, phi: Tensor | float) -> Tensor:
     return g.to(torch.promote_types(z.dtype, torch.float32))
 
 
-def mallows_phi(inputs: PairwiseInputs, *, beta: float = 0.1) -> LossOutput:
+def mallows_phi(inputs: PairwiseInputs, *, beta: float = 0.1, f_divergence: str = "reverse_kl",
+                f_alpha: float = 0.5) -> LossOutput:
     """Section 2.2: loss = -log g_phi(x)(beta * u), phi(x) = exp(-s(x)), s(x) = inputs.dispersion.
 
     Our choices, since the paper's treatment of non-integer arguments was not available (see
@@ -101,6 +130,6 @@ def mallows_phi(inputs: PairwiseInputs, *, beta: float = 0.1) -> LossOutput:
     - both torch.where branches always see safe arguments, so no NaN gradient leaks from the unused one.
     """
     s = _neg_log_phi(torch.exp(-require_dispersion(inputs).double()))
-    z, chosen, rejected = dpo_logit(inputs, beta, dispersion=False)
+    z, chosen, rejected = dpo_logit(inputs, beta, False, f_divergence, f_alpha)
     losses = -_log_kendall_link(z, s).to(z.dtype)
     return pairwise_output(losses, chosen, rejected)

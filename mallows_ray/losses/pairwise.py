@@ -12,8 +12,10 @@ Each loss is a tiny link applied to a logit z (the "logit" helpers below build i
 (Rafailov et al. 2023; Chowdhury et al. 2024; Azar et al. 2023; Meng et al. 2024.)
 
 With `dispersion=True` (section 2.4) z becomes s(x) * z: for IPO z is the residual, for SimPO it includes the
-margin gamma. Implicit rewards are beta * (lp(y) - ref(y)) (SimPO: beta * lp(y) / n(y)). Every function
-returns per-example losses [B]; reduction is the caller's.
+margin gamma. `f_divergence` (all but SimPO; scores.py) replaces each log-ratio lp - ref in u by its f-divergence
+score f'(exp(lp - ref)) (TRL's `f_divergence_type`). Implicit rewards are beta * (lp(y) - ref(y)) under every
+f-divergence, as in TRL (SimPO: beta * lp(y) / n(y)). Every function returns per-example losses [B];
+reduction is the caller's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from mallows_ray.losses.scores import f_score
 from mallows_ray.losses.types import ListwiseInputs, LossOutput, PairwiseInputs
 
 
@@ -51,11 +54,19 @@ def log_ratios(inputs: PairwiseInputs) -> tuple[Tensor, Tensor]:
             inputs.policy_rejected_logps - inputs.reference_rejected_logps)
 
 
-def dpo_logit(inputs: PairwiseInputs, beta: float, dispersion: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(z, chosen reward, rejected reward), [B] each: z = beta * u (times s(x) with the plug-in), rewards
-    beta * (lp - ref). Shared by dpo, cdpo, robust and the Mallows losses."""
+def f_scores(inputs: PairwiseInputs, f_divergence: str, f_alpha: float) -> tuple[Tensor, Tensor]:
+    """f-divergence scores of the chosen and of the rejected log-ratio, [B] each (the log-ratios for reverse_kl)."""
     chosen, rejected = log_ratios(inputs)
-    z = plug_in_dispersion(beta * (chosen - rejected), inputs, dispersion)
+    return f_score(chosen, f_divergence, f_alpha), f_score(rejected, f_divergence, f_alpha)
+
+
+def dpo_logit(inputs: PairwiseInputs, beta: float, dispersion: bool, f_divergence: str = "reverse_kl",
+              f_alpha: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, chosen reward, rejected reward), [B] each: z = beta * u (times s(x) with the plug-in; u from the
+    f-divergence scores), rewards beta * (lp - ref). Shared by every loss of the logit beta * u."""
+    chosen, rejected = log_ratios(inputs)
+    score_w, score_l = f_scores(inputs, f_divergence, f_alpha)
+    z = plug_in_dispersion(beta * (score_w - score_l), inputs, dispersion)
     return z, beta * chosen, beta * rejected
 
 
@@ -66,48 +77,61 @@ def pairwise_output(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Te
     return LossOutput(losses, chosen_rewards, rejected_rewards, accuracy)
 
 
+def smoothed_logistic(z: Tensor, eps: float) -> Tensor:
+    """-(1 - eps) logsigmoid(z) - eps logsigmoid(-z): the logistic loss of a label flipped with probability eps."""
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
 def _check_label_smoothing(eps: float) -> None:
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {eps}")
 
 
-def dpo(inputs: PairwiseInputs, *, beta: float = 0.1, dispersion: bool = False) -> LossOutput:
-    """DPO: -logsigmoid(beta * u). https://arxiv.org/abs/2305.18290"""
-    return cdpo(inputs, beta=beta, label_smoothing=0.0, dispersion=dispersion)
+def dpo(inputs: PairwiseInputs, *, beta: float = 0.1, dispersion: bool = False, f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5) -> LossOutput:
+    """DPO (TRL's `sigmoid`): -logsigmoid(beta * u). https://arxiv.org/abs/2305.18290"""
+    return cdpo(inputs, beta=beta, label_smoothing=0.0, dispersion=dispersion, f_divergence=f_divergence,
+                f_alpha=f_alpha)
 
 
 def cdpo(inputs: PairwiseInputs, *, beta: float = 0.1, label_smoothing: float = 0.1,
-         dispersion: bool = False) -> LossOutput:
+         dispersion: bool = False, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """Conservative DPO: the preference label is flipped with probability eps = label_smoothing
     (default 0.1, so that `cdpo` differs from `dpo` unless configured).
 
         loss = -(1 - eps) logsigmoid(z) - eps logsigmoid(-z),   z = beta * u
     """
     _check_label_smoothing(label_smoothing)
-    z, chosen, rejected = dpo_logit(inputs, beta, dispersion)
-    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-    return pairwise_output(losses, chosen, rejected)
+    z, chosen, rejected = dpo_logit(inputs, beta, dispersion, f_divergence, f_alpha)
+    return pairwise_output(smoothed_logistic(z, label_smoothing), chosen, rejected)
 
 
 def robust(inputs: PairwiseInputs, *, beta: float = 0.1, label_smoothing: float = 0.1,
-           dispersion: bool = False) -> LossOutput:
+           dispersion: bool = False, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> LossOutput:
     """Robust DPO (unbiased under label-flip rate eps = label_smoothing). https://arxiv.org/abs/2403.00409
 
         loss = (-(1 - eps) logsigmoid(z) + eps logsigmoid(-z)) / (1 - 2 eps),   z = beta * u
     """
     _check_label_smoothing(label_smoothing)
-    z, chosen, rejected = dpo_logit(inputs, beta, dispersion)
+    z, chosen, rejected = dpo_logit(inputs, beta, dispersion, f_divergence, f_alpha)
     losses = (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
     return pairwise_output(losses, chosen, rejected)
 
 
-def ipo(inputs: PairwiseInputs, *, beta: float = 0.1, dispersion: bool = False) -> LossOutput:
+def mean_score_difference(inputs: PairwiseInputs, f_divergence: str, f_alpha: float) -> Tensor:
+    """u_avg [B] = score_w / n(y_w) - score_l / n(y_l): per-token AVERAGE scores (log-ratios for reverse_kl)."""
+    score_w, score_l = f_scores(inputs, f_divergence, f_alpha)
+    return per_token_mean(score_w, inputs.chosen_lengths) - per_token_mean(score_l, inputs.rejected_lengths)
+
+
+def ipo(inputs: PairwiseInputs, *, beta: float = 0.1, dispersion: bool = False, f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5) -> LossOutput:
     """IPO: (u_avg - 1/(2 beta))^2 with per-token AVERAGE log-ratios (as the paper and TRL).
 
     The plug-in scales the residual: (s(x) * (u_avg - 1/(2 beta)))^2. https://arxiv.org/abs/2310.12036
     """
     chosen, rejected = log_ratios(inputs)
-    u_avg = per_token_mean(chosen, inputs.chosen_lengths) - per_token_mean(rejected, inputs.rejected_lengths)
+    u_avg = mean_score_difference(inputs, f_divergence, f_alpha)
     residual = plug_in_dispersion(u_avg - 1 / (2 * beta), inputs, dispersion)
     return pairwise_output(residual**2, beta * chosen, beta * rejected)
 

@@ -1,63 +1,174 @@
-"""The one place that maps config names to loss functions (ALGORITHMS.md sections 1-3) and checks their parameters."""
+"""The one place that maps config names to loss functions (ALGORITHMS.md sections 1-3) and checks their parameters.
+
+Each loss has a small typed `LossSpec`: its function, whether it is pairwise or listwise, whether it reads the
+reference log-probs, how it relates to the dispersion s(x), and the valid range of its numeric parameters.
+`build_loss` checks a parameter set against it, so a bad value fails at config load, before Ray starts.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 from mallows_ray.losses.listwise import listwise, plackett_luce
-from mallows_ray.losses.mallows import mallows_phi, mallows_theta
+from mallows_ray.losses.mallows import mallows_ipo, mallows_phi, mallows_simpo, mallows_theta
 from mallows_ray.losses.pairwise import cdpo, dpo, ipo, robust, simpo
+from mallows_ray.losses.scores import F_DIVERGENCES
+from mallows_ray.losses.trl_pairwise import (
+    NLL_REDUCTIONS, aot, aot_unpaired, apo_down, apo_zero, bco_pair, discopop, exo_pair, hinge, nca_pair, nll,
+    sigmoid_norm, sppo_hard,
+)
 from mallows_ray.losses.types import ListwiseInputs, LossOutput, PairwiseInputs
+from mallows_ray.losses.weighting import wpo_weighted
 
-PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {
-    "dpo": dpo, "cdpo": cdpo, "robust": robust, "ipo": ipo, "simpo": simpo,
-    "mallows_theta": mallows_theta, "mallows_phi": mallows_phi,
+
+@dataclass(frozen=True)
+class Interval:
+    """A numeric parameter's valid values: finite, within low..high, each end open or closed."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Interval(0.0, math.inf, low_open=True, high_open=True)
+NON_NEGATIVE = Interval(0.0, math.inf, high_open=True)
+HALF_OPEN_SMOOTHING = Interval(0.0, 0.5, high_open=True)  # a flip rate of 1/2 carries no preference
+# numeric parameters shared by many losses; a spec's own `ranges` win
+DEFAULT_RANGES = {"beta": POSITIVE, "tau": POSITIVE, "gamma": NON_NEGATIVE, "home_advantage": NON_NEGATIVE,
+                  "label_smoothing": HALF_OPEN_SMOOTHING, "f_alpha": Interval()}
+CHOICES = {"f_divergence": F_DIVERGENCES, "reduction": NLL_REDUCTIONS}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    fn: Callable[..., LossOutput]
+    kind: Literal["pairwise", "listwise"] = "pairwise"
+    reference: bool = True  # reads ref(y)
+    # "always": reads s(x) by definition (the Mallows losses); "option": with dispersion=True; "never": no
+    # single preference logit for s(x) to scale (`no_dispersion` says why)
+    dispersion: Literal["always", "option", "never"] = "option"
+    batch_level: bool = False  # one example's loss depends on the others of its micro-batch
+    wpo: bool = True  # takes `wpo: true` (weighting.py); pairwise losses but the sorting ones
+    ranges: dict[str, Interval] = field(default_factory=dict)
+    no_dispersion: str = ""
+
+
+_SEPARATE = "it scores the chosen and the rejected reply separately, so there is no pairwise logit for s(x) to scale"
+_SORTED = "it pairs quantiles of the batch sorted over different prompts, so no prompt's s(x) belongs to a pair"
+SPECS: dict[str, LossSpec] = {
+    "dpo": LossSpec(dpo), "cdpo": LossSpec(cdpo), "robust": LossSpec(robust), "ipo": LossSpec(ipo),
+    "simpo": LossSpec(simpo, reference=False),
+    "mallows_theta": LossSpec(mallows_theta, dispersion="always"),
+    "mallows_phi": LossSpec(mallows_phi, dispersion="always"),
+    "mallows_simpo": LossSpec(mallows_simpo, reference=False, dispersion="always"),
+    "mallows_ipo": LossSpec(mallows_ipo, dispersion="always"),
+    "hinge": LossSpec(hinge),
+    "exo_pair": LossSpec(exo_pair, ranges={"label_smoothing": Interval(0.0, 1.0, low_open=True, high_open=True)}),
+    "nca_pair": LossSpec(nca_pair, dispersion="never", no_dispersion=_SEPARATE),
+    "bco_pair": LossSpec(bco_pair, dispersion="never", no_dispersion=_SEPARATE),
+    "sppo_hard": LossSpec(sppo_hard, dispersion="never", no_dispersion=_SEPARATE),
+    "aot": LossSpec(aot, dispersion="never", batch_level=True, wpo=False, no_dispersion=_SORTED),
+    "aot_unpaired": LossSpec(aot_unpaired, dispersion="never", batch_level=True, wpo=False, no_dispersion=_SORTED),
+    "apo_zero": LossSpec(apo_zero, dispersion="never", no_dispersion=_SEPARATE),
+    "apo_down": LossSpec(apo_down, dispersion="never", no_dispersion=_SEPARATE),
+    "discopop": LossSpec(discopop),
+    "sigmoid_norm": LossSpec(sigmoid_norm),
+    "nll": LossSpec(nll, reference=False, dispersion="never",
+                    no_dispersion="it is the likelihood of the chosen reply alone, with no preference logit"),
+    "listwise": LossSpec(listwise, kind="listwise", wpo=False),
+    "plackett_luce": LossSpec(plackett_luce, kind="listwise", wpo=False),
 }
-LISTWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {"listwise": listwise, "plackett_luce": plackett_luce}
+PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "pairwise"}
+LISTWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "listwise"}
 LOSSES = {**PAIRWISE_LOSSES, **LISTWISE_LOSSES}
-REFERENCE_FREE = frozenset({"simpo"})  # losses that never read ref(y)
+REFERENCE_FREE = frozenset(n for n, s in SPECS.items() if not s.reference)  # losses that never read ref(y)
 
 
-def _lookup(name: str) -> Callable[..., LossOutput]:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSSES)}")
-    return LOSSES[name]
+def loss_spec(name: str) -> LossSpec:
+    if name not in SPECS:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(SPECS)}")
+    return SPECS[name]
 
 
 def loss_parameters(name: str) -> dict[str, Any]:
-    """Keyword parameters of a loss and their defaults, e.g. {'beta': 0.1, 'dispersion': False}."""
-    signature = inspect.signature(_lookup(name))
+    """Keyword parameters of a loss and their defaults, e.g. {'beta': 0.1, 'dispersion': False, ...}."""
+    signature = inspect.signature(loss_spec(name).fn)
     return {p.name: p.default for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY}
 
 
 def _same_kind(value: Any, default: Any) -> bool:
-    """bool parameters take bools; numeric ones take real numbers (ints, floats, numpy scalars; not bools)."""
+    """bool parameters take bools; str ones strings; numeric ones real numbers (ints, floats, numpy scalars;
+    not bools)."""
     if isinstance(default, bool):
         return isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def build_loss(name: str, **params: Any) -> Callable[[PairwiseInputs | ListwiseInputs], LossOutput]:
-    """The loss with its parameters bound; unknown names or parameters raise with the valid choices."""
-    valid = loss_parameters(name)
+def check_parameters(name: str, params: dict[str, Any]) -> None:
+    """Names, kinds, ranges and choices of a loss's parameters; raises ValueError naming the parameter."""
+    spec, valid = loss_spec(name), loss_parameters(name)
+    if spec.wpo:
+        valid["wpo"] = False
     for key, value in params.items():
+        if key == "wpo" and not spec.wpo:
+            raise ValueError(f"loss {name!r} takes no 'wpo' parameter: WPO weights one pair's loss, and "
+                             + ("this loss is listwise" if spec.kind == "listwise" else
+                                "this loss's i-th value is a quantile of the sorted batch, not pair i's"))
+        if key == "dispersion" and spec.dispersion != "option":
+            why = ("it always reads s(x); drop the key" if spec.dispersion == "always"
+                   else f"the dispersion plug-in has no meaning for it: {spec.no_dispersion}")
+            raise ValueError(f"loss {name!r} takes no 'dispersion' parameter: {why}")
         if key not in valid:
             raise ValueError(f"loss {name!r} has no parameter {key!r}; valid parameters: {', '.join(valid)}")
         if not _same_kind(value, valid[key]):
-            kind = "true or false" if isinstance(valid[key], bool) else "a number"
+            kind = {bool: "true or false", str: "a string"}.get(type(valid[key]), "a number")
             raise ValueError(f"loss {name!r} parameter {key!r} must be {kind}, got {value!r}")
-    return functools.partial(LOSSES[name], **params)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"loss {name!r} parameter {key!r}: {value!r} is not one of {', '.join(CHOICES[key])}")
+        interval = spec.ranges.get(key, DEFAULT_RANGES.get(key))
+        if interval is not None and not isinstance(value, (bool, str)) and not interval.contains(float(value)):
+            raise ValueError(f"loss {name!r} parameter {key!r}: {value!r} is out of range; expected a finite "
+                             f"value in {interval}")
+
+
+def build_loss(name: str, **params: Any) -> Callable[[PairwiseInputs | ListwiseInputs], LossOutput]:
+    """The loss with its parameters bound; unknown names or bad parameters raise with the valid choices."""
+    check_parameters(name, params)
+    params = dict(params)
+    wpo = params.pop("wpo", False)
+    loss = functools.partial(SPECS[name].fn, **params)
+    return functools.partial(wpo_weighted, loss=loss) if wpo else loss
 
 
 def is_listwise(name: str) -> bool:
-    _lookup(name)
-    return name in LISTWISE_LOSSES
+    return loss_spec(name).kind == "listwise"
+
+
+def uses_wpo(name: str, params: dict[str, Any]) -> bool:
+    """Whether the loss needs the policy's WPO aligned log-probs (`wpo: true`)."""
+    loss_spec(name)
+    return bool(params.get("wpo", False))
 
 
 def uses_dispersion(name: str, params: dict[str, Any]) -> bool:
     """Whether the loss reads s(x): the Mallows losses always, the others with dispersion=True."""
-    _lookup(name)
-    return name.startswith("mallows_") or bool(params.get("dispersion", False))
+    spec = loss_spec(name)
+    return spec.dispersion == "always" or (spec.dispersion == "option" and bool(params.get("dispersion", False)))

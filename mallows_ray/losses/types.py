@@ -16,6 +16,8 @@ class PairwiseInputs:
     chosen_lengths: Tensor            # [B] n(y_w), response token counts
     rejected_lengths: Tensor          # [B] n(y_l)
     dispersion: Tensor | None = None  # [B] s(x) >= 0, no grad; needed by the Mallows losses / plug-in
+    policy_chosen_aligned: Tensor | None = None    # [B] WPO's a(y_w) = mean_t log p(y_t) - log sum_v p_v^2, no grad
+    policy_rejected_aligned: Tensor | None = None  # [B] a(y_l); both only for losses with wpo: true
 
 
 @dataclass(frozen=True)
@@ -36,3 +38,4 @@ class LossOutput:
     accuracy: Tensor          # [B] detached 0/1 (pairwise: chosen reward > rejected; listwise: top-1 agreement)
     pair_accuracy: Tensor | None = None  # [B] listwise only: share of target-ordered response pairs the rewards
                                          # order the same way (`listwise.pair_agreement`)
+    terms: dict[str, Tensor] | None = None  # composite losses: {term label: [B] detached unweighted term loss}

@@ -15,6 +15,7 @@ from torch import nn
 
 from mallows_ray.config import Config, LoraConfig, ModelConfig, OptimConfig
 from mallows_ray.models import load_model, response_stats
+from mallows_ray.train.objective import policy_outputs
 
 
 class PolicyLogprobs(nn.Module):
@@ -27,15 +28,18 @@ class PolicyLogprobs(nn.Module):
     (Tied embeddings are fine: the tied weight stays gathered after the embedding layer has run.)
     """
 
-    def __init__(self, lm: nn.Module, zero_stage: int):
+    def __init__(self, lm: nn.Module, zero_stage: int, with_wpo: bool = False):
         super().__init__()
         self.lm = lm  # the HF model; with LoRA its attention projections carry the adapters in place
+        self.with_wpo = with_wpo  # also return the WPO aligned log-probs (a loss with wpo: true)
         if zero_stage == 3:
             deepspeed.zero.register_external_parameter(self, lm.get_output_embeddings().weight)
 
-    def forward(self, **inputs) -> torch.Tensor:
-        """`PackedResponses.model_inputs()` ([rows, T] tensors) -> lp(y) [R], each response's log-prob sum."""
-        return response_stats(self.lm, **inputs, with_entropy=False).logp_sum
+    def forward(self, **inputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`PackedResponses.model_inputs()` ([rows, T] tensors) -> lp(y) [R], each response's log-prob sum
+        (`objective.policy_outputs`: with WPO, the pair (lp(y), aligned mean log-prob a(y)))."""
+        return policy_outputs(response_stats(self.lm, **inputs, with_entropy=False, with_wpo=self.with_wpo),
+                              self.with_wpo)
 
 
 def apply_lora(lm: nn.Module, lora: LoraConfig) -> nn.Module:
@@ -48,7 +52,8 @@ def apply_lora(lm: nn.Module, lora: LoraConfig) -> nn.Module:
     return get_peft_model(lm, peft_config)
 
 
-def build_policy(model: ModelConfig, model_path: str, dtype: torch.dtype, zero_stage: int) -> PolicyLogprobs:
+def build_policy(model: ModelConfig, model_path: str, dtype: torch.dtype, zero_stage: int,
+                 with_wpo: bool = False) -> PolicyLogprobs:
     lm = load_model(model_path, dtype, trust_remote_code=model.trust_remote_code)
     if model.lora is not None:
         lm = apply_lora(lm, model.lora).get_base_model()  # same modules, now with adapters
@@ -56,7 +61,7 @@ def build_policy(model: ModelConfig, model_path: str, dtype: torch.dtype, zero_s
         # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False  # no KV cache in training forwards
-    return PolicyLogprobs(lm, zero_stage)
+    return PolicyLogprobs(lm, zero_stage, with_wpo)
 
 
 def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:

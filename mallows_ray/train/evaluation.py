@@ -12,7 +12,7 @@ import torch
 from mallows_ray.train.batches import Row, collate, eval_slice
 from mallows_ray.train.conditioning import Conditioner
 from mallows_ray.train.metrics import MetricSums
-from mallows_ray.train.objective import forward_loss
+from mallows_ray.train.objective import forward_loss, policy_outputs
 
 
 def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[list[Row]], *, rank: int, world: int,
@@ -57,7 +57,6 @@ def evaluate_export(config, model_dir: str, *, split: str = "validation", lambda
     import pyarrow.parquet as pq
 
     from mallows_ray.generate import load_export
-    from mallows_ray.losses import build_loss, is_listwise
     from mallows_ray.models import response_stats
     from mallows_ray.train.conditioning import evaluation_lambdas
     from mallows_ray.train.trainer import scored_data
@@ -69,11 +68,15 @@ def evaluate_export(config, model_dir: str, *, split: str = "validation", lambda
     rows = pq.read_table(prepared.split_path(split)).to_pylist()
     lm, tokenizer, recorded = load_export(model_dir, trust_remote_code=config.model.trust_remote_code)
     conditioning = conditioning or recorded
-    policy = lambda **inputs: response_stats(lm, **inputs, with_entropy=False).logp_sum  # noqa: E731
+    wpo = config.loss.uses_wpo
+
+    def policy(**inputs):
+        return policy_outputs(response_stats(lm, **inputs, with_entropy=False, with_wpo=wpo), wpo)
+
     batch = config.batch.micro_batch_size
     batches = lambda: [rows[i:i + batch] for i in range(0, len(rows), batch)]  # noqa: E731
-    common = dict(rank=0, world=1, pad_id=tokenizer.pad_token_id, loss_fn=build_loss(config.loss.name, **config.loss.params),
-                  listwise=is_listwise(config.loss.name), target_tau=config.lambdas.target_tau,
+    common = dict(rank=0, world=1, pad_id=tokenizer.pad_token_id, loss_fn=config.loss.build(),
+                  listwise=config.loss.listwise, target_tau=config.lambdas.target_tau,
                   share_prompt=config.model.share_prompt)
     if not common["listwise"]:
         return {"pairwise": evaluate_rows(policy, batches(), **common)}

@@ -23,7 +23,6 @@ import torch
 
 from mallows_ray.config import Config, from_dict
 from mallows_ray.data.scoring import pick_dtype
-from mallows_ray.losses import build_loss, is_listwise
 from mallows_ray.models import load_tokenizer
 from mallows_ray.train import checkpoint
 from mallows_ray.train.batches import WINDOW_BATCHES, collate, epoch_batches, micro_batches, rank_slice
@@ -115,14 +114,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     micro = config.batch.micro_batch_size
     device = ray.train.torch.get_device()
     dtype = pick_dtype(config.model.dtype, device)  # auto: bf16 on GPU, fp32 on CPU
-    loss_fn = build_loss(config.loss.name, **config.loss.params)
-    listwise = is_listwise(config.loss.name)
+    loss_fn = config.loss.build()
+    listwise = config.loss.listwise
     lambda_cfg = config.lambdas
 
     # ---- model: every rank builds identical weights (LoRA's random init included) from the same seed
     seed_everything(config.run.seed)
     tokenizer = load_tokenizer(plan.model_path, trust_remote_code=config.model.trust_remote_code)
-    policy = build_policy(config.model, plan.model_path, dtype, config.deepspeed.zero_stage)
+    policy = build_policy(config.model, plan.model_path, dtype, config.deepspeed.zero_stage, config.loss.uses_wpo)
     engine = build_engine(policy, config, dtype, plan.total_steps)
     counts = parameter_counts(engine)
     local_min, local_max = rank_extremes(counts["local"] / counts["total"])

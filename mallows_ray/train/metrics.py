@@ -44,6 +44,8 @@ class MetricSums:
         if out.pair_accuracy is not None:  # listwise losses: the same on every rank, so reduce stays collective
             self.sums["rewards/pair_accuracy"] += out.pair_accuracy[keep].sum().item()
         self.sums["dispersion/mean"] += dispersion[keep].sum().item()  # mean s(x) of the examples seen
+        for label, losses in (out.terms or {}).items():  # composite losses: each term's unweighted loss
+            self.sums[f"loss/{label}"] += losses[keep].sum().item()
 
     def add(self, name: str, value: float) -> None:
         """A raw count that is summed, not averaged (one of COUNTS)."""
@@ -75,6 +77,9 @@ def progress_line(metrics: dict[str, float], total_steps: int) -> str:
              f"acc {metrics['rewards/accuracy']:.3f}", f"margin {metrics['rewards/margin']:+.4f}",
              f"lr {metrics['lr']:.2e}", f"gnorm {metrics['grad_norm']:.3f}", f"{metrics['tokens_per_s']:.0f} tok/s",
              f"{metrics['samples_per_s']:.2f} samples/s"]
+    terms = [f"{name[5:]} {value:.4f}" for name, value in sorted(metrics.items()) if name.startswith("loss/")]
+    if terms:
+        parts.insert(2, "terms " + ", ".join(terms))
     if "eval/loss" in metrics:
         parts.append(f"eval loss {metrics['eval/loss']:.4f} acc {metrics['eval/rewards/accuracy']:.3f}")
     return "[train] " + " | ".join(parts)

@@ -355,12 +355,16 @@ def test_dispersion_estimator():
 
 
 def test_registry():
-    assert set(PAIRWISE_LOSSES) == {"dpo", "cdpo", "robust", "ipo", "simpo", "mallows_theta", "mallows_phi"}
+    assert set(PAIRWISE_LOSSES) == {"dpo", "cdpo", "robust", "ipo", "simpo", "mallows_theta", "mallows_phi",
+                                    "mallows_simpo", "mallows_ipo", "hinge", "exo_pair", "nca_pair", "bco_pair",
+                                    "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                                    "sigmoid_norm", "nll"}
     assert set(LISTWISE_LOSSES) == {"listwise", "plackett_luce"} and set(LOSSES) == set(PAIRWISE_LOSSES) | set(
         LISTWISE_LOSSES)
     assert loss_parameters("simpo") == {"beta": 2.0, "gamma": 0.5, "dispersion": False}
-    assert loss_parameters("dpo") == {"beta": 0.1, "dispersion": False}
-    assert loss_parameters("mallows_phi") == {"beta": 0.1}
+    f_div = {"f_divergence": "reverse_kl", "f_alpha": 0.5}
+    assert loss_parameters("dpo") == {"beta": 0.1, "dispersion": False, **f_div}
+    assert loss_parameters("mallows_phi") == {"beta": 0.1, **f_div}
     x = pairwise(0.0, 0.0)
     assert build_loss("dpo", beta=np.float32(1.0))(x).losses.item() == pytest.approx(math.log(2))
     assert uses_dispersion("mallows_phi", {}) and uses_dispersion("mallows_theta", {})

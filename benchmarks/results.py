@@ -262,21 +262,22 @@ def main() -> None:
         (work / "train_trl.jsonl").write_text("".join(json.dumps(row) + "\n" for row in trl_rows(train)))
         run = Runner(args.logs, args.lock, args.threads)
         cli = [sys.executable, "-m", "mallows_ray.cli"]
+        trained = []  # (name, label, by, export folder, seconds), DPO's two rows first
+        if not args.only or "trl_dpo" in args.only:  # first: it needs no Ray, so it never waits for the lock
+            _, seconds = run("train_trl_dpo", trl_command(args, work), uses_ray=False)
+            trained.append(("trl_dpo", f"DPO (beta {args.beta})", "TRL DPOTrainer",
+                            str(work / "runs" / "trl_dpo" / "export"), seconds))
         data = data_overrides(args, work, "train.jsonl")
         _, prepare_seconds = run("prepare_train", [*cli, "prepare", *data])
         heldout_data = data_overrides(args, work, "heldout.jsonl")
         prepared, _ = run("prepare_heldout", [*cli, "prepare", *heldout_data])
-        trained = []  # (name, label, by, export folder, seconds)
         for method in methods(args.beta, args.simpo_beta, args.simpo_gamma, args.mallows_simpo_c):
             if args.only and method.name not in args.only:
                 continue
             out, seconds = run(f"train_{method.name}", [*cli, "train", *data, *train_overrides(args, work, method.name),
                                                         *method.overrides])
-            trained.append((method.name, method.label, "mallows_ray", out["export"], seconds))
-            if method.name == "dpo" and (not args.only or "trl_dpo" in args.only):
-                _, seconds = run("train_trl_dpo", trl_command(args, work), uses_ray=False)
-                trained.append(("trl_dpo", f"DPO (beta {args.beta})", "TRL DPOTrainer",
-                                str(work / "runs" / "trl_dpo" / "export"), seconds))
+            trained.insert(0 if method.name == "dpo" else len(trained),
+                           (method.name, method.label, "mallows_ray", out["export"], seconds))
         evaluate = [*cli, "eval", *heldout_data, "loss.name=dpo", f"loss.beta={args.beta}",
                     f"batch.micro_batch_size={args.micro_batch}", "--split=train"]
         rows = []

@@ -8,6 +8,7 @@ object as its last stdout line.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -86,6 +87,20 @@ def untruncated_pairs(tokenizer, workload: Workload, n: int | None = None) -> li
         if len(chosen) == want:
             return chosen
     raise ValueError(f"{HH_FILE} has only {len(chosen)} pairs within {limits}; asked for {want}")
+
+
+def write_raw_pairs(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The raw HH lines of `rows` (their `row` field is the line number in HH_FILE) as a JSONL file at `path`."""
+    wanted = {row["row"] for row in rows}
+    with gzip.open(HH_FILE, "rt") as src, path.open("w") as dst:
+        for number, line in enumerate(src, start=1):
+            if number in wanted:
+                dst.write(line)
+    kept = sum(1 for _ in path.open())
+    if kept != len(rows):
+        raise RuntimeError(f"{path}: wrote {kept} lines for {len(rows)} pairs; HH_FILE row numbers are not "
+                           "1-based line numbers as assumed")
+    return path
 
 
 def trl_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

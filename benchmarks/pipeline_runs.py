@@ -12,29 +12,13 @@ Both read a JSONL of the raw HH lines of the same untruncated pairs the step row
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (HH_FILE, Workload, emit, model_path, peak_rss_mib, quiet_libraries,
-                               untruncated_pairs)
-
-
-def write_raw_pairs(rows, folder: Path) -> Path:
-    """The raw HH lines of `rows` (their `row` field is the line number in HH_FILE) as a JSONL file."""
-    wanted = {row["row"] for row in rows}
-    path = folder / "hh_pairs.jsonl"
-    with gzip.open(HH_FILE, "rt") as src, path.open("w") as dst:
-        for number, line in enumerate(src, start=1):
-            if number in wanted:
-                dst.write(line)
-    kept = sum(1 for _ in path.open())
-    if kept != len(rows):
-        raise RuntimeError(f"{path}: wrote {kept} lines for {len(rows)} pairs; HH_FILE row numbers are not "
-                           "1-based line numbers as assumed")
-    return path
+from benchmarks.common import (Workload, emit, model_path, peak_rss_mib, quiet_libraries, untruncated_pairs,
+                               write_raw_pairs)
 
 
 def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: int) -> list[str]:
@@ -75,7 +59,8 @@ def main() -> None:
     rows = untruncated_pairs(load_tokenizer(model_path()), workload)
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
         folder = Path(tmp)
-        config = load_config(None, config_overrides(write_raw_pairs(rows, folder), folder, workload, args.actors))
+        pairs_file = write_raw_pairs(rows, folder / "hh_pairs.jsonl")
+        config = load_config(None, config_overrides(pairs_file, folder, workload, args.actors))
         if args.mode == "train":  # Ray workers inherit the driver's environment when it starts the local instance
             os.environ["OMP_NUM_THREADS"] = str(args.threads)
         ray_start = time.perf_counter()

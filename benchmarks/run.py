@@ -27,6 +27,8 @@ sys.path.insert(0, str(HERE.parent))  # `python benchmarks/run.py` from anywhere
 
 from benchmarks.common import REPO, Workload, workload_flags  # noqa: E402
 from benchmarks.report import Measurements, render  # noqa: E402
+from benchmarks.results import SECTION as HELDOUT  # noqa: E402
+from benchmarks.sections import get_section, replace_section  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -152,7 +154,9 @@ def main() -> None:
     found.load_after = load_average()
     found.busy_after = other_work()
     found.total_seconds = time.perf_counter() - started
-    args.output.write_text(render(found))
+    text = render(found)
+    kept = get_section(args.output.read_text(), HELDOUT) if args.output.exists() else None
+    args.output.write_text(replace_section(text, HELDOUT, kept) if kept else text)  # results.py's table stays
     (args.logs / "results.json").write_text(json.dumps(found.results, indent=1))
     print(f"[bench] wrote {args.output} ({found.total_seconds:.0f} s)")
 

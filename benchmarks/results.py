@@ -1,0 +1,306 @@
+"""Held-out results on real preference data: mallows_ray's losses beside TRL's DPOTrainer, one command.
+
+    python benchmarks/results.py                       # 256 train + 200 held-out HH pairs (about an hour on 2 cores)
+    python benchmarks/results.py --train-pairs 16 --heldout-pairs 16    # a harness check, not a result
+
+1. Pairs: the HH-RLHF harmless-base test pairs that fit --max-prompt-length / --max-response-length without
+   truncation (so both frameworks see the same tokens), in file order: the first --train-pairs train, the next
+   --heldout-pairs are held out; neither framework trains on them.
+2. `mallows-ray prepare` once: reference log-probs and dispersion of both splits (timed).
+3. `mallows-ray train` per method (DPO, MallowsPO-theta, SimPO and IPO with and without the dispersion plug-in)
+   and `python -m benchmarks.trl_train` (TRL's `DPOTrainer`, default mode): the same pairs, beta, lr, linear
+   schedule, global batch, one epoch, lengths, fp32 and grad-norm clipping; each its own process, timed.
+4. `mallows-ray eval` on the held-out split for every saved HF folder, TRL's included, and the untrained model:
+   the DPO implicit reward beta * (lp(y) - ref(y)) whatever the training loss, so every row is comparable.
+5. The table replaces the held-out section of benchmarks/RESULTS.md (the speed rows of `run.py` stay).
+
+Every command line and its log (benchmarks/logs/heldout/<name>.log) is kept; `--lock FILE` holds an flock on
+FILE around each step that starts Ray, for a machine where other Ray jobs must not overlap (one Ray instance per
+machine while training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # `python benchmarks/results.py` from anywhere: make `benchmarks` importable
+
+from benchmarks.common import REPO, Workload, model_path, trl_rows, untruncated_pairs, write_raw_pairs  # noqa: E402
+from benchmarks.sections import replace_section  # noqa: E402
+
+SECTION = "heldout"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str          # run name and table key
+    label: str         # what the table calls it
+    overrides: tuple[str, ...]
+
+
+def methods(beta: float, simpo_beta: float, simpo_gamma: float, mallows_simpo_c: float) -> list[Method]:
+    """DPO first (the parity row), then the MallowsPO rows and their plain counterparts."""
+    simpo = ("loss.name=simpo", f"loss.beta={simpo_beta}", f"loss.gamma={simpo_gamma}")
+    return [
+        Method("dpo", f"DPO (beta {beta})", ("loss.name=dpo", f"loss.beta={beta}")),
+        Method("mallows_theta", f"MallowsPO-theta (beta {beta}, c auto)",
+               ("loss.name=mallows_theta", f"loss.beta={beta}")),
+        Method("simpo", f"SimPO (beta {simpo_beta}, gamma {simpo_gamma})", simpo),
+        Method("mallows_simpo", f"Mallows-SimPO (SimPO + dispersion, c {mallows_simpo_c})",
+               (*simpo, "loss.dispersion=true", f"data.dispersion_scale={mallows_simpo_c}")),
+        Method("ipo", f"IPO (beta {beta})", ("loss.name=ipo", f"loss.beta={beta}")),
+        Method("mallows_ipo", f"IPO + dispersion (beta {beta}, c auto)",
+               ("loss.name=ipo", f"loss.beta={beta}", "loss.dispersion=true")),
+    ]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-pairs", type=int, default=256)
+    parser.add_argument("--heldout-pairs", type=int, default=200)
+    parser.add_argument("--max-prompt-length", type=int, default=128)
+    parser.add_argument("--max-response-length", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO / MallowsPO / IPO beta, and the eval reward's")
+    parser.add_argument("--simpo-beta", type=float, default=10.0, help="the MallowsPO authors' Mallows-SimPO beta")
+    parser.add_argument("--simpo-gamma", type=float, default=5.0, help="SimPO margin (gamma / beta = 0.5)")
+    parser.add_argument("--mallows-simpo-c", type=float, default=0.29, help="the authors' fixed dispersion scale c")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--micro-batch", type=int, default=4, help="pairs per forward")
+    parser.add_argument("--gradient-accumulation", type=int, default=2, help="global batch = micro x accumulation")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only these methods (dpo, trl_dpo, mallows_theta, ...); the table shows what ran")
+    parser.add_argument("--work", type=Path, help="folder for data, cache and runs (default: a temporary one)")
+    parser.add_argument("--lock", type=Path, help="flock this file around every step that starts Ray")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--logs", type=Path, default=HERE / "logs" / "heldout")
+    return parser.parse_args()
+
+
+def last_json(text: str):
+    """The last JSON value that starts at the beginning of a line of `text` (the CLI's result)."""
+    decoder = json.JSONDecoder()
+    starts = [i for i in range(len(text)) if text[i] == "{" and (i == 0 or text[i - 1] == "\n")]
+    for start in reversed(starts):
+        try:
+            return decoder.raw_decode(text[start:])[0]
+        except json.JSONDecodeError:
+            continue
+    raise ValueError("no JSON result in the output")
+
+
+class Runner:
+    """Runs each step as its own process, logs it, times it and parses its JSON result."""
+
+    def __init__(self, logs: Path, lock: Path | None, threads: int):
+        self.logs, self.lock = logs, lock
+        self.commands: dict[str, str] = {}
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+                    "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, name: str, command: list[str], uses_ray: bool = True) -> tuple[dict, float]:
+        self.commands[name] = " ".join(shlex.quote(part) for part in command)
+        print(f"[results] {name}: {self.commands[name]}", flush=True)
+        log = self.logs / f"{name}.log"
+        with self._locked(uses_ray):  # the wait for the lock is not part of the step's time
+            start = time.perf_counter()
+            proc = subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+        log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+        if proc.returncode != 0:
+            raise SystemExit(f"[results] {name} failed (exit {proc.returncode}); see {log}")
+        print(f"[results] {name}: {seconds:.0f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+        return last_json(proc.stdout), seconds
+
+
+    @contextmanager
+    def _locked(self, uses_ray: bool) -> Iterator[None]:
+        if not (uses_ray and self.lock):
+            yield
+            return
+        with self.lock.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def data_overrides(args: argparse.Namespace, work: Path, pairs_file: str) -> list[str]:
+    """The data settings of a scored dataset of `pairs_file`: the train pairs for training, the held-out pairs
+    (as their own dataset's train split) for evaluation, so no training run ever reads a held-out pair."""
+    return [
+        f"data.train={work / pairs_file}", "data.format=hh", f"data.cache_dir={work / 'cache'}",
+        f"data.max_prompt_length={args.max_prompt_length}", f"data.max_response_length={args.max_response_length}",
+        "data.scoring.num_actors=1", "model.dtype=float32",
+    ]
+
+
+def train_overrides(args: argparse.Namespace, work: Path, name: str) -> list[str]:
+    """The side-by-side settings; TRL's flags in `trl_command` mirror them."""
+    return [
+        "optim.epochs=1", f"optim.lr={args.lr}", "optim.schedule=linear", "optim.warmup_steps=0",
+        "optim.max_grad_norm=1.0", f"batch.micro_batch_size={args.micro_batch}",
+        f"batch.gradient_accumulation={args.gradient_accumulation}", "deepspeed.zero_stage=0",
+        # one worker with every core's threads (OMP_NUM_THREADS) and 1 Ray CPU, as the TRL process has the machine
+        "scaling.num_workers=1", "scaling.cpus_per_worker=1", f"run.storage_path={work / 'runs'}",
+        f"run.name={name}", "run.log_every=1000000", "run.checkpoint_every=0", "export.enabled=true",
+    ]
+
+
+def trl_command(args: argparse.Namespace, work: Path) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.trl_train", f"--pairs={work / 'train_trl.jsonl'}",
+            f"--output={work / 'runs' / 'trl_dpo' / 'export'}", f"--beta={args.beta}", f"--lr={args.lr}",
+            "--warmup-steps=0", f"--micro-batch={args.micro_batch}",
+            f"--gradient-accumulation={args.gradient_accumulation}",
+            f"--max-length={args.max_prompt_length + args.max_response_length}", "--max-grad-norm=1.0",
+            f"--threads={args.threads}"]
+
+
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of a share p over n pairs."""
+    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def base_preferences(scored_folder: Path) -> dict[str, float]:
+    """The untrained model's own log-prob preference on the held-out pairs, from the reference columns of the
+    scored split (the reference is the base model): share with ref(y_w) > ref(y_l), summed and per token."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(scored_folder / "train", columns=["ref_logps", "ref_token_counts"])
+    logps, counts = table.column("ref_logps").to_pylist(), table.column("ref_token_counts").to_pylist()
+    summed = sum(lp[0] > lp[1] for lp in logps) / len(logps)
+    per_token = sum(lp[0] / n[0] > lp[1] / n[1] for lp, n in zip(logps, counts)) / len(logps)
+    return {"pairs": len(logps), "sum": summed, "per_token": per_token}
+
+
+def parity_line(ours: dict, trl: dict, n: int, prepare_seconds: float) -> str:
+    """The headline: mallows_ray's held-out DPO accuracy against TRL's, in TRL's standard errors, and the times."""
+    acc, trl_acc = ours["metrics"]["rewards/accuracy"], trl["metrics"]["rewards/accuracy"]
+    se, trl_se = standard_error(acc, n), standard_error(trl_acc, n)
+    gap = abs(acc - trl_acc) / max(trl_se, 1e-12)
+    total = ours["seconds"] + prepare_seconds
+    return (f"**DPO parity**: held-out accuracy on {n} pairs, mallows_ray {acc:.3f} +- {se:.3f} vs TRL "
+            f"{trl_acc:.3f} +- {trl_se:.3f}: {gap:.1f} of TRL's standard errors apart "
+            f"({'within' if gap <= 2 else 'NOT within'} 2); time mallows_ray {ours['seconds']:.0f} s train + "
+            f"{prepare_seconds:.0f} s prepare = {total:.0f} s vs TRL {trl['seconds']:.0f} s "
+            f"({total / trl['seconds']:.2f}x).")
+
+
+def render(rows: list[dict], base: dict, facts: dict) -> str:
+    n = base["pairs"]
+    lines = [
+        f"## Held-out results on HH-RLHF (`{facts['invocation']}`)",
+        "",
+        f"Generated in one run ({facts['minutes']:.1f} min; load average before {facts['load_before']}, after "
+        f"{facts['load_after']}). {facts['train_pairs']} train pairs, {n} held-out pairs (HH harmless-base test "
+        f"pairs within {facts['lengths']} tokens, untruncated), SmolLM2-135M-Instruct (embedded), full fine-tuning, "
+        f"fp32 CPU, {facts['threads']} threads, one epoch, lr {facts['lr']} linear to 0, no warm-up, global batch "
+        f"{facts['global_batch']} ({facts['micro_batch']} x {facts['accumulation']}), grad-norm clip 1.0, the "
+        "same for every row. Held-out accuracy: share of pairs whose DPO implicit reward beta (lp(y) - ref(y)) "
+        f"(beta {facts['beta']}) is higher for the chosen reply, +- its binomial standard error; margin: mean "
+        "reward difference; log-ratio: mean lp(y_w) - ref(y_w) of the chosen replies (a KL proxy). Every row is "
+        "`mallows-ray eval` of a saved HF folder on the held-out pairs (scored as a dataset of their own, which no "
+        "training run reads). Train time: the process's wall time (mallows_ray: Ray start, reading the scored "
+        "cache, training, export; TRL: model load, tokenization, training with a reference forward in every step, "
+        f"save). mallows_ray's reference pass, `mallows-ray prepare` of the train pairs, took "
+        f"{facts['prepare_seconds']:.0f} s, once for every c = auto row (the Mallows-SimPO row's fixed c is "
+        "another scored dataset: its train time includes its own prepare).",
+        "",
+        "| method | trained by | held-out accuracy | margin | log-ratio (chosen) | train time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        m = row["metrics"]
+        time_text = f"{row['seconds']:.0f} s" if row.get("seconds") is not None else "-"
+        accuracy = f"{m['rewards/accuracy']:.3f} +- {standard_error(m['rewards/accuracy'], n):.3f}"
+        if row["name"] == "untrained":  # rewards are 0 up to rounding: strict > counts rounding noise
+            accuracy = f"0.5 by construction (measured {m['rewards/accuracy']:.3f}: float rounding of 0)"
+        lines.append(f"| {row['label']} | {row['by']} | {accuracy} | {m['rewards/margin']:+.4f} | "
+                     f"{m['rewards/chosen'] / facts['beta']:+.3f} | {time_text} |")
+    lines += ["", f"Base model's own log-prob preference on the held-out pairs (share with lp(y_w) > lp(y_l)): "
+              f"{base['sum']:.3f} +- {standard_error(base['sum'], n):.3f} summed, {base['per_token']:.3f} +- "
+              f"{standard_error(base['per_token'], n):.3f} per token (the untrained model's implicit rewards are 0: "
+              "policy = reference).", ""]
+    by_name = {row["name"]: row for row in rows}
+    if "dpo" in by_name and "trl_dpo" in by_name:
+        lines += [parity_line(by_name["dpo"], by_name["trl_dpo"], n, facts["prepare_seconds"]), ""]
+    lines += ["Commands (logs in benchmarks/logs/heldout/):", "", "```", *facts["commands"], "```"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    started, load_before = time.perf_counter(), " ".join(f"{x:.2f}" for x in os.getloadavg())
+    from mallows_ray.models import load_tokenizer
+
+    workload = Workload(max_prompt_length=args.max_prompt_length, max_response_length=args.max_response_length)
+    pairs = untruncated_pairs(load_tokenizer(model_path()), workload, n=args.train_pairs + args.heldout_pairs)
+    train, heldout = pairs[:args.train_pairs], pairs[args.train_pairs:]
+    with tempfile.TemporaryDirectory(prefix="mr_results_") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if any((work / "runs").glob("*")):
+            raise SystemExit(f"{work / 'runs'} holds earlier runs (they would be resumed): give an empty --work")
+        write_raw_pairs(train, work / "train.jsonl")
+        write_raw_pairs(heldout, work / "heldout.jsonl")
+        (work / "train_trl.jsonl").write_text("".join(json.dumps(row) + "\n" for row in trl_rows(train)))
+        run = Runner(args.logs, args.lock, args.threads)
+        cli = [sys.executable, "-m", "mallows_ray.cli"]
+        trained = []  # (name, label, by, export folder, seconds), DPO's two rows first
+        if not args.only or "trl_dpo" in args.only:  # first: it needs no Ray, so it never waits for the lock
+            _, seconds = run("train_trl_dpo", trl_command(args, work), uses_ray=False)
+            trained.append(("trl_dpo", f"DPO (beta {args.beta})", "TRL DPOTrainer",
+                            str(work / "runs" / "trl_dpo" / "export"), seconds))
+        data = data_overrides(args, work, "train.jsonl")
+        _, prepare_seconds = run("prepare_train", [*cli, "prepare", *data])
+        heldout_data = data_overrides(args, work, "heldout.jsonl")
+        prepared, _ = run("prepare_heldout", [*cli, "prepare", *heldout_data])
+        for method in methods(args.beta, args.simpo_beta, args.simpo_gamma, args.mallows_simpo_c):
+            if args.only and method.name not in args.only:
+                continue
+            out, seconds = run(f"train_{method.name}", [*cli, "train", *data, *train_overrides(args, work, method.name),
+                                                        *method.overrides])
+            trained.insert(0 if method.name == "dpo" else len(trained),
+                           (method.name, method.label, "mallows_ray", out["export"], seconds))
+        evaluate = [*cli, "eval", *heldout_data, "loss.name=dpo", f"loss.beta={args.beta}",
+                    f"batch.micro_batch_size={args.micro_batch}", "--split=train"]
+        rows = []
+        for name, label, by, folder, seconds in [("untrained", "untrained (policy = reference)", "-",
+                                                  str(model_path()), None), *trained]:
+            metrics, _ = run(f"eval_{name}", [*evaluate, f"--model={folder}"])
+            rows.append({"name": name, "label": label, "by": by, "seconds": seconds, "metrics": metrics["pairwise"]})
+        base = base_preferences(Path(prepared["scored_data"]))
+    facts = {
+        "invocation": "python benchmarks/results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "minutes": (time.perf_counter() - started) / 60, "load_before": load_before,
+        "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()), "train_pairs": len(train),
+        "lengths": f"{args.max_prompt_length}/{args.max_response_length}", "threads": args.threads, "lr": args.lr,
+        "global_batch": args.micro_batch * args.gradient_accumulation, "micro_batch": args.micro_batch,
+        "accumulation": args.gradient_accumulation, "beta": args.beta, "prepare_seconds": prepare_seconds,
+        "commands": [f"{name}: {command}" for name, command in run.commands.items()],
+    }
+    table = render(rows, base, facts)
+    args.output.write_text(replace_section(args.output.read_text() if args.output.exists() else "", SECTION, table))
+    (args.logs / "results.json").write_text(json.dumps({"rows": rows, "base": base, "facts": facts}, indent=1))
+    print(table)
+    print(f"[results] wrote the {SECTION!r} section of {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,7 +46,7 @@ def _chunk_logits(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _chunked_forward(rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
-                     with_entropy: bool, with_wpo: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     with_entropy: bool, with_wpo: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(token log-prob [M], entropy [M] or [0], log sum_v p_v^2 [M] or [0], logsumexp [M]) of M labelled rows,
     `chunk` rows at a time."""
     m = rows.shape[0]

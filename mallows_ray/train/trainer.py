@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from mallows_ray.config import Config, to_dict
 from mallows_ray.data import manifest as mf
-from mallows_ray.data.pipeline import PreparedData, ensure_ray, prepare
+from mallows_ray.data.pipeline import PreparedData, ensure_ray, open_cache, prepare
 from mallows_ray.losses import is_listwise
 from mallows_ray.models import resolve_model_path
 from mallows_ray.train.plan import TrainPlan
@@ -40,12 +40,11 @@ class TrainResult:
 
 
 def scored_data(config: Config, address: str | None) -> PreparedData:
-    """`data.train` may name a scored cache folder (what `mallows-ray prepare` prints); otherwise prepare."""
+    """`data.train` may name a scored cache folder (what `mallows-ray prepare` prints), checked against its
+    manifest and re-gated by `data.max_bad_fraction` as a reused cache is; otherwise prepare."""
     folder = Path(config.data.train).expanduser()
-    manifest = mf.read_manifest(folder) if folder.is_dir() else None
-    if manifest is not None:
-        return PreparedData(folder, manifest)
-    return prepare(config, address=address)
+    prepared = open_cache(folder, config.data.max_bad_fraction) if folder.is_dir() else None
+    return prepared or prepare(config, address=address)
 
 
 def make_plan(config: Config, prepared: PreparedData) -> TrainPlan:

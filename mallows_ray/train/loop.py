@@ -166,7 +166,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
             log.info(f"[train] step 0 (before training) | eval loss {baseline['eval/loss']:.4f} "
                      f"acc {baseline['eval/rewards/accuracy']:.3f}")
             history.append(baseline)
-    interval_start = time.perf_counter()
+    interval_start = attempt_start = time.perf_counter()
+    first_step = step
     while step < plan.total_steps:
         epoch, consumed = plan.position(step)
         windows = (table.to_pylist() for table in train_shard.iter_batches(
@@ -211,7 +212,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                 if run_eval:
                     metrics.update(evaluate(engine, validation(), common, conditioner, lambda_cfg.eval_vertices))
                 if rank == 0:
-                    log.info(progress_line(metrics, plan.total_steps))
+                    pace = (time.perf_counter() - attempt_start) / (step - first_step)  # s per step, evals included
+                    log.info(progress_line(metrics, plan.total_steps, eta_s=pace * (plan.total_steps - step)))
                     history.append(metrics)
                 # Ray gets checkpoints and evaluations, not every log step: its controller takes one report
                 # per poll (every 2 s) and a worker blocks until its previous report is taken

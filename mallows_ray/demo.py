@@ -122,7 +122,7 @@ def _judged_run(config: Config, address: str | None, prompts: list[str], base_sc
     """Train `config`, then generate greedy replies to the test prompts under every generation lambda (each
     vertex and the uniform one; once without lambda when the run does not condition) and judge them."""
     from mallows_ray.generate import generate, load_export
-    from mallows_ray.train.conditioning import evaluation_lambdas, read_conditioning
+    from mallows_ray.train.conditioning import evaluation_lambdas
 
     with _phase(timings, f"{label}: prepare + train", f"{label}: prepare + train ({config.optim.max_steps} steps, "
                 f"evaluated on {len(prompts)} test prompts before and after)"):

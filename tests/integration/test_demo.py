@@ -55,3 +55,28 @@ def test_demo_pipeline_writes_a_complete_report(ray_local, tiny_model_dir, tmp_p
     export = metrics["extra"]["export"]
     assert (tmp_path / "demo" / "demo" / "export" / "adapter_model.safetensors").is_file()
     assert export.endswith("export")
+
+
+@pytest.mark.slow
+def test_demo_ablations_report_every_run(ray_local, tiny_model_dir, tmp_path):
+    """--ablations: the same training without conditioning and without dispersion, in the same report."""
+    from mallows_ray.demo import run_demo
+
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"data.cache_dir={tmp_path / 'cache'}",
+                 "optim.max_steps=2", "run.checkpoint_every=0", "data.scoring.num_actors=1"]
+    paths = run_demo(overrides, out_dir=tmp_path / "demo", train_rows=4, test_rows=4, max_new_tokens=3,
+                     ablations=True)
+    metrics = json.loads(paths["metrics"].read_text())
+    results = metrics["results"]
+    assert list(results) == ["base model", "conditioned policy", "no conditioning (ablation)",
+                             "no dispersion (ablation)"]
+    unconditioned = results["no conditioning (ablation)"]
+    assert list(unconditioned["lambda_control"]) == ["any lambda (not conditioned)", "base model"]
+    assert unconditioned["controlled"] is None and set(unconditioned["ranking"]) == {"conciseness", "format",
+                                                                                      "positivity"}
+    assert list(results["no dispersion (ablation)"]["lambda_control"])[:3] == ["conciseness", "format", "positivity"]
+    for run in ("demo", "demo-no-conditioning", "demo-no-dispersion"):
+        assert (tmp_path / "demo" / run / "export" / "adapter_model.safetensors").is_file(), run
+    summary = paths["summary"].read_text()
+    assert "| no conditioning (ablation) |" not in summary  # runs are columns of the headline, not rows
+    assert "### no dispersion (ablation)" in summary and "no conditioning (ablation) top-1" in summary

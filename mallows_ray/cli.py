@@ -22,6 +22,24 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
+def _add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="show Ray's INFO logs, every worker's output and "
+                        "library warnings on the console (default: they go to the run's console.log)")
+
+
+def _quiet_console(log_file: Path, verbose: bool, address: str | None) -> None:
+    """Stage lines and progress on the console, the rest in `log_file` (mallows_ray/console.py); starts or
+    joins Ray first so that its loggers and worker-output printer exist to be configured."""
+    from mallows_ray import console
+    from mallows_ray.data.pipeline import ensure_ray
+
+    path = console.configure(log_file, verbose=verbose)
+    ensure_ray(address)
+    console.quiet_ray()
+    if not verbose:
+        print(f"[console] Ray's INFO logs, worker output and warnings: {path} (--verbose shows them here)", flush=True)
+
+
 def _add_lambda_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda", dest="lambdas", action="append", metavar="WEIGHTS",
                         help="preference weights, e.g. helpfulness=0.7,honesty=0.3 (objectives not named are 0) or K "
@@ -68,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model on a Ray actor pool (log-probs, token entropy -> dispersion s(x)), write parquet + manifest.",
     )
     _add_config_args(prepare)
+    _add_verbose_arg(prepare)
     prepare.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
     train = sub.add_parser(
         "train", help="train the policy with DeepSpeed on Ray Train workers (prepares the data first if needed)",
@@ -77,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run.name, resumes from the latest checkpoint of the same run, and exports an HF folder at the end.",
     )
     _add_config_args(train)
+    _add_verbose_arg(train)
     tune = sub.add_parser(
         "tune", help="a Ray Tune sweep over any training-config keys, each trial a full `train` run",
         description="The config is a training config (the base of every trial) plus a `sweep:` section: "
@@ -99,13 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("mallows_ray_demo"),
                       help="folder for the data subsets, the run (checkpoints, export) and the report "
                       "(default: ./mallows_ray_demo)")
-    demo.add_argument("--train-rows", type=int, default=128, help="training prompts (4 replies each; the "
-                      "bundled train split has 128); optim.max_steps=N trains longer")
-    demo.add_argument("--test-rows", type=int, default=16, help="test prompts for the evaluation")
+    demo.add_argument("--train-rows", type=int, default=None, help="training prompts (4 replies each; default: "
+                      "the whole bundled train split); optim.max_steps=N trains longer")
+    demo.add_argument("--test-rows", type=int, default=None,
+                      help="test prompts for the evaluation (default: the whole bundled test split)")
+    demo.add_argument("--ablations", action="store_true", help="also train without conditioning and without the "
+                      "dispersion plug-in (same steps and seed) and report them beside the demo: 3 trainings")
     demo.add_argument("--max-new-tokens", type=int, default=40, help="reply length of the judged generations")
     demo.add_argument("--address", help="Ray address to join (default: $RAY_ADDRESS, else a local instance)")
     demo.add_argument("--fresh", action="store_true", help="replace an earlier demo run in <out>/<run.name> "
                       "(that folder only, and only if mallows-ray made it); without it an earlier run stops the demo")
+    _add_verbose_arg(demo)
     demo.add_argument("overrides", nargs="*", metavar="section.key=value",
                       help="overrides of the demo config (mallows_ray/resources/demo_config.yaml)")
     evaluate = sub.add_parser(
@@ -198,10 +222,15 @@ def _run_stage(args: argparse.Namespace) -> int:
         from mallows_ray.demo import run_demo
 
         paths = run_demo(overrides, out_dir=args.out, address=args.address, train_rows=args.train_rows,
-                         test_rows=args.test_rows, max_new_tokens=args.max_new_tokens, fresh=args.fresh)
+                         test_rows=args.test_rows, max_new_tokens=args.max_new_tokens, fresh=args.fresh,
+                         ablations=args.ablations,
+                         on_config=lambda _: _quiet_console(args.out / "console.log", args.verbose, args.address))
         print(json.dumps({name: str(path) for name, path in paths.items()}))
         return 0
     config = load_config(args.config, overrides)
+    if args.command in ("prepare", "train"):
+        _quiet_console(Path(config.run.storage_path).expanduser() / config.run.name / "console.log", args.verbose,
+                       args.address)
     if args.command == "eval":
         from mallows_ray.train.conditioning import read_conditioning
         from mallows_ray.train.evaluation import evaluate_export

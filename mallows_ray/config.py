@@ -205,6 +205,9 @@ class LambdaConfig:
     update_every: int = bounded(0, 0)  # learned: optimizer steps between candidate evaluations; 0: run.eval_every
     update_prompts: int = bounded(8, 1)  # learned: prompts of the fixed validation batch the candidates are scored on
     eval_vertices: bool = True  # evaluate under each objective's vertex lambda too (K + 1 passes), else uniform only
+    # train every prompt under each objective's vertex lambda and its scheduler draw (K + 1 rows per prompt, in
+    # one micro-batch of micro_batch_size x (K + 1) rows): the gradient contrasts lambdas on identical replies
+    vertex_copies: bool = False
 
     def check(self, where: str) -> None:
         """Scheduler parameter names (values need the data's objectives and are checked when training starts)."""

@@ -1,15 +1,21 @@
 """`mallows-ray demo`: the main job on the embedded defaults, start to finish on a CPU.
 
-    prepare   the bundled listwise demo data (resources/demo: everyday prompts, 4 SmolLM2 replies each, scored
-              by three programmatic judges), reference log-probs + entropy -> s(x)
+    prepare   the bundled listwise demo data (resources/demo: everyday prompts, 4 SmolLM2 replies each, one per
+              style: short, the requested format, warm, plain; scored by three programmatic judges),
+              reference log-probs + entropy -> s(x)
     train     listwise lambda-DPO with MallowsPO's dispersion plug-in (r = beta s(x) (lp - ref), ALGORITHMS 2.4
-              and 3; with two responses and a one-hot target it is MallowsPO-theta), LoRA, lambda rendered into
-              the policy's prompt (3.1), 2 Ray Train workers with DeepSpeed ZeRO-2
-    evaluate  on the test split, inside the training run (before the first step, midway, after the last):
-              reward accuracy (top-1 under the uniform lambda) and pair accuracy (share of the target-ordered
-              reply pairs the rewards order the same way) of the untrained and the trained policy; judges' win rates of the trained model's greedy replies against the base
-              model's; lambda control: the judges' mean scores of replies generated under each vertex lambda
-    report    <out>/report: metrics.json, summary.md, PNG plots, and the exported model under <out>/run
+              and 3), LoRA, lambda rendered into the policy's prompt (3.1), each prompt trained under every
+              vertex lambda and one Dirichlet draw in the same step (lambdas.vertex_copies), 2 Ray Train
+              workers with DeepSpeed ZeRO-2
+    evaluate  on the held-out test split, before the first step (the untrained policy = the base model) and
+              after the last: per-vertex top-1 and pair ranking accuracy of the implicit rewards; greedy
+              replies generated under each vertex lambda, the uniform one and by the base model, scored by
+              every judge: the lambda-control matrix with 90% bootstrap intervals and the paired differences
+              that say whether each objective's vertex wins on its own judge
+    ablations with --ablations: the same training without conditioning (lambdas.condition=false) and without
+              the dispersion plug-in (loss.dispersion=false), same data, steps and seed, in the same report
+    report    <out>/report: summary.md (headline table first), metrics.json, PNG plots; the exported model
+              under <out>/<run name>/export
 
 A second run reuses the converted model and the scoring cache. The report shows one whole training run, so
 an earlier run folder <out>/<run.name> stops the demo with a message; --fresh replaces it (deleting that one
@@ -23,14 +29,17 @@ import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from mallows_ray.config import Config, load_config, to_dict
+from mallows_ray.console import Progress
+from mallows_ray.control import control_differences, control_matrix, controlled
 from mallows_ray.demo_data import demo_path
 from mallows_ray.judges import OBJECTIVES, score_all
+from mallows_ray.models import resolve_model_path
 
 DEMO_CONFIG = Path(__file__).parent / "resources" / "demo_config.yaml"
 
@@ -42,6 +51,12 @@ def demo_subset(split: str, rows: int, folder: Path) -> Path:
     path = folder / f"{split}-{len(lines)}.jsonl"
     path.write_text("".join(lines))
     return path
+
+
+def split_size(split: str) -> int:
+    """Records in a bundled demo split."""
+    with gzip.open(demo_path(split), "rt") as fh:
+        return sum(1 for line in fh if line.strip())
 
 
 def demo_config(out_dir: Path, overrides: list[str], sizes: dict[str, int]) -> Config:
@@ -57,9 +72,10 @@ def demo_config(out_dir: Path, overrides: list[str], sizes: dict[str, int]) -> C
     ])
 
 
-def _mean_scores(prompts: list[str], replies: list[str]) -> dict[str, float]:
+def judge_scores(prompts: list[str], replies: list[str]) -> dict[str, list[float]]:
+    """{judge: [score of reply i to prompt i]} for every judge of OBJECTIVES."""
     scores = [score_all(prompt, reply) for prompt, reply in zip(prompts, replies)]
-    return {name: float(np.mean([s[name] for s in scores])) for name in OBJECTIVES}
+    return {name: [s[name] for s in scores] for name in OBJECTIVES}
 
 
 def win_rates(prompts: list[str], ours: list[str], base: list[str]) -> dict[str, float]:
@@ -67,6 +83,12 @@ def win_rates(prompts: list[str], ours: list[str], base: list[str]) -> dict[str,
     pairs = [(score_all(prompt, a), score_all(prompt, b)) for prompt, a, b in zip(prompts, ours, base)]
     return {name: float(np.mean([1.0 if sa[name] > sb[name] else 0.5 if sa[name] == sb[name] else 0.0
                                  for sa, sb in pairs])) for name in OBJECTIVES}
+
+
+def ranking(evaluation: dict[str, float]) -> dict[str, dict[str, float]]:
+    """{vertex: {"top1", "pair"}} from one evaluation's per-vertex metrics (lambdas.eval_vertices)."""
+    return {name: {"top1": evaluation[f"eval/{name}/rewards/accuracy"],
+                   "pair": evaluation[f"eval/{name}/rewards/pair_accuracy"]} for name in OBJECTIVES}
 
 
 @contextmanager
@@ -94,58 +116,118 @@ def start_fresh(run_folder: Path, fresh: bool) -> None:
     print(f"[demo] --fresh: deleted the earlier run {run_folder}", flush=True)
 
 
-def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int = 128,
-             test_rows: int = 16, max_new_tokens: int = 40, fresh: bool = False) -> dict[str, Path]:
-    from mallows_ray.generate import generate, load_export
-    from mallows_ray.lambdas import format_lambda
-    from mallows_ray.report import write_report
+BASE = "base model"
+UNCONDITIONED = "any lambda (not conditioned)"
+# --ablations: the demo's training with one part switched off, same data, steps and seed
+ABLATIONS = {
+    "no conditioning": ["lambdas.condition=false"],
+    "no dispersion": ["loss.dispersion=false"],
+}
+
+
+def _train(config: Config, address: str | None, fresh: bool):
     from mallows_ray.train import run_training
-    from mallows_ray.train.conditioning import evaluation_lambdas, read_conditioning
+
+    start_fresh(Path(config.run.storage_path).expanduser() / config.run.name, fresh)  # else it would resume
+    return run_training(config, address=address)
+
+
+def _judged_run(config: Config, address: str | None, prompts: list[str], base_scores: dict[str, list[float]],
+                settings: dict, timings: dict[str, float], label: str, fresh: bool) -> dict:
+    """Train `config`, then generate greedy replies to the test prompts under every generation lambda (each
+    vertex and the uniform one; once without lambda when the run does not condition) and judge them."""
+    from mallows_ray.generate import generate, load_export
+    from mallows_ray.train.conditioning import evaluation_lambdas
+
+    with _phase(timings, f"{label}: prepare + train", f"{label}: prepare + train ({config.optim.max_steps} steps, "
+                f"evaluated on {len(prompts)} test prompts before and after)"):
+        result = _train(config, address, fresh)
+    evaluations = [h for h in result.history if "eval/loss" in h]
+    untrained, trained = evaluations[0], evaluations[-1]  # step 0 (run.eval_at_start) and the last step
+    with _phase(timings, f"{label}: generations", f"{label}: judged generations on the test prompts"):
+        model, tokenizer, conditioning = load_export(result.export_dir)
+        if conditioning is not None and conditioning.get("condition", True):
+            lambdas = evaluation_lambdas(list(OBJECTIVES))
+        else:  # the policy never saw a lambda: one set of replies stands for every lambda
+            lambdas, conditioning = {UNCONDITIONED: None}, None
+        progress = Progress("generate", len(lambdas) * len(prompts), "replies")
+        replies = {}
+        for name, lam in lambdas.items():
+            replies[name] = generate(model, tokenizer, prompts, lam=lam, conditioning=conditioning, **settings)
+            progress.update(len(prompts))
+    scores = {name: judge_scores(prompts, texts) for name, texts in replies.items()}
+    scores[BASE] = base_scores
+    differences = control_differences(scores, OBJECTIVES)
+    return {"result": result, "untrained": untrained, "trained": trained, "replies": replies,
+            "summary": {"ranking": ranking(trained), "lambda_control": control_matrix(scores),
+                        "control_differences": differences, "controlled": controlled(differences) or None}}
+
+
+def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None, train_rows: int | None = None,
+             test_rows: int | None = None, max_new_tokens: int = 40, ablations: bool = False,
+             fresh: bool = False, on_config: Callable[[Config], None] | None = None) -> dict[str, Path]:
+    """The demo; `on_config` runs once the config is built and checked, before anything starts Ray (the CLI
+    sets up its console there, so a bad setting stops the demo before Ray is up)."""
+    from mallows_ray.generate import generate, load_export
+    from mallows_ray.report import write_report
 
     started = time.time()
     out_dir = Path(out_dir).expanduser().resolve()
-    config = demo_config(out_dir, overrides, {"train": train_rows, "test": test_rows})
+    sizes = {"train": train_rows or split_size("train"), "test": test_rows or split_size("test")}
+    config = demo_config(out_dir, overrides, sizes)
+    start_fresh(Path(config.run.storage_path).expanduser() / config.run.name, fresh)  # before any work
+    if on_config is not None:
+        on_config(config)
     timings: dict[str, float] = {}
+    records = [json.loads(line) for line in Path(config.data.validation).read_text().splitlines()]
+    prompts = [record["prompt"] for record in records]
+    settings = dict(max_new_tokens=max_new_tokens, batch_size=len(prompts))  # one batch: fewest decode steps
+    print(f"[demo] {sizes['train']} training prompts x 4 replies, {sizes['test']} test prompts; "
+          f"{1 + len(ABLATIONS) * ablations} training run(s)", flush=True)
 
-    start_fresh(Path(config.run.storage_path).expanduser() / config.run.name, fresh)  # else it would resume
-    with _phase(timings, "prepare_and_train", f"1-3/4 prepare + train ({train_rows} prompts x 4 replies, "
-                f"{config.optim.max_steps} steps), evaluated on {test_rows} test prompts before, during and after"):
-        result = run_training(config, address=address)
+    with _phase(timings, "base model generations", "judged generations of the base model on the test prompts"):
+        base_replies = generate(*load_export(resolve_model_path(config.model.name_or_path))[:2], prompts, **settings)
+    base_scores = judge_scores(prompts, base_replies)
+    main = _judged_run(config, address, prompts, base_scores, settings, timings, "demo", fresh)
+    runs = {"demo": main}
+    for name, extra_overrides in (ABLATIONS.items() if ablations else ()):
+        variant = demo_config(out_dir, [*overrides, *extra_overrides, f"run.name={config.run.name}-"
+                                        f"{name.replace(' ', '-')}"], sizes)
+        runs[name] = _judged_run(variant, address, prompts, base_scores, settings, timings, name, fresh)
+
+    print("[demo] report", flush=True)
+    result, untrained, trained = main["result"], main["untrained"], main["trained"]
     dispersion = pq.read_table(Path(result.plan.data_folder) / "train", columns=["dispersion"]).column(
         "dispersion").to_numpy()
-    export, base = result.export_dir, result.plan.model_path
-    evaluations = [h for h in result.history if "eval/loss" in h]
-    untrained, trained = evaluations[0], evaluations[-1]  # step 0 (run.eval_at_start) and the last step
-    conditioning = read_conditioning(export)
-    test_file = Path(config.data.validation)
-
-    with _phase(timings, "generations", "3/4 judged generations on the test prompts: trained vs base model, and "
-                "under each vertex lambda"):
-        records = [json.loads(line) for line in test_file.read_text().splitlines()]
-        prompts = [record["prompt"] for record in records]
-        settings = dict(max_new_tokens=max_new_tokens, batch_size=len(prompts))  # one batch: fewest decode steps
-        base_replies = generate(*load_export(base)[:2], prompts, **settings)
-        model, tokenizer, _ = load_export(export)
-        replies = {name: generate(model, tokenizer, prompts, lam=lam, conditioning=conditioning, **settings)
-                   for name, lam in evaluation_lambdas(list(OBJECTIVES)).items()}
-        control = {format_lambda(lam, OBJECTIVES).split(": ", 1)[1]: _mean_scores(prompts, replies[name])
-                   for name, lam in evaluation_lambdas(list(OBJECTIVES)).items()}
-        control["base model (no lambda)"] = _mean_scores(prompts, base_replies)
-    ours = replies["uniform"]
-
-    print("[demo] 4/4 report")
     eval_metrics = {f"test/{name}{suffix}": evaluation[f"eval/{key}"]
                     for suffix, evaluation in (("", trained), ("_base", untrained))
                     for name, key in (("reward_accuracy", "rewards/accuracy"), ("pair_accuracy", "rewards/pair_accuracy"),
                                       ("loss", "loss"), ("reward_margin", "rewards/margin"))}
     eval_metrics["test/prompts"] = trained["eval/examples"]
-    samples = [{"prompt": p, "base": b, "trained": o} for p, b, o in list(zip(prompts, base_replies, ours))[:4]]
+    results = {BASE: {"ranking": ranking(untrained)},
+               "conditioned policy": main["summary"],
+               **{f"{name} (ablation)": run["summary"] for name, run in runs.items() if name != "demo"}}
+    ours = main["replies"].get("uniform") or main["replies"][UNCONDITIONED]  # lambdas.condition=false: no lambda
+    samples = [{"prompt": p, "base": b, **{name: texts[i] for name, texts in main["replies"].items()}}
+               for i, (p, b) in enumerate(list(zip(prompts, base_replies))[:4])]
     paths = write_report(out_dir / "report", history=result.history, eval_metrics=eval_metrics, dispersion=dispersion,
-                         win_rates=win_rates(prompts, ours, base_replies), lambda_control=control,
-                         extra={"export": export, "config": to_dict(config), "timings_s": timings,
-                                "total_s": time.time() - started, "samples": samples})
-    print(f"[demo] done in {time.time() - started:.0f} s: test reward accuracy "
-          f"{eval_metrics['test/reward_accuracy']:.3f} (base {eval_metrics['test/reward_accuracy_base']:.3f}), "
-          f"pair accuracy {eval_metrics['test/pair_accuracy']:.3f} (base {eval_metrics['test/pair_accuracy_base']:.3f}); "
-          f"report {paths['summary']}")
+                         win_rates=win_rates(prompts, ours, base_replies),
+                         lambda_control=main["summary"]["lambda_control"], results=results,
+                         generation_lambdas=list(main["summary"]["lambda_control"]),
+                         extra={"export": result.export_dir, "total_s": time.time() - started, "timings_s": timings,
+                                "config": to_dict(config), "samples": samples})
+    _print_headline(results, time.time() - started, paths["summary"])
     return paths
+
+
+def _print_headline(results: dict, seconds: float, summary: Path) -> None:
+    """The figures a person looks for first, on the console."""
+    print(f"[demo] done in {seconds / 60:.1f} min; report {summary}", flush=True)
+    for name, run in results.items():
+        top1 = np.mean([v["top1"] for v in run["ranking"].values()])
+        pair = np.mean([v["pair"] for v in run["ranking"].values()])
+        line = f"[demo]   {name}: top-1 {top1:.3f}, pair {pair:.3f} (mean over vertices)"
+        if run.get("controlled"):
+            line += (f"; lambda control on {sum(run['controlled'].values())}/{len(run['controlled'])} objectives "
+                     f"({', '.join(k for k, ok in run['controlled'].items() if ok) or 'none'})")
+        print(line, flush=True)

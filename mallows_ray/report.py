@@ -10,8 +10,13 @@ Inputs (see `write_report`):
     eval_metrics    final figures, name -> number (e.g. the test split's `eval/*` metrics)
     dispersion      s(x) per prompt of the scored data (MallowsPO's dispersion, ALGORITHMS.md)
     win_rates       optional, name -> rate, or name -> {column: value} (e.g. per judge)
-    lambda_control  optional, lambda label -> {objective: mean judge score} of replies generated under it
-    extra           anything else worth keeping (command, config, timings), JSON-serialisable
+    lambda_control  optional, the main run's lambda-control matrix (`control.control_matrix`): lambda name ->
+                    {judge: {"mean", "lo", "hi"}} of the replies generated under it
+    results         optional, run name -> {"ranking": {vertex: {"top1", "pair"}}, "lambda_control": matrix,
+                    "control_differences": (`control.control_differences`), "controlled": {objective: bool}}
+                    for the base model, the trained policy and any ablations: the headline table and the
+                    per-run sections (a missing part shows as n/a)
+    extra           anything else worth keeping (command, config, timings), JSON-serialisable; shown last
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot state, no display needed).
 """
@@ -28,6 +33,7 @@ import numpy as np
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 # (train key, eval key, axis label) of the curves plotted over steps.
 CURVES = {
@@ -130,20 +136,41 @@ def plot_dispersion(dispersion: Sequence[float] | np.ndarray, path: Path) -> Pat
     return _save(fig, path)
 
 
-def plot_lambda_control(lambda_control: Mapping[str, Mapping[str, float]], path: Path) -> Path:
-    """Grouped bars: one group per lambda, one bar per objective (its mean judge score)."""
-    labels = list(lambda_control)
-    objectives = sorted({name for scores in lambda_control.values() for name in scores})
-    fig = Figure(figsize=(max(5.5, 1.6 * len(labels) + 2), 3.8))
+def plot_lambda_control(matrices: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]], path: Path) -> Path:
+    """One heatmap per run: rows the generation lambdas, columns the judges, cells the mean score (with the
+    90% interval written in), the diagonal (a vertex's own judge) outlined."""
+    fig = Figure(figsize=(6.0 * len(matrices), 0.6 * max(len(m) for m in matrices.values()) + 2.2))
+    for ax, (title, matrix) in zip(fig.subplots(1, len(matrices), squeeze=False)[0], matrices.items()):
+        rows = list(matrix)
+        judges = list(next(iter(matrix.values())))
+        means = np.array([[_finite(matrix[r][j]["mean"]) or 0.0 for j in judges] for r in rows])
+        ax.imshow(means, cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
+        for i, r in enumerate(rows):
+            for k, j in enumerate(judges):
+                cell = matrix[r][j]
+                ax.text(k, i, f"{cell['mean']:.2f}\n[{cell['lo']:.2f}, {cell['hi']:.2f}]", ha="center", va="center",
+                        color="white" if cell["mean"] < 0.6 else "black", fontsize=8)
+                if r == j:
+                    ax.add_patch(Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+        ax.set_xticks(range(len(judges)), judges)
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set(xlabel="judge", ylabel="lambda at generation", title=f"lambda control: {title}")
+    return _save(fig, path)
+
+
+def plot_scheduler(history: list[dict], path: Path) -> Path | None:
+    """The learned scheduler's candidate probabilities p_j (`lambda/p_<j>`) over steps; None without them."""
+    keys = sorted({k for h in history for k in h if k.startswith("lambda/p_")}, key=lambda k: int(k.rsplit("_", 1)[1]))
+    if not keys:
+        return None
+    fig = Figure(figsize=(6.5, 3.8))
     ax = fig.subplots()
-    width = 0.8 / max(len(objectives), 1)
-    x = np.arange(len(labels))
-    for k, name in enumerate(objectives):
-        heights = [_finite(lambda_control[label].get(name)) or 0.0 for label in labels]
-        ax.bar(x + (k - (len(objectives) - 1) / 2) * width, heights, width, label=name)
-    ax.set_xticks(x, labels, rotation=20, ha="right")
-    ax.set(ylabel="mean judge score", title="judge scores per lambda")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
+    for key in keys:
+        steps, values = _series(history, key)
+        ax.plot(steps, values, "-o", markersize=3, label=key.split("/", 1)[1])
+    ax.set(xlabel="optimizer step", ylabel="probability", title="learned lambda scheduler: candidate probabilities")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, ncol=1 + len(keys) // 12)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -168,19 +195,88 @@ def _mapping_table(data: Mapping[str, Any], first: str) -> str:
     return _table([first, "value"], [[name, _number(v) if not isinstance(v, str) else v] for name, v in data.items()])
 
 
+def _interval_text(cell: Mapping[str, Any] | None) -> str:
+    if not cell or _finite(cell.get("mean")) is None:
+        return "n/a"
+    return f"{cell['mean']:.3f} [{cell['lo']:.3f}, {cell['hi']:.3f}]"
+
+
+def _matrix_table(matrix: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """Rows: generation lambdas; columns: judges; cells mean [90% interval]; the diagonal in bold."""
+    judges = list(next(iter(matrix.values())))
+    return _table(["lambda at generation", *judges],
+                  [[name, *(f"**{_interval_text(cells[j])}**" if name == j else _interval_text(cells[j])
+                            for j in judges)] for name, cells in matrix.items()])
+
+
+def _closest_other(differences: Mapping[str, Mapping[str, float]]) -> Mapping[str, float] | None:
+    """The difference to the other vertex that comes closest (smallest mean difference)."""
+    return min(differences.values(), key=lambda d: d["mean"]) if differences else None
+
+
+def _mean_over(ranking: Mapping[str, Mapping[str, float]], key: str) -> float | None:
+    values = [_finite(v.get(key)) for v in ranking.values()]
+    return float(np.mean(values)) if values and None not in values else None
+
+
+def _headline(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The headline table: one column per run (base model first), rows = ranking and lambda-control figures."""
+    names = list(results)
+    vertices = list(dict.fromkeys(v for r in results.values() for v in (r.get("ranking") or {})))
+    objectives = list(dict.fromkeys(k for r in results.values() for k in (r.get("control_differences") or {})))
+    rows = [["top-1 ranking accuracy, mean over vertices", *(
+                _number(_mean_over(results[n].get("ranking") or {}, "top1")) for n in names)],
+            ["pair ranking accuracy, mean over vertices", *(
+                _number(_mean_over(results[n].get("ranking") or {}, "pair")) for n in names)]]
+    rows += [[f"top-1 under the {v} vertex", *(_number((results[n].get("ranking") or {}).get(v, {}).get("top1"))
+                                                for n in names)] for v in vertices]
+    rows += [[f"{k} judge: {k} vertex minus the closest other vertex", *(
+        _interval_text(_closest_other((results[n].get("control_differences") or {}).get(k, {}))) for n in names)]
+        for k in objectives]
+    if objectives:
+        rows.append(["objectives under lambda control", *(
+            f"{sum(results[n]['controlled'].values())}/{len(results[n]['controlled'])}" if results[n].get("controlled")
+            else "n/a" for n in names)])
+    return [_table(["", *names], rows), "",
+            "Ranking accuracy: on the test prompts, under each vertex lambda (rendered into the prompt), whether "
+            "the policy's implicit rewards beta s(x) (log pi - log ref) put the reply that vertex's judge scores "
+            "highest first (top-1) and order reply pairs as that judge does (pair). Lambda control: greedy replies "
+            "to the test prompts generated under each vertex; an objective is under control when its vertex "
+            "scores higher on its judge than every other vertex, with the 90% paired-bootstrap interval of each "
+            "difference (over prompts) above 0. The base model column is the untrained policy.", ""]
+
+
 def _summary_markdown(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
     train, evals, final = metrics["train"], metrics["eval_history"], metrics["final_train"]
     parts = ["# Run report", ""]
-    if metrics["extra"]:
-        scalars = {k: v for k, v in metrics["extra"].items() if not isinstance(v, (dict, list))}
-        nested = {k: v for k, v in metrics["extra"].items() if isinstance(v, (dict, list))}
-        parts += ["## Run", ""]
-        if scalars:
-            parts += [_table(["key", "value"], [[k, _number(v) if not isinstance(v, str) else v]
-                                                for k, v in scalars.items()]), ""]
-        for key, value in nested.items():  # config, timings, samples: readable as YAML, not one JSON line
-            parts += [f"### {key}", "", "```yaml",
-                      yaml.safe_dump(value, sort_keys=False, allow_unicode=True, width=110).rstrip(), "```", ""]
+    results = metrics.get("results") or {}
+    if results:
+        parts += ["## Headline (held-out test prompts)", "", *_headline(results)]
+    control_runs = {name: r for name, r in results.items() if r.get("lambda_control")}
+    if not control_runs and metrics["lambda_control"]:
+        control_runs = {"trained": {"lambda_control": metrics["lambda_control"]}}
+    if control_runs:
+        parts += ["## Lambda control", "", "Mean judge score of the replies generated under each lambda, with the "
+                  "90% bootstrap interval over test prompts; the diagonal (a vertex on its own judge) in bold.", ""]
+        for name, run in control_runs.items():
+            parts += [f"### {name}", "", _matrix_table(run["lambda_control"]), ""]
+            differences = run.get("control_differences") or {}
+            if differences:
+                parts += ["Paired differences on each objective's judge, its vertex minus each other vertex:", "",
+                          _table(["judge", "vertex minus", "difference [90% interval]"],
+                                 [[k, j, _interval_text(d)] for k, others in differences.items()
+                                  for j, d in others.items()]), ""]
+        if "lambda_control" in plots:
+            parts += ["![lambda_control](lambda_control.png)", ""]
+    ranked = {name: r["ranking"] for name, r in results.items() if r.get("ranking")}
+    if ranked:
+        vertices = list(dict.fromkeys(v for r in ranked.values() for v in r))
+        parts += ["## Ranking accuracy per vertex", "", _table(
+            ["vertex", *(f"{name} {key}" for name in ranked for key in ("top-1", "pair"))],
+            [[v, *(_number(r.get(v, {}).get(key)) for r in ranked.values() for key in ("top1", "pair"))]
+             for v in vertices]), ""]
+    if "scheduler" in plots:
+        parts += ["## Learned lambda scheduler", "", "![scheduler](scheduler.png)", ""]
     parts += ["## Training", ""]
     if final:
         first = train[0] if train else {}
@@ -200,10 +296,18 @@ def _summary_markdown(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
                                                 [[_number(d[k]) for k in d]]), ""]
     if metrics["win_rates"]:
         parts += ["## Win rates", "", _mapping_table(metrics["win_rates"], "comparison"), ""]
-    if metrics["lambda_control"]:
-        parts += ["## Judge scores per lambda", "", _mapping_table(metrics["lambda_control"], "lambda"), ""]
-    parts += ["## Plots", ""] + [f"![{name}]({path.name})" for name, path in plots.items()]
-    return "\n".join(parts) + "\n"
+    parts += ["## Plots", ""] + [f"![{name}]({path.name})" for name, path in plots.items()] + [""]
+    if metrics["extra"]:  # the config and run details last
+        scalars = {k: v for k, v in metrics["extra"].items() if not isinstance(v, (dict, list))}
+        nested = {k: v for k, v in metrics["extra"].items() if isinstance(v, (dict, list))}
+        parts += ["## Run", ""]
+        if scalars:
+            parts += [_table(["key", "value"], [[k, _number(v) if not isinstance(v, str) else v]
+                                                for k, v in scalars.items()]), ""]
+        for key, value in nested.items():  # config, timings, samples: readable as YAML, not one JSON line
+            parts += [f"### {key}", "", "```yaml",
+                      yaml.safe_dump(value, sort_keys=False, allow_unicode=True, width=110).rstrip(), "```", ""]
+    return "\n".join(parts).rstrip("\n") + "\n"
 
 
 def write_report(
@@ -215,13 +319,16 @@ def write_report(
     win_rates: dict | None,
     lambda_control: dict | None,
     extra: dict,
+    results: dict | None = None,
+    generation_lambdas: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json, summary.md and the plots into `folder` (created); returns {artifact: path}.
 
     Artifacts: `metrics` (metrics.json: train, eval_history, final_train, eval, dispersion summary,
-    win_rates, lambda_control, extra), `summary` (summary.md), `loss` (loss over steps), `rewards` (reward
-    accuracy and margin over steps), `dispersion` (histogram of s(x)), and `lambda_control` (bars) when
-    lambda_control is given. Plots show train values as lines and evaluation steps as markers.
+    win_rates, lambda_control, generation_lambdas, results, extra), `summary` (summary.md: the headline
+    table first, the run details last), `loss` (loss over steps), `rewards` (reward accuracy and margin over
+    steps), `dispersion` (histogram of s(x)), `lambda_control` (heatmaps of every run's matrix) when a matrix
+    is given, and `scheduler` (the learned scheduler's candidate probabilities) when the history logs them.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -234,6 +341,8 @@ def write_report(
         "dispersion": dispersion_summary(dispersion),
         "win_rates": win_rates,
         "lambda_control": lambda_control,
+        "generation_lambdas": list(generation_lambdas or (lambda_control or {})),
+        "results": results or {},
         "extra": extra,
     })
     plots = {
@@ -241,8 +350,14 @@ def write_report(
         "rewards": plot_curves(history, ["accuracy", "margin"], folder / "rewards.png"),
         "dispersion": plot_dispersion(dispersion, folder / "dispersion.png"),
     }
-    if lambda_control:
-        plots["lambda_control"] = plot_lambda_control(lambda_control, folder / "lambda_control.png")
+    matrices = {name: r["lambda_control"] for name, r in (results or {}).items() if r.get("lambda_control")}
+    if not matrices and lambda_control:
+        matrices = {"trained": lambda_control}
+    if matrices:
+        plots["lambda_control"] = plot_lambda_control(matrices, folder / "lambda_control.png")
+    scheduler = plot_scheduler(history, folder / "scheduler.png")
+    if scheduler is not None:
+        plots["scheduler"] = scheduler
     paths = {"metrics": folder / "metrics.json", "summary": folder / "summary.md", **plots}
     paths["metrics"].write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     paths["summary"].write_text(_summary_markdown(metrics, plots))

@@ -5,6 +5,12 @@ Determinism: the lambdas of global batch `step` are drawn for the whole global b
 by (run.seed, step), before the batch is sliced by rank. Every rank draws the same lambdas, a resumed or
 restarted run draws the same ones again, and 1 worker x accumulation 2 trains on the lambdas of 2 workers x 1.
 
+Vertex copies (`lambdas.vertex_copies`): every prompt of the global batch is trained K + 1 times, under each
+objective's vertex lambda and under its scheduler draw, in the same micro-batch. The loss then compares the
+same replies under different lambdas within one gradient, which is the signal that teaches the policy to read
+lambda (a single draw per prompt leaves lambda's effect confounded with the prompt's). The copies are made
+after the rank slice from the globally drawn lambdas, so determinism and world-size invariance are kept.
+
 The reference log-probs in the rows were scored on the unconditioned prompt and stay as they are: the KL
 anchor is the base model's behaviour for every lambda (section 3.1), so conditioning only swaps the policy's
 prompt ids.
@@ -93,6 +99,28 @@ def step_lambdas(scheduler: LambdaScheduler, n: int, *, seed: int, step: int) ->
     the scheduler's state only."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return scheduler.sample(n, generator)
+
+
+def vertex_copies(rows: list[Row], draws: Sequence[Sequence[float]],
+                  num_objectives: int) -> tuple[list[Row], list[list[float]]]:
+    """(rows, lambdas) with each row repeated K + 1 times: under the K vertex lambdas (objective order), then
+    under its own draw [K]. Row i's copies are rows i * (K + 1) ... i * (K + 1) + K, so a micro-batch of
+    `micro_batch_size * (K + 1)` rows holds whole prompts."""
+    vertices = torch.eye(num_objectives).tolist()
+    out_rows, out_lambdas = [], []
+    for row, draw in zip(rows, draws, strict=True):
+        out_rows += [row] * (num_objectives + 1)
+        out_lambdas += [*vertices, list(map(float, draw))]
+    return out_rows, out_lambdas
+
+
+def training_rows(conditioner: Conditioner, rows: list[Row], draws: Sequence[Sequence[float]], *,
+                  copies: bool) -> list[Row]:
+    """A rank's training rows of one step: each row under its drawn lambda [K], or with `copies` under every
+    vertex and its draw (`vertex_copies`)."""
+    if copies:
+        return conditioner.apply(*vertex_copies(rows, draws, len(conditioner.objectives)))
+    return conditioner.apply(rows, draws)
 
 
 def evaluation_lambdas(objectives: Sequence[str]) -> dict[str, tuple[float, ...]]:

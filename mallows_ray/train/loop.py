@@ -27,7 +27,7 @@ from mallows_ray.models import load_tokenizer
 from mallows_ray.train import checkpoint
 from mallows_ray.train.batches import WINDOW_BATCHES, collate, epoch_batches, micro_batches, rank_slice
 from mallows_ray.train.conditioning import (
-    Conditioner, build_lambda_scheduler, evaluation_lambdas, step_lambdas,
+    Conditioner, build_lambda_scheduler, evaluation_lambdas, step_lambdas, training_rows,
 )
 from mallows_ray.train.engine import build_engine, build_policy, optimizer_step, parameter_counts
 from mallows_ray.train.evaluation import evaluate_rows, evaluate_under_lambdas
@@ -135,8 +135,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     # ---- listwise: the lambda scheduler, the conditioner, the learned scheduler's fixed validation batch
     scheduler = conditioner = None
     update_every, update_rows = 0, []
+    copies = 1  # rows per prompt in a micro-batch: K + 1 with lambdas.vertex_copies
     if listwise:
         conditioner = Conditioner.from_config(tokenizer, plan.objectives, lambda_cfg)
+        copies = len(plan.objectives) + 1 if lambda_cfg.vertex_copies else 1
         scheduler = build_lambda_scheduler(lambda_cfg, plan.objectives)
         if scheduler.needs_eval:
             update_every = lambda_cfg.update_every or config.run.eval_every
@@ -163,7 +165,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
             log.info(f"[train] step 0 (before training) | eval loss {baseline['eval/loss']:.4f} "
                      f"acc {baseline['eval/rewards/accuracy']:.3f}")
             history.append(baseline)
-    interval_start = time.perf_counter()
+    interval_start = attempt_start = time.perf_counter()
+    first_step = step
     while step < plan.total_steps:
         epoch, consumed = plan.position(step)
         windows = (table.to_pylist() for table in train_shard.iter_batches(
@@ -174,10 +177,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
         for global_rows in itertools.islice(batches, consumed, None):  # skip what a resumed run already did
             lr = engine.get_lr()[0]
             rows = rank_slice(global_rows, rank, world)                  # micro x accumulation prompts
+            ids = [row["id"] for row in rows]
             if listwise:  # lambdas [global batch, K], drawn for the whole global batch, then sliced
                 lambdas = step_lambdas(scheduler, len(global_rows), seed=config.run.seed, step=step)
-                rows = conditioner.apply(rows, rank_slice(lambdas.tolist(), rank, world))
-            for micro_rows in micro_batches(rows, micro):                # `accumulation` micro-batches
+                rows = training_rows(conditioner, rows, rank_slice(lambdas.tolist(), rank, world),
+                                     copies=lambda_cfg.vertex_copies)
+            for micro_rows in micro_batches(rows, micro * copies):       # `accumulation` micro-batches
                 batch = collate(micro_rows, tokenizer.pad_token_id, with_scores=listwise,
                                 share_prompt=config.model.share_prompt).to(engine.device)
                 out = forward_loss(engine, batch, loss_fn, listwise, lambda_cfg.target_tau)  # out.losses [B]
@@ -186,7 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                 sums.add_loss_output(out, batch.dispersion)
                 sums.add("tokens", batch.tokens)
             step += 1
-            examples.write(step, [row["id"] for row in rows])
+            examples.write(step, ids)
             if update_every and step % update_every == 0:  # learned scheduler: identical update on every rank
                 scheduler.update(score_candidates(engine, scheduler, update_rows, conditioner, common))
 
@@ -206,7 +211,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                 if run_eval:
                     metrics.update(evaluate(engine, validation(), common, conditioner, lambda_cfg.eval_vertices))
                 if rank == 0:
-                    log.info(progress_line(metrics, plan.total_steps))
+                    pace = (time.perf_counter() - attempt_start) / (step - first_step)  # s per step, evals included
+                    log.info(progress_line(metrics, plan.total_steps, eta_s=pace * (plan.total_steps - step)))
                     history.append(metrics)
                 # Ray gets checkpoints and evaluations, not every log step: its controller takes one report
                 # per poll (every 2 s) and a worker blocks until its previous report is taken

@@ -71,9 +71,10 @@ def rank_extremes(value: float) -> tuple[float, float]:
     return -low, high
 
 
-def progress_line(metrics: dict[str, float], total_steps: int) -> str:
-    """One concise line per log step (rank 0)."""
-    parts = [f"step {int(metrics['step'])}/{total_steps}", f"loss {metrics['loss']:.4f}",
+def progress_line(metrics: dict[str, float], total_steps: int, eta_s: float | None = None) -> str:
+    """One concise line per log step (rank 0); `eta_s`: seconds left at this attempt's pace so far."""
+    eta = [] if eta_s is None else [f"ETA {int(eta_s) // 60}:{int(eta_s) % 60:02d}"]
+    parts = [f"step {int(metrics['step'])}/{total_steps}", *eta, f"loss {metrics['loss']:.4f}",
              f"acc {metrics['rewards/accuracy']:.3f}", f"margin {metrics['rewards/margin']:+.4f}",
              f"lr {metrics['lr']:.2e}", f"gnorm {metrics['grad_norm']:.3f}", f"{metrics['tokens_per_s']:.0f} tok/s",
              f"{metrics['samples_per_s']:.2f} samples/s"]

@@ -7,8 +7,10 @@ from mallows_ray.config import ConfigError, load_config
 from mallows_ray.data.tokenize import conditioned_prompt_ids, render_prompt_ids
 from mallows_ray.lambdas import FixedScheduler, LearnedScheduler, format_lambda
 from mallows_ray.models import load_tokenizer
+from mallows_ray.lambdas import DirichletScheduler
+from mallows_ray.train.batches import micro_batches, rank_slice
 from mallows_ray.train.conditioning import (
-    Conditioner, build_lambda_scheduler, evaluation_lambdas, step_lambdas,
+    Conditioner, build_lambda_scheduler, evaluation_lambdas, step_lambdas, training_rows, vertex_copies,
 )
 
 OBJECTIVES = ["loud", "calm"]
@@ -77,3 +79,47 @@ def test_lambda_config_validates_scheduler_and_parameters():
     fixed = load_config(None, ["lambdas.scheduler=fixed", "lambdas.params={lam: 'loud=2'}"]).lambdas
     with pytest.raises(ValueError, match=r"over objectives \['loud', 'calm'\]"):
         build_lambda_scheduler(fixed, OBJECTIVES)
+
+
+def test_vertex_copies_put_each_prompt_under_every_vertex_and_its_draw():
+    rows = [{"id": "a"}, {"id": "b"}]
+    out, lambdas = vertex_copies(rows, [[0.3, 0.7], [0.6, 0.4]], 2)
+    assert [row["id"] for row in out] == ["a", "a", "a", "b", "b", "b"]
+    assert lambdas == [[1.0, 0.0], [0.0, 1.0], [0.3, 0.7], [1.0, 0.0], [0.0, 1.0], [0.6, 0.4]]
+    with pytest.raises(ValueError):
+        vertex_copies(rows, [[0.5, 0.5]], 2)  # one draw per row
+
+
+def _step_micro_batches(conditioner, global_rows, *, world, accumulation, step, seed=7):
+    """The (id, lambda, prompt ids) of every micro-batch of one step, rank by rank, as the training loop cuts them."""
+    scheduler = DirichletScheduler(1.0, 2)
+    draws = step_lambdas(scheduler, len(global_rows), seed=seed, step=step).tolist()
+    micro = len(global_rows) // (world * accumulation)
+    out = []
+    for rank in range(world):
+        rows = training_rows(conditioner, rank_slice(global_rows, rank, world), rank_slice(draws, rank, world),
+                             copies=True)
+        out += [[(row["id"], row["lambda"], row["prompt_ids"]) for row in batch]
+                for batch in micro_batches(rows, micro * 3)]
+    return out
+
+
+def test_vertex_copies_are_world_size_invariant_and_resume_exact(tokenizer):
+    plain = render_prompt_ids(tokenizer, CHAT)
+    global_rows = [{"id": f"p{i}", "prompt": CHAT, "prompt_ids": plain} for i in range(4)]
+    conditioner = Conditioner(tokenizer, OBJECTIVES)
+    two_workers = _step_micro_batches(conditioner, global_rows, world=2, accumulation=1, step=3)
+    one_worker = _step_micro_batches(conditioner, global_rows, world=1, accumulation=2, step=3)
+    assert two_workers == one_worker  # 2 workers x 1 == 1 worker x accumulation 2, row for row
+    assert two_workers == _step_micro_batches(conditioner, global_rows, world=2, accumulation=1, step=3)  # resume
+    assert two_workers != _step_micro_batches(conditioner, global_rows, world=2, accumulation=1, step=4)
+    first = two_workers[0]
+    assert len(two_workers) == 2 and len(first) == 6  # 2 prompts x (K + 1) per micro-batch
+    assert [ident for ident, _, _ in first] == ["p0"] * 3 + ["p1"] * 3  # whole prompts, copies together
+    assert [lam for _, lam, _ in first[:2]] == [[1.0, 0.0], [0.0, 1.0]]
+    assert len({tuple(ids) for _, _, ids in first[:3]}) == 3  # each copy's prompt renders its own lambda
+
+
+def test_vertex_copies_is_a_lambdas_option():
+    assert load_config(None, []).lambdas.vertex_copies is False
+    assert load_config(None, ["lambdas.vertex_copies=true"]).lambdas.vertex_copies is True

@@ -1,0 +1,58 @@
+"""The console: which worker lines reach it, the log file, and the progress display."""
+
+import io
+import logging
+import warnings
+
+from mallows_ray import console
+
+
+def test_only_stage_lines_and_errors_reach_the_console():
+    assert console.keep_worker_line("[train] step 4/40 | ETA 1:02 | loss 1.3")
+    assert console.keep_worker_line("Traceback (most recent call last):")
+    assert console.keep_worker_line("RuntimeError: boom")
+    assert not console.keep_worker_line("Reporting training result 2: TrainingReport(metrics={...}) from rank 1")
+    assert not console.keep_worker_line("Loading weights: 100%|##########| 272/272")
+
+
+def _restore_logging(saved):
+    root, warnings_logger = logging.getLogger(), logging.getLogger("py.warnings")
+    root.handlers[:], warnings_logger.handlers[:] = saved["root"], saved["warnings"]
+    warnings_logger.propagate = True
+    logging.captureWarnings(False)
+
+
+def test_filtered_worker_output_keeps_error_batches_whole(tmp_path):
+    saved = {"root": list(logging.getLogger().handlers), "warnings": list(logging.getLogger("py.warnings").handlers)}
+    try:
+        _check_filtered_output(tmp_path)
+    finally:
+        _restore_logging(saved)
+
+
+def _check_filtered_output(tmp_path):
+    console.configure(tmp_path / "console.log", verbose=False)
+    printed = []
+    handler = console._filtered(lambda data: printed.append(data["lines"]))
+    handler({"pid": 7, "lines": ["Reporting training result 1: ...", "[train] step 2/4 | loss 1.0"]})
+    handler({"pid": 7, "lines": ["Traceback (most recent call last):", '  File "loop.py", line 3', "ValueError: x"]})
+    assert printed == [["[train] step 2/4 | loss 1.0"],
+                       ["Traceback (most recent call last):", '  File "loop.py", line 3', "ValueError: x"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.warn("old API", DeprecationWarning)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    text = (tmp_path / "console.log").read_text()
+    assert "Reporting training result 1" in text and "old API" in text  # the log file has everything
+
+
+def test_progress_lines_count_rate_and_eta():
+    stream = io.StringIO()  # not a terminal: one line per update, no bar
+    progress = console.Progress("generate", 10, "replies", stream=stream)
+    progress.update(4)
+    progress.update(6)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[generate] 4/10 replies | ") and "ETA" in lines[0]
+    assert "[" not in lines[1].split("]", 1)[1]  # no bar off a terminal
+    assert lines[1].startswith("[generate] 10/10 replies") and lines[1].endswith("ETA 0:00")

@@ -6,15 +6,19 @@
 1. Pairs: the HH-RLHF harmless-base test pairs that fit --max-prompt-length / --max-response-length without
    truncation (so both frameworks see the same tokens), in file order: the first --train-pairs train, the next
    --heldout-pairs are held out; neither framework trains on them.
-2. `mallows-ray prepare` once: reference log-probs and dispersion of both splits (timed).
+2. `mallows-ray prepare` of the train pairs (mallows_ray's reference pass, timed) and of the held-out pairs as a
+   dataset of their own (so no training run can read them).
 3. `mallows-ray train` per method (DPO, MallowsPO-theta, SimPO and IPO with and without the dispersion plug-in)
    and `python -m benchmarks.trl_train` (TRL's `DPOTrainer`, default mode): the same pairs, beta, lr, linear
    schedule, global batch, one epoch, lengths, fp32 and grad-norm clipping; each its own process, timed.
 4. `mallows-ray eval` on the held-out split for every saved HF folder, TRL's included, and the untrained model:
    the DPO implicit reward beta * (lp(y) - ref(y)) whatever the training loss, so every row is comparable.
-5. The table replaces the held-out section of benchmarks/RESULTS.md (the speed rows of `run.py` stay).
+5. The table replaces the held-out section of benchmarks/RESULTS.md (the speed rows of `run.py` stay), rewritten
+   after every evaluated model: a partial table says so.
 
-Every command line and its log (benchmarks/logs/heldout/<name>.log) is kept; `--lock FILE` holds an flock on
+Every step runs in its own process; its command line and log (benchmarks/logs/heldout/<name>.log) are kept, and
+a finished step leaves a record in the work folder, so the same command after an interruption continues where
+it stopped (TRL's run, which needs no Ray, goes first); `--lock FILE` holds an flock on
 FILE around each step that starts Ray, for a machine where other Ray jobs must not overlap (one Ray instance per
 machine while training).
 """
@@ -23,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,7 +89,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each training process")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help="run only these methods (dpo, trl_dpo, mallows_theta, ...); the table shows what ran")
-    parser.add_argument("--work", type=Path, help="folder for data, cache and runs (default: a temporary one)")
+    parser.add_argument("--work", type=Path, help="folder for data, cache, runs and finished-step records (default: "
+                        "one per settings under $MALLOWS_RAY_CACHE/heldout-results; a rerun continues there)")
     parser.add_argument("--lock", type=Path, help="flock this file around every step that starts Ray")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--logs", type=Path, default=HERE / "logs" / "heldout")
@@ -104,17 +110,29 @@ def last_json(text: str):
 
 
 class Runner:
-    """Runs each step as its own process, logs it, times it and parses its JSON result."""
+    """Runs each step as its own process, logs it, times it and parses its JSON result.
 
-    def __init__(self, logs: Path, lock: Path | None, threads: int):
-        self.logs, self.lock = logs, lock
+    A finished step leaves `<work>/steps/<name>.json` (command, result, seconds, load); running the same command
+    again skips it, so an interrupted run continues where it stopped."""
+
+    def __init__(self, work: Path, logs: Path, lock: Path | None, threads: int):
+        self.steps, self.logs, self.lock = work / "steps", logs, lock
         self.commands: dict[str, str] = {}
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
                     "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+        self.steps.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
+
+    def done(self, name: str) -> bool:
+        return (self.steps / f"{name}.json").exists()
 
     def __call__(self, name: str, command: list[str], uses_ray: bool = True) -> tuple[dict, float]:
         self.commands[name] = " ".join(shlex.quote(part) for part in command)
+        record = self.steps / f"{name}.json"
+        if record.exists():
+            step = json.loads(record.read_text())
+            print(f"[results] {name}: done earlier ({step['seconds']:.0f} s), {record}", flush=True)
+            return step["result"], step["seconds"]
         print(f"[results] {name}: {self.commands[name]}", flush=True)
         log = self.logs / f"{name}.log"
         with self._locked(uses_ray):  # the wait for the lock is not part of the step's time
@@ -124,9 +142,12 @@ class Runner:
         log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
         if proc.returncode != 0:
             raise SystemExit(f"[results] {name} failed (exit {proc.returncode}); see {log}")
-        print(f"[results] {name}: {seconds:.0f} s (load {os.getloadavg()[0]:.1f})", flush=True)
-        return last_json(proc.stdout), seconds
-
+        load = os.getloadavg()[0]
+        print(f"[results] {name}: {seconds:.0f} s (load {load:.1f})", flush=True)
+        result = last_json(proc.stdout)
+        record.write_text(json.dumps({"command": self.commands[name], "result": result, "seconds": seconds,
+                                      "load_after": load}))
+        return result, seconds
 
     @contextmanager
     def _locked(self, uses_ray: bool) -> Iterator[None]:
@@ -207,8 +228,11 @@ def render(rows: list[dict], base: dict, facts: dict) -> str:
     lines = [
         f"## Held-out results on HH-RLHF (`{facts['invocation']}`)",
         "",
-        f"Generated in one run ({facts['minutes']:.1f} min; load average before {facts['load_before']}, after "
-        f"{facts['load_after']}). {facts['train_pairs']} train pairs, {n} held-out pairs (HH harmless-base test "
+        *([f"**Partial: {len(rows)} of the {facts['expected_rows']} rows so far**; the same command continues "
+           "where it stopped.", ""] if len(rows) < facts["expected_rows"] else []),
+        f"The last invocation ran {facts['minutes']:.1f} min (load average before {facts['load_before']}, after "
+        f"{facts['load_after']}; each step's time and load are in its record in the work folder). "
+        f"{facts['train_pairs']} train pairs, {n} held-out pairs (HH harmless-base test "
         f"pairs within {facts['lengths']} tokens, untruncated), SmolLM2-135M-Instruct (embedded), full fine-tuning, "
         f"fp32 CPU, {facts['threads']} threads, one epoch, lr {facts['lr']} linear to 0, no warm-up, global batch "
         f"{facts['global_batch']} ({facts['micro_batch']} x {facts['accumulation']}), grad-norm clip 1.0, the "
@@ -244,6 +268,16 @@ def render(rows: list[dict], base: dict, facts: dict) -> str:
     return "\n".join(lines)
 
 
+def work_folder(args: argparse.Namespace) -> Path:
+    """Default --work: one folder per set of result-changing settings, so a rerun continues the same results."""
+    from mallows_ray.config import CACHE_ROOT
+
+    keys = ("train_pairs", "heldout_pairs", "max_prompt_length", "max_response_length", "beta", "simpo_beta",
+            "simpo_gamma", "mallows_simpo_c", "lr", "micro_batch", "gradient_accumulation", "threads")
+    digest = hashlib.sha256(json.dumps({k: getattr(args, k) for k in keys}).encode()).hexdigest()[:12]
+    return args.work or CACHE_ROOT / "heldout-results" / digest
+
+
 def main() -> None:
     args = parse_args()
     started, load_before = time.perf_counter(), " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -252,53 +286,59 @@ def main() -> None:
     workload = Workload(max_prompt_length=args.max_prompt_length, max_response_length=args.max_response_length)
     pairs = untruncated_pairs(load_tokenizer(model_path()), workload, n=args.train_pairs + args.heldout_pairs)
     train, heldout = pairs[:args.train_pairs], pairs[args.train_pairs:]
-    with tempfile.TemporaryDirectory(prefix="mr_results_") as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        if any((work / "runs").glob("*")):
-            raise SystemExit(f"{work / 'runs'} holds earlier runs (they would be resumed): give an empty --work")
-        write_raw_pairs(train, work / "train.jsonl")
-        write_raw_pairs(heldout, work / "heldout.jsonl")
-        (work / "train_trl.jsonl").write_text("".join(json.dumps(row) + "\n" for row in trl_rows(train)))
-        run = Runner(args.logs, args.lock, args.threads)
-        cli = [sys.executable, "-m", "mallows_ray.cli"]
-        trained = []  # (name, label, by, export folder, seconds), DPO's two rows first
-        if not args.only or "trl_dpo" in args.only:  # first: it needs no Ray, so it never waits for the lock
-            _, seconds = run("train_trl_dpo", trl_command(args, work), uses_ray=False)
-            trained.append(("trl_dpo", f"DPO (beta {args.beta})", "TRL DPOTrainer",
-                            str(work / "runs" / "trl_dpo" / "export"), seconds))
-        data = data_overrides(args, work, "train.jsonl")
-        _, prepare_seconds = run("prepare_train", [*cli, "prepare", *data])
-        heldout_data = data_overrides(args, work, "heldout.jsonl")
-        prepared, _ = run("prepare_heldout", [*cli, "prepare", *heldout_data])
-        for method in methods(args.beta, args.simpo_beta, args.simpo_gamma, args.mallows_simpo_c):
-            if args.only and method.name not in args.only:
-                continue
-            out, seconds = run(f"train_{method.name}", [*cli, "train", *data, *train_overrides(args, work, method.name),
-                                                        *method.overrides])
-            trained.insert(0 if method.name == "dpo" else len(trained),
-                           (method.name, method.label, "mallows_ray", out["export"], seconds))
-        evaluate = [*cli, "eval", *heldout_data, "loss.name=dpo", f"loss.beta={args.beta}",
-                    f"batch.micro_batch_size={args.micro_batch}", "--split=train"]
-        rows = []
-        for name, label, by, folder, seconds in [("untrained", "untrained (policy = reference)", "-",
-                                                  str(model_path()), None), *trained]:
-            metrics, _ = run(f"eval_{name}", [*evaluate, f"--model={folder}"])
-            rows.append({"name": name, "label": label, "by": by, "seconds": seconds, "metrics": metrics["pairwise"]})
-        base = base_preferences(Path(prepared["scored_data"]))
+    work = work_folder(args)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"[results] work folder {work} (finished steps there are reused)", flush=True)
+    write_raw_pairs(train, work / "train.jsonl")
+    write_raw_pairs(heldout, work / "heldout.jsonl")
+    (work / "train_trl.jsonl").write_text("".join(json.dumps(row) + "\n" for row in trl_rows(train)))
+    run = Runner(work, args.logs, args.lock, args.threads)
+    cli = [sys.executable, "-m", "mallows_ray.cli"]
+    wanted = [m for m in methods(args.beta, args.simpo_beta, args.simpo_gamma, args.mallows_simpo_c)
+              if not args.only or m.name in args.only]
+    with_trl = not args.only or "trl_dpo" in args.only
+    if with_trl:  # first: it needs no Ray, so it never waits for the lock
+        _, trl_seconds = run("train_trl_dpo", trl_command(args, work), uses_ray=False)
+    data = data_overrides(args, work, "train.jsonl")
+    _, prepare_seconds = run("prepare_train", [*cli, "prepare", *data])
+    heldout_data = data_overrides(args, work, "heldout.jsonl")
+    prepared, _ = run("prepare_heldout", [*cli, "prepare", *heldout_data])
+    base = base_preferences(Path(prepared["scored_data"]))
+    evaluate = [*cli, "eval", *heldout_data, "loss.name=dpo", f"loss.beta={args.beta}",
+                f"batch.micro_batch_size={args.micro_batch}", "--split=train"]
     facts = {
         "invocation": "python benchmarks/results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "minutes": (time.perf_counter() - started) / 60, "load_before": load_before,
-        "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()), "train_pairs": len(train),
+        "load_before": load_before, "train_pairs": len(train),
         "lengths": f"{args.max_prompt_length}/{args.max_response_length}", "threads": args.threads, "lr": args.lr,
         "global_batch": args.micro_batch * args.gradient_accumulation, "micro_batch": args.micro_batch,
         "accumulation": args.gradient_accumulation, "beta": args.beta, "prepare_seconds": prepare_seconds,
-        "commands": [f"{name}: {command}" for name, command in run.commands.items()],
+        "expected_rows": 1 + len(wanted) + with_trl,
     }
-    table = render(rows, base, facts)
-    args.output.write_text(replace_section(args.output.read_text() if args.output.exists() else "", SECTION, table))
-    (args.logs / "results.json").write_text(json.dumps({"rows": rows, "base": base, "facts": facts}, indent=1))
-    print(table)
+    rows = []
+
+    def add_row(name: str, label: str, by: str, folder: str, seconds: float | None) -> None:
+        """Evaluate one saved model and rewrite the section with every row so far (a partial table says so)."""
+        metrics, _ = run(f"eval_{name}", [*evaluate, f"--model={folder}"])
+        rows.append({"name": name, "label": label, "by": by, "seconds": seconds, "metrics": metrics["pairwise"]})
+        facts.update(minutes=(time.perf_counter() - started) / 60,
+                     load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+                     commands=[f"{step}: {command}" for step, command in run.commands.items()])
+        table = render(rows, base, facts)
+        args.output.write_text(replace_section(args.output.read_text() if args.output.exists() else "", SECTION,
+                                               table))
+        (args.logs / "results.json").write_text(json.dumps({"rows": rows, "base": base, "facts": facts}, indent=1))
+
+    add_row("untrained", "untrained (policy = reference)", "-", str(model_path()), None)
+    for method in wanted:
+        if not run.done(f"train_{method.name}"):  # an interrupted run's folder would be resumed: start it afresh
+            shutil.rmtree(work / "runs" / method.name, ignore_errors=True)
+        out, seconds = run(f"train_{method.name}", [*cli, "train", *data, *train_overrides(args, work, method.name),
+                                                    *method.overrides])
+        add_row(method.name, method.label, "mallows_ray", out["export"], seconds)
+        if method.name == "dpo" and with_trl:
+            add_row("trl_dpo", f"DPO (beta {args.beta})", "TRL DPOTrainer", str(work / "runs" / "trl_dpo" / "export"),
+                    trl_seconds)
+    print(render(rows, base, facts))
     print(f"[results] wrote the {SECTION!r} section of {args.output}")
 
 

@@ -1,5 +1,5 @@
 """LD-DPO's length desensitisation (`ld_alpha` on a pairwise loss; TRL 1.16's `ld_alpha`). Liu et al. 2024,
-"Length Desensitization in Preference Optimization", https://arxiv.org/abs/2409.06411, Eq. 6:
+"Length Desensitization in Preference Optimization", https://arxiv.org/abs/2409.06411, as TRL 1.16 computes it:
 
     l        = min(n(y_w), n(y_l))                               the shorter reply's token count
     lp_l(y)  = sum_{t < l} log p(y_t)                            the part both replies share in length

@@ -10,8 +10,9 @@ import torch
 from mallows_ray.config import ConfigError, load_config
 from mallows_ray.data.collate import pack_responses
 from mallows_ray.data.scoring import score_responses
-from mallows_ray.losses import IGNORE_INDEX, LOSSES, PairwiseInputs, Term, build_composite, build_loss, is_listwise
-from mallows_ray.losses import response_logprobs
+from mallows_ray.losses import (
+    IGNORE_INDEX, LOSSES, PairwiseInputs, Term, build_composite, build_loss, is_listwise, response_logprobs,
+)
 from mallows_ray.models import response_stats
 from mallows_ray.train.batches import collate
 from mallows_ray.train.objective import forward_loss
@@ -109,7 +110,7 @@ def test_gradcheck_float64():
     leaves = tuple(getattr(x, f).clone().requires_grad_() for f in fields)
     for name in ("dpo", "sigmoid_norm", "mallows_theta", "simpo"):
         loss = build_loss(name, ld_alpha=0.4)
-        fn = lambda *v: loss(PairwiseInputs(**{**x.__dict__, **dict(zip(fields, v))})).losses  # noqa: E731
+        fn = lambda *v, loss=loss: loss(PairwiseInputs(**{**x.__dict__, **dict(zip(fields, v))})).losses  # noqa: E731
         assert torch.autograd.gradcheck(fn, leaves), name
 
 
@@ -220,3 +221,31 @@ def test_ld_alpha_config():
     x, *_ = _pairs()
     mix = build_composite([Term("dpo", 1.0, {"ld_alpha": 0.5}), Term("nll", 0.5)])(x)
     torch.testing.assert_close(mix.losses, build_loss("dpo", ld_alpha=0.5)(x).losses + 0.5 * build_loss("nll")(x).losses)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_policy_equal_to_reference_gives_log_2_through_the_policy_module(share):
+    """The training module (engine.PolicyLogprobs, as DeepSpeed wraps it) with ld_alpha, on rows scored by the
+    same weights: its shared-length sums meet the scoring column's, every LD-weighted log-ratio is 0."""
+    from mallows_ray.train.engine import PolicyLogprobs
+
+    model = tiny_llama("sdpa")
+    prompts, responses = batch_of_prompts(seed=1)
+    pairs = [resps[:2] for resps in responses]
+    scored = score_responses(model, prompts, pairs, pad_id=0, max_chunk_bytes=2**20)
+    rows = [{"id": f"p{i}", "prompt_ids": p, "response_ids": r, "ref_logps": scored["ref_logps"][i].tolist(),
+             "ref_shared_logps": scored["ref_shared_logps"][i].tolist(), "dispersion": 1.0}
+            for i, (p, r) in enumerate(zip(prompts, pairs))]
+    assert any(len(a) != len(b) for a, b in pairs)  # some pair has a tail
+    batch = collate(rows, pad_id=0, with_scores=False, share_prompt=share)
+    for wpo in (False, True):
+        policy = PolicyLogprobs(model, zero_stage=0, with_wpo=wpo)
+        loss = build_loss("dpo", beta=1.0, ld_alpha=0.3, wpo=wpo)
+        with torch.no_grad():
+            out = forward_loss(policy, batch, loss, listwise=False, with_ld=True)
+            plain = forward_loss(policy, batch, build_loss("dpo", beta=1.0, wpo=wpo), listwise=False)
+        # a wrong policy or reference shared sum would leave a nonzero LD-weighted log-ratio, hence reward
+        torch.testing.assert_close(out.losses, plain.losses, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.chosen_rewards, torch.zeros(len(rows)), rtol=0, atol=1e-5)
+        if not wpo:
+            torch.testing.assert_close(out.losses, torch.full((len(rows),), math.log(2)), rtol=0, atol=1e-5)

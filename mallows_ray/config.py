@@ -180,6 +180,13 @@ class LossConfig:
             return loss_composite.terms_use_wpo(self.terms)
         return loss_registry.uses_wpo(self.name, self.params)
 
+    @property
+    def uses_ld(self) -> bool:
+        """Whether a term sets ld_alpha < 1, so the policy forward must return the shared-length sums."""
+        if self.terms is not None:
+            return loss_composite.terms_use_ld(self.terms)
+        return loss_registry.uses_ld(self.name, self.params)
+
     def build(self):
         """The loss function of this config; training and evaluation both build it here."""
         if self.terms is not None:

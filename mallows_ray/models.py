@@ -140,7 +140,8 @@ def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 
 def response_stats(model, *, input_ids, attention_mask, labels, owner, num_responses: int, position_ids=None,
-                   segment_ids=None, with_entropy: bool, max_chunk_bytes: int | None = None, with_wpo: bool = False):
+                   segment_ids=None, with_entropy: bool, max_chunk_bytes: int | None = None, with_wpo: bool = False,
+                   prefix_lengths=None):
     """Per-response log-prob sums, token counts and mean normalised entropy of the labelled tokens under `model`.
 
     The tensors are `PackedResponses.model_inputs()` (data/collate.py), [rows, T] each: one response per row,
@@ -148,6 +149,8 @@ def response_stats(model, *, input_ids, attention_mask, labels, owner, num_respo
     Shared by reference scoring and the training step (inside the DeepSpeed-wrapped module's forward).
     Runs the transformer body only and hands its final hidden states to the chunked output-embedding path
     of the loss library, so the float32 [rows, T, V] logits are never materialised (ALGORITHMS 2.3).
+    `prefix_lengths` [R] (`PackedResponses.shared_lengths`): also the log-prob sums of each response's first
+    l tokens (LD-DPO's `ld_alpha`).
     """
     from mallows_ray.losses.logprobs import DEFAULT_MAX_CHUNK_BYTES, response_logprobs
 
@@ -164,4 +167,5 @@ def response_stats(model, *, input_ids, attention_mask, labels, owner, num_respo
     return response_logprobs(
         hidden, head.weight, labels, bias=head.bias, owner=owner, num_responses=num_responses,
         with_entropy=with_entropy, max_chunk_bytes=max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES, with_wpo=with_wpo,
+        prefix_lengths=prefix_lengths,
     )

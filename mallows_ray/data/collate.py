@@ -60,11 +60,20 @@ class PackedResponses:
         """Non-padding tokens the model actually runs (the shared layout runs each prompt about once)."""
         return int(self.attention_mask.sum())
 
-    def model_inputs(self) -> dict:
-        """Keyword arguments of `models.response_stats` and of the policy's forward."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels,
-                "owner": self.owner, "position_ids": self.position_ids, "segment_ids": self.segment_ids,
-                "num_responses": self.num_responses}
+    @property
+    def shared_lengths(self) -> torch.Tensor:
+        """[R] long: n of the shortest response of each response's prompt, LD-DPO's l = min(n(y_w), n(y_l))
+        for a pair (Liu et al. 2024, https://arxiv.org/abs/2409.06411)."""
+        shortest = torch.stack([counts.min() for counts in self.split(self.token_counts)])  # [B]
+        return shortest[self.prompt_index]
+
+    def model_inputs(self, with_prefix: bool = False) -> dict:
+        """Keyword arguments of `models.response_stats` and of the policy's forward; `with_prefix` adds
+        prefix_lengths = `shared_lengths` (the log-prob sums of LD-DPO's shared part)."""
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels,
+                  "owner": self.owner, "position_ids": self.position_ids, "segment_ids": self.segment_ids,
+                  "num_responses": self.num_responses}
+        return {**inputs, "prefix_lengths": self.shared_lengths} if with_prefix else inputs
 
     def to(self, device: torch.device) -> "PackedResponses":
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -33,7 +33,7 @@ from mallows_ray.config import Config, to_dict
 from mallows_ray.data import manifest as mf
 from mallows_ray.data.formats import NORMALISED_SCHEMA, Reject, list_source_files, read_normalised
 from mallows_ray.data.rejects import check_bad_fraction, summarise_rejects, write_rejects
-from mallows_ray.data.scoring import ReferenceScorer
+from mallows_ray.data.scoring import SCORE_FIELDS, ReferenceScorer
 from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer, tokenize_batch
 from mallows_ray.losses import calibrate_scale, dispersion_from_entropy
 from mallows_ray.models import resolve_model_path
@@ -177,6 +177,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         "tokenizer": mf.tokenizer_fingerprint(model_path),
         "settings": _settings(config),
         "version": __version__,
+        "scored_columns": [str(f) for f in SCORE_FIELDS],  # a new or changed score column invalidates the cache
     }
     folder = Path(data_cfg.cache_dir).expanduser() / mf.cache_key(key_parts)
     if not force:

@@ -1,7 +1,8 @@
 """Reference scoring: one pass of the frozen reference model over every response (ALGORITHMS 2.3).
 
-Per response y it emits the reference log-prob sum ref(y), the token count n(y) and the mean normalised
-entropy Hbar(y); per prompt the mean Hbar(x) over its responses. These become dataset columns, so the
+Per response y it emits the reference log-prob sum ref(y), the sum ref_l(y) over its first l tokens (l = the
+token count of the prompt's shortest reply: LD-DPO's min(n(y_w), n(y_l)) for a pair), the token count n(y)
+and the mean normalised entropy Hbar(y); per prompt the mean Hbar(x) over its responses. These become dataset columns, so the
 reference model never sits in a training worker's memory.
 """
 
@@ -20,6 +21,8 @@ from mallows_ray.models import load_model, response_stats
 # The columns scoring adds, one value per response (lists of N) or per prompt.
 SCORE_FIELDS = [
     pa.field("ref_logps", pa.list_(pa.float32())),      # ref(y): sum of reference log-probs
+    pa.field("ref_shared_logps", pa.list_(pa.float32())),  # ref_l(y): sum over the first l tokens, l = n of the
+                                                            # prompt's shortest reply (LD-DPO, `ld_alpha`)
     pa.field("ref_token_counts", pa.list_(pa.int32())),  # n(y)
     pa.field("ref_entropy", pa.list_(pa.float32())),     # Hbar(y): mean normalised entropy
     pa.field("hbar", pa.float64()),                      # Hbar(x): mean over the prompt's responses
@@ -41,12 +44,14 @@ def score_responses(
     """Reference statistics for a batch of prompts; per-prompt lists have one entry per response."""
     device = next(model.parameters()).device
     packed = pack_responses(prompt_ids, response_ids, pad_id, share_prompt=share_prompt).to(device)
-    stats = response_stats(model, **packed.model_inputs(), with_entropy=True, max_chunk_bytes=max_chunk_bytes)
+    stats = response_stats(model, **packed.model_inputs(with_prefix=True), with_entropy=True,
+                           max_chunk_bytes=max_chunk_bytes)
     logps = [t.float().cpu().numpy() for t in packed.split(stats.logp_sum)]
+    shared = [t.float().cpu().numpy() for t in packed.split(stats.prefix_logp_sum)]
     counts = [t.cpu().numpy().astype(np.int32) for t in packed.split(stats.token_count)]
     entropy = [t.float().cpu().numpy() for t in packed.split(stats.mean_entropy)]
     hbar = np.array([float(prompt_mean_entropy(torch.as_tensor(e)[None])[0]) for e in entropy], dtype=np.float64)
-    return {"ref_logps": logps, "ref_token_counts": counts, "ref_entropy": entropy, "hbar": hbar}
+    return {"ref_logps": logps, "ref_shared_logps": shared, "ref_token_counts": counts, "ref_entropy": entropy, "hbar": hbar}
 
 
 class ReferenceScorer:

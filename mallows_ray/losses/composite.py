@@ -18,7 +18,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from mallows_ray.losses.registry import SPECS, build_loss, loss_spec, uses_dispersion, uses_wpo
+from mallows_ray.losses.registry import SPECS, build_loss, loss_spec, uses_dispersion, uses_ld, uses_wpo
 from mallows_ray.losses.types import ListwiseInputs, LossOutput, PairwiseInputs
 
 TERM_KEYS = ("name", "weight", "params")
@@ -86,6 +86,10 @@ def terms_use_dispersion(terms: Sequence[Term]) -> bool:
 
 def terms_use_wpo(terms: Sequence[Term]) -> bool:
     return any(uses_wpo(t.name, t.params) for t in terms)
+
+
+def terms_use_ld(terms: Sequence[Term]) -> bool:
+    return any(uses_ld(t.name, t.params) for t in terms)
 
 
 def weighted_terms(inputs: PairwiseInputs | ListwiseInputs, *,

@@ -12,6 +12,7 @@ the training step and the entropy of the dispersion estimator (ALGORITHMS.md sec
     H_t         = lse - sum_v softmax(logit)_v * logit_v      (nats, float32)
     Hbar(y)     = mean_t H_t / log(V)                         (in [0, 1])
     a(y)        = mean_t (log p(y_t) - log sum_v p_v^2)       (with_wpo: WPO's aligned log-prob, no gradient)
+    lp_l(y)     = sum_{t < l(y)} log p(y_t)                   (prefix_lengths l: LD-DPO's shared-length sum)
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class ResponseStats:
     token_count: Tensor   # [B] long, number of labelled tokens n(y)
     mean_entropy: Tensor  # [B] float32, detached Hbar(y) in [0, 1]; 0 where a row has no labels or with_entropy=False
     aligned_logp_mean: Tensor | None = None  # [B] detached a(y) (WPO weights exp(a)); with_wpo only
+    prefix_logp_sum: Tensor | None = None    # [B] lp_l(y), sum of the first l(y) labelled tokens' log-probs
+                                             # (differentiable); with prefix_lengths only
 
     @property
     def logp_mean(self) -> Tensor:
@@ -114,6 +117,7 @@ def response_logprobs(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None, owner: Tensor | None = None,
     num_responses: int | None = None, chunk_tokens: int | None = None,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, with_entropy: bool = True, with_wpo: bool = False,
+    prefix_lengths: Tensor | None = None,
 ) -> ResponseStats:
     """Per-response log-prob sum, token count and mean normalised entropy of the labelled tokens.
 
@@ -131,6 +135,9 @@ def response_logprobs(
         with_wpo: also compute aligned_logp_mean, the per-token mean of log p(y_t) - log sum_v p_v^2 whose exp
             is the WPO weight of a reply (Zhou et al. 2024, https://arxiv.org/abs/2406.11827, Eq. 2 with TRL's
             alignment); detached.
+        prefix_lengths: [B] long l(y); also compute prefix_logp_sum, the log-prob sum of each response's first
+            l(y) labelled tokens (LD-DPO's shared part, Liu et al. 2024, https://arxiv.org/abs/2409.06411;
+            l(y) >= n(y) gives lp(y)). Token order within a response is position order.
 
     Matches `log_softmax(hidden @ weight.T + bias)` gathered at the labels, values and gradients. When no
     gradient is needed (under no_grad, or no input requires grad) the same chunk loop runs without autograd.
@@ -157,4 +164,18 @@ def response_logprobs(
     if with_wpo:
         aligned_sum = log_sum_sq.new_zeros(batch).index_add(0, owner, token_logp.detach() - log_sum_sq)
         aligned = aligned_sum / count.clamp(min=1)
-    return ResponseStats(logp_sum, count, mean_entropy.detach(), aligned)
+    prefix = None
+    if prefix_lengths is not None:
+        in_prefix = _rank_in_response(owner, count) < prefix_lengths[owner]   # [M] bool
+        prefix = token_logp.new_zeros(batch).index_add(0, owner[in_prefix], token_logp[in_prefix])
+    return ResponseStats(logp_sum, count, mean_entropy.detach(), aligned, prefix)
+
+
+def _rank_in_response(owner: Tensor, count: Tensor) -> Tensor:
+    """[M] long: the index of each labelled position among its response's (0 = first token). `owner` lists the
+    positions in row-major order, so a stable sort by owner keeps each response's tokens in position order."""
+    order = torch.argsort(owner, stable=True)
+    starts = count.cumsum(0) - count                                    # [B] first sorted index per response
+    rank = torch.empty_like(owner)
+    rank[order] = torch.arange(owner.numel(), device=owner.device) - starts[owner[order]]
+    return rank

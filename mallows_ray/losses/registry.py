@@ -14,6 +14,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from mallows_ray.losses.length import ld_weighted
 from mallows_ray.losses.listwise import listwise, plackett_luce
 from mallows_ray.losses.mallows import mallows_ipo, mallows_phi, mallows_simpo, mallows_theta
 from mallows_ray.losses.pairwise import cdpo, dpo, ipo, robust, simpo
@@ -51,7 +52,7 @@ NON_NEGATIVE = Interval(0.0, math.inf, high_open=True)
 HALF_OPEN_SMOOTHING = Interval(0.0, 0.5, high_open=True)  # a flip rate of 1/2 carries no preference
 # numeric parameters shared by many losses; a spec's own `ranges` win
 DEFAULT_RANGES = {"beta": POSITIVE, "tau": POSITIVE, "gamma": NON_NEGATIVE, "home_advantage": NON_NEGATIVE,
-                  "label_smoothing": HALF_OPEN_SMOOTHING, "f_alpha": Interval()}
+                  "label_smoothing": HALF_OPEN_SMOOTHING, "f_alpha": Interval(), "ld_alpha": Interval(0.0, 1.0)}
 CHOICES = {"f_divergence": F_DIVERGENCES, "reduction": NLL_REDUCTIONS}
 
 
@@ -65,6 +66,7 @@ class LossSpec:
     dispersion: Literal["always", "option", "never"] = "option"
     batch_level: bool = False  # one example's loss depends on the others of its micro-batch
     wpo: bool = True  # takes `wpo: true` (weighting.py); pairwise losses but the sorting ones
+    ld: bool = True  # takes `ld_alpha` (length.py); pairwise losses but nll
     ranges: dict[str, Interval] = field(default_factory=dict)
     no_dispersion: str = ""
 
@@ -89,10 +91,10 @@ SPECS: dict[str, LossSpec] = {
     "apo_down": LossSpec(apo_down, dispersion="never", no_dispersion=_SEPARATE),
     "discopop": LossSpec(discopop),
     "sigmoid_norm": LossSpec(sigmoid_norm),
-    "nll": LossSpec(nll, reference=False, dispersion="never",
+    "nll": LossSpec(nll, reference=False, dispersion="never", ld=False,
                     no_dispersion="it is the likelihood of the chosen reply alone, with no preference logit"),
-    "listwise": LossSpec(listwise, kind="listwise", wpo=False),
-    "plackett_luce": LossSpec(plackett_luce, kind="listwise", wpo=False),
+    "listwise": LossSpec(listwise, kind="listwise", wpo=False, ld=False),
+    "plackett_luce": LossSpec(plackett_luce, kind="listwise", wpo=False, ld=False),
 }
 PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "pairwise"}
 LISTWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "listwise"}
@@ -127,7 +129,16 @@ def check_parameters(name: str, params: dict[str, Any]) -> None:
     spec, valid = loss_spec(name), loss_parameters(name)
     if spec.wpo:
         valid["wpo"] = False
+    if spec.ld:
+        valid["ld_alpha"] = 1.0
     for key, value in params.items():
+        if key == "ld_alpha" and not spec.ld:
+            raise ValueError(f"loss {name!r} takes no 'ld_alpha' parameter: LD-DPO weights the tokens past the "
+                             "shorter reply of a pair, and " + (
+                                 "this loss is listwise" if spec.kind == "listwise" else
+                                 "this loss is the chosen reply's likelihood alone (TRL's sft term is unweighted)"))
+        if key == "ld_alpha" and value is None:  # TRL's spelling of "off"
+            continue
         if key == "wpo" and not spec.wpo:
             raise ValueError(f"loss {name!r} takes no 'wpo' parameter: WPO weights one pair's loss, and "
                              + ("this loss is listwise" if spec.kind == "listwise" else
@@ -153,8 +164,10 @@ def build_loss(name: str, **params: Any) -> Callable[[PairwiseInputs | ListwiseI
     """The loss with its parameters bound; unknown names or bad parameters raise with the valid choices."""
     check_parameters(name, params)
     params = dict(params)
-    wpo = params.pop("wpo", False)
+    wpo, ld_alpha = params.pop("wpo", False), params.pop("ld_alpha", None)
     loss = functools.partial(SPECS[name].fn, **params)
+    if uses_ld(name, {"ld_alpha": ld_alpha}):
+        loss = functools.partial(ld_weighted, loss=loss, ld_alpha=float(ld_alpha), reference=SPECS[name].reference)
     return functools.partial(wpo_weighted, loss=loss) if wpo else loss
 
 
@@ -166,6 +179,13 @@ def uses_wpo(name: str, params: dict[str, Any]) -> bool:
     """Whether the loss needs the policy's WPO aligned log-probs (`wpo: true`)."""
     loss_spec(name)
     return bool(params.get("wpo", False))
+
+
+def uses_ld(name: str, params: dict[str, Any]) -> bool:
+    """Whether the loss needs the shared-length log-prob sums (`ld_alpha` set and below 1; 1 is the plain loss)."""
+    loss_spec(name)
+    ld_alpha = params.get("ld_alpha")
+    return ld_alpha is not None and float(ld_alpha) != 1.0
 
 
 def uses_dispersion(name: str, params: dict[str, Any]) -> bool:

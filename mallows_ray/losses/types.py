@@ -18,6 +18,11 @@ class PairwiseInputs:
     dispersion: Tensor | None = None  # [B] s(x) >= 0, no grad; needed by the Mallows losses / plug-in
     policy_chosen_aligned: Tensor | None = None    # [B] WPO's a(y_w) = mean_t log p(y_t) - log sum_v p_v^2, no grad
     policy_rejected_aligned: Tensor | None = None  # [B] a(y_l); both only for losses with wpo: true
+    # LD-DPO (`ld_alpha`, length.py): the sums over the first l = min(n(y_w), n(y_l)) tokens of each reply
+    policy_chosen_shared_logps: Tensor | None = None     # [B] lp_l(y_w), differentiable
+    policy_rejected_shared_logps: Tensor | None = None   # [B] lp_l(y_l)
+    reference_chosen_shared_logps: Tensor | None = None  # [B] ref_l(y_w), from the scored data
+    reference_rejected_shared_logps: Tensor | None = None  # [B] ref_l(y_l)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,8 @@ class Batch:
     dispersion: torch.Tensor       # [B] s(x)
     scores: torch.Tensor | None    # [B, K, N] objective scores (listwise losses), 0 at padding
     lambdas: torch.Tensor | None   # [B, K] each prompt's preference weights (listwise losses)
+    reference_shared_logps: torch.Tensor | None = None  # [B, N] ref_l(y) (LD-DPO), 0 at padding; None when the
+                                                        # rows lack the ref_shared_logps column
 
     @property
     def tokens(self) -> int:
@@ -121,8 +123,9 @@ class Batch:
     def to(self, device: torch.device) -> "Batch":
         scores = None if self.scores is None else self.scores.to(device)
         lambdas = None if self.lambdas is None else self.lambdas.to(device)
+        shared = None if self.reference_shared_logps is None else self.reference_shared_logps.to(device)
         return Batch(self.ids, self.packed.to(device), self.slots.to(device), self.response_mask.to(device),
-                     self.reference_logps.to(device), self.dispersion.to(device), scores, lambdas)
+                     self.reference_logps.to(device), self.dispersion.to(device), scores, lambdas, shared)
 
 
 def collate(rows: list[Row], pad_id: int, *, with_scores: bool, share_prompt: bool = False) -> Batch:
@@ -132,9 +135,8 @@ def collate(rows: list[Row], pad_id: int, *, with_scores: bool, share_prompt: bo
     counts = [len(row["response_ids"]) for row in rows]
     width = max(counts)
     mask = torch.tensor([[i < n for i in range(width)] for n in counts])                   # [B, N]
-    reference = torch.zeros(len(rows), width)
-    for p, row in enumerate(rows):
-        reference[p, : counts[p]] = torch.as_tensor(row["ref_logps"], dtype=torch.float32)
+    reference = _response_grid(rows, "ref_logps", counts, width)
+    shared = _response_grid(rows, "ref_shared_logps", counts, width) if "ref_shared_logps" in rows[0] else None
     scores = lambdas = None
     if with_scores:
         if any(len(row["scores"]) == 0 for row in rows):
@@ -154,4 +156,13 @@ def collate(rows: list[Row], pad_id: int, *, with_scores: bool, share_prompt: bo
         dispersion=torch.tensor([float(row["dispersion"]) for row in rows]),
         scores=scores,
         lambdas=lambdas,
+        reference_shared_logps=shared,
     )
+
+
+def _response_grid(rows: list[Row], column: str, counts: list[int], width: int) -> torch.Tensor:
+    """[B, N] float32 of a per-response column, 0 at padding."""
+    grid = torch.zeros(len(rows), width)
+    for p, row in enumerate(rows):
+        grid[p, : counts[p]] = torch.as_tensor(row[column], dtype=torch.float32)
+    return grid

@@ -35,9 +35,10 @@ class PolicyLogprobs(nn.Module):
         if zero_stage == 3:
             deepspeed.zero.register_external_parameter(self, lm.get_output_embeddings().weight)
 
-    def forward(self, **inputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, **inputs) -> torch.Tensor | tuple[torch.Tensor | None, ...]:
         """`PackedResponses.model_inputs()` ([rows, T] tensors) -> lp(y) [R], each response's log-prob sum
-        (`objective.policy_outputs`: with WPO, the pair (lp(y), aligned mean log-prob a(y)))."""
+        (`objective.policy_outputs`: with WPO, or prefix_lengths among the inputs (ld_alpha), the triple
+        (lp(y), a(y), lp_l(y)))."""
         return policy_outputs(response_stats(self.lm, **inputs, with_entropy=False, with_wpo=self.with_wpo),
                               self.with_wpo)
 

@@ -17,7 +17,7 @@ from mallows_ray.train.objective import forward_loss, policy_outputs
 
 def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[list[Row]], *, rank: int, world: int,
                   pad_id: int, loss_fn, listwise: bool, target_tau: float = 1.0, share_prompt: bool = False,
-                  device: torch.device | None = None,
+                  device: torch.device | None = None, with_ld: bool = False,
                   transform: Callable[[list[Row]], list[Row]] | None = None) -> dict[str, float]:
     """Metrics (as `MetricSums.reduce`) of `model` over every row of `global_batches`; rank r runs its
     `eval_slice` of each batch. `transform` maps a rank's rows before collation (e.g. lambda conditioning).
@@ -31,7 +31,7 @@ def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[l
             batch = collate(rows, pad_id, with_scores=listwise, share_prompt=share_prompt)
             if device is not None:
                 batch = batch.to(device)
-            out = forward_loss(model, batch, loss_fn, listwise, target_tau)
+            out = forward_loss(model, batch, loss_fn, listwise, target_tau, with_ld)
             sums.add_loss_output(out, batch.dispersion, count)
     return sums.reduce()
 
@@ -77,7 +77,7 @@ def evaluate_export(config, model_dir: str, *, split: str = "validation", lambda
     batches = lambda: [rows[i:i + batch] for i in range(0, len(rows), batch)]  # noqa: E731
     common = dict(rank=0, world=1, pad_id=tokenizer.pad_token_id, loss_fn=config.loss.build(),
                   listwise=config.loss.listwise, target_tau=config.lambdas.target_tau,
-                  share_prompt=config.model.share_prompt)
+                  share_prompt=config.model.share_prompt, with_ld=config.loss.uses_ld)
     if not common["listwise"]:
         return {"pairwise": evaluate_rows(policy, batches(), **common)}
     objectives = prepared.manifest.get("objectives") or []

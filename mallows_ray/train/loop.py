@@ -130,7 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     seed_everything(config.run.seed + 1 + rank)  # distinct dropout streams per rank from here on
     common = dict(rank=rank, world=world, pad_id=tokenizer.pad_token_id, loss_fn=loss_fn, listwise=listwise,
                   target_tau=lambda_cfg.target_tau, share_prompt=config.model.share_prompt,
-                  device=engine.device)  # evaluation settings
+                  device=engine.device, with_ld=config.loss.uses_ld)  # evaluation settings
 
     # ---- listwise: the lambda scheduler, the conditioner, the learned scheduler's fixed validation batch
     scheduler = conditioner = None
@@ -185,7 +185,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
             for micro_rows in micro_batches(rows, micro * copies):       # `accumulation` micro-batches
                 batch = collate(micro_rows, tokenizer.pad_token_id, with_scores=listwise,
                                 share_prompt=config.model.share_prompt).to(engine.device)
-                out = forward_loss(engine, batch, loss_fn, listwise, lambda_cfg.target_tau)  # out.losses [B]
+                out = forward_loss(engine, batch, loss_fn, listwise, lambda_cfg.target_tau,
+                                   config.loss.uses_ld)  # out.losses [B]
                 engine.backward(out.losses.mean())  # DeepSpeed divides by `accumulation`; ranks are averaged
                 grad_norm = optimizer_step(engine)  # the optimizer steps after the last micro-batch only
                 sums.add_loss_output(out, batch.dispersion)

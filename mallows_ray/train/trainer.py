@@ -18,7 +18,7 @@ from mallows_ray.train.plan import TrainPlan
 
 # The scored-data columns the workers read (the response texts and per-response statistics stay on disk);
 # the prompt messages are there for listwise lambda conditioning, which re-renders the prompt per example.
-COLUMNS = ["id", "prompt", "prompt_ids", "response_ids", "ref_logps", "dispersion", "scores"]
+COLUMNS = ["id", "prompt", "prompt_ids", "response_ids", "ref_logps", "ref_shared_logps", "dispersion", "scores"]
 
 
 @dataclass(frozen=True)

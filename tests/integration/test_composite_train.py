@@ -1,7 +1,8 @@
 """A two-term loss (dpo + 0.2 nll, RPO-style) trained with Ray Train on 2 CPU workers (ZeRO-2) and the tiny
 Llama: each term's loss is reported in training and evaluation, the total is their weighted sum, both fall,
 and `mallows-ray eval` (evaluate_export) builds the same composite loss from the config. The same with WPO
-weighting on the dpo term: the policy forward then also returns the aligned log-probs, through DeepSpeed."""
+weighting on the dpo term: the policy forward then also returns the aligned log-probs, through DeepSpeed; and
+with LD-DPO's ld_alpha on it: the forward also returns the shared-length sums, the data has ref_shared_logps."""
 
 import math
 
@@ -22,7 +23,9 @@ ITEMS = {
 }
 RUNS = {"dpo-nll": {},
         "wpo": {"loss.terms": f"[{{name: dpo, params: {{beta: 0.1, wpo: true}}}}, "
-                              f"{{name: nll, weight: {NLL_WEIGHT}}}]"}}
+                              f"{{name: nll, weight: {NLL_WEIGHT}}}]"},
+        "ld": {"loss.terms": f"[{{name: dpo, params: {{beta: 0.1, ld_alpha: 0.5}}}}, "
+                             f"{{name: nll, weight: {NLL_WEIGHT}}}]"}}
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +87,13 @@ def test_wpo_weighted_term_trains(trained):
     assert abs(first["loss/dpo"] - math.log(2)) > 1e-3 and 0 < first["loss/dpo"] < 10
     assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-6)  # rewards are not weighted
     assert last["loss"] < first["loss"] - 0.3 and last["loss/nll"] < first["loss/nll"] - 0.5
+
+
+def test_ld_alpha_term_trains(trained):
+    _, result = trained("ld")
+    first, last = result.history[0], result.history[-1]
+    # policy == reference at step 1: the policy's shared-length sums (training forward, through DeepSpeed) equal
+    # the prepared ref_shared_logps column, so every LD-weighted log-ratio is 0 and dpo's loss is log 2
+    assert first["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
+    assert last["loss"] < first["loss"] - 0.3 and last["eval/rewards/accuracy"] > 0.5

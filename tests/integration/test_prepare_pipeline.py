@@ -48,7 +48,7 @@ def _config(tmp_path, model_dir, train, **overrides):
 def _naive_reference(model, tokenizer, record, limits):
     """Full-vocabulary logits, log_softmax and entropy, one response at a time: the obvious computation."""
     tok = tokenize_record(tokenizer, record, limits)
-    logps, counts, entropies = [], [], []
+    logps, counts, entropies, tokens = [], [], [], []
     for response in tok["response_ids"]:
         ids = torch.tensor([tok["prompt_ids"] + response])
         with torch.no_grad():
@@ -61,7 +61,9 @@ def _naive_reference(model, tokenizer, record, limits):
         logps.append(token_logp.sum().item())
         counts.append(len(response))
         entropies.append(entropy.mean().item())
-    return logps, counts, entropies
+        tokens.append(token_logp)
+    shared = [t[:min(counts)].sum().item() for t in tokens]  # LD-DPO: the first l = min(n(y_w), n(y_l)) tokens
+    return logps, counts, entropies, shared
 
 
 def test_pairwise_scores_match_direct_computation(ray_local, tmp_path, tiny_model_dir):
@@ -82,9 +84,10 @@ def test_pairwise_scores_match_direct_computation(ray_local, tmp_path, tiny_mode
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     limits = LengthLimits(48, 24)
     for row in table:
-        logps, counts, entropies = _naive_reference(model, tokenizer, row, limits)
+        logps, counts, entropies, shared = _naive_reference(model, tokenizer, row, limits)
         assert row["ref_token_counts"] == counts
         assert row["ref_logps"] == pytest.approx(logps, abs=1e-4)
+        assert row["ref_shared_logps"] == pytest.approx(shared, abs=1e-4)
         assert row["ref_entropy"] == pytest.approx(entropies, abs=1e-5)
         assert row["hbar"] == pytest.approx(sum(entropies) / 2, abs=1e-5)
         c = manifest["dispersion_scale"]

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from mallows_ray.config import ConfigError, load_config
+from mallows_ray.config import CACHE_ROOT, ConfigError, load_config
 
 _EPILOG = """\
 Configuration: a YAML file (--config) with sections model, data, loss, then `section.key=value`
@@ -24,7 +24,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_verbose_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="show Ray's INFO logs, every worker's output and "
-                        "library warnings on the console (default: they go to the run's console.log)")
+                        "library warnings on the console (default: they go to a log file: the demo's "
+                        "<out>/console.log, else $MALLOWS_RAY_CACHE/logs/<command>-<run.name>.log)")
 
 
 def _quiet_console(log_file: Path, verbose: bool, address: str | None) -> None:
@@ -229,8 +230,8 @@ def _run_stage(args: argparse.Namespace) -> int:
         return 0
     config = load_config(args.config, overrides)
     if args.command in ("prepare", "train"):
-        _quiet_console(Path(config.run.storage_path).expanduser() / config.run.name / "console.log", args.verbose,
-                       args.address)
+        # a local file (run.storage_path may be remote), outside the run folder (which only train creates, marked)
+        _quiet_console(CACHE_ROOT / "logs" / f"{args.command}-{config.run.name}.log", args.verbose, args.address)
     if args.command == "eval":
         from mallows_ray.train.conditioning import read_conditioning
         from mallows_ray.train.evaluation import evaluate_export

@@ -1,6 +1,7 @@
 """What `demo`, `prepare` and `train` print: the stage lines, one progress display per stage, and nothing else.
 
-Everything else goes to the run's log file (`<folder>/console.log`) unless `--verbose`:
+Everything else goes to a log file (the demo's `<out>/console.log`; `prepare` and `train`:
+`$MALLOWS_RAY_CACHE/logs/<command>-<run.name>.log`) unless `--verbose`:
   * Ray's INFO records on the driver (instance start, Ray Data execution plans) and its per-operator progress
     bars (one bar per dataset execution stays: rows, rate, ETA);
   * the output of Ray workers and actors (Ray Train's `Reporting training result` dumps from every rank,

@@ -63,7 +63,7 @@ def test_demo_ablations_report_every_run(ray_local, tiny_model_dir, tmp_path):
     from mallows_ray.demo import run_demo
 
     overrides = [f"model.name_or_path={tiny_model_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-                 "optim.max_steps=2", "run.checkpoint_every=0", "data.scoring.num_actors=1"]
+                 "optim.max_steps=2", "optim.warmup_steps=1", "run.checkpoint_every=0", "data.scoring.num_actors=1"]
     paths = run_demo(overrides, out_dir=tmp_path / "demo", train_rows=4, test_rows=4, max_new_tokens=3,
                      ablations=True)
     metrics = json.loads(paths["metrics"].read_text())

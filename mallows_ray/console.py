@@ -52,6 +52,7 @@ def configure(log_path: str | Path, *, verbose: bool = False) -> Path:
     root.addHandler(file_handler)
     _workers.propagate = False
     _workers.addHandler(file_handler)
+    logging.captureWarnings(False)  # a fresh capture: a no-op if an earlier configure in this process made one
     logging.captureWarnings(True)  # warnings -> the "py.warnings" logger -> the file only (below)
     warnings.simplefilter("default")
     if not verbose:

@@ -30,13 +30,15 @@ def _add_verbose_arg(parser: argparse.ArgumentParser) -> None:
 
 def _quiet_console(log_file: Path, verbose: bool, address: str | None) -> None:
     """Stage lines and progress on the console, the rest in `log_file` (mallows_ray/console.py); starts or
-    joins Ray first so that its loggers and worker-output printer exist to be configured."""
+    joins Ray between quieting its loggers (before: the start messages) and its worker-output printer
+    (after: it exists only then)."""
     from mallows_ray import console
     from mallows_ray.data.pipeline import ensure_ray
 
     path = console.configure(log_file, verbose=verbose)
+    console.quiet_ray_logs()
     ensure_ray(address)
-    console.quiet_ray()
+    console.quiet_ray_workers()
     if not verbose:
         print(f"[console] Ray's INFO logs, worker output and warnings: {path} (--verbose shows them here)", flush=True)
 

@@ -2,8 +2,8 @@
 
 Everything else goes to a log file (the demo's `<out>/console.log`; `prepare` and `train`:
 `$MALLOWS_RAY_CACHE/logs/<command>-<run.name>.log`) unless `--verbose`:
-  * Ray's INFO records on the driver (instance start, Ray Data execution plans) and its per-operator progress
-    bars (one bar per dataset execution stays: rows, rate, ETA);
+  * Ray's log records on the driver below ERROR (instance start, token-auth notice, Ray Data execution plans
+    and resource warnings) and its per-operator progress bars (one bar per dataset execution stays);
   * the output of Ray workers and actors (Ray Train's `Reporting training result` dumps from every rank,
     model-loading bars) except our own stage lines (`[train] ...`, `[prepare] ...`) and anything that looks
     like an error, which reach the console whole;
@@ -63,7 +63,15 @@ def configure(log_path: str | Path, *, verbose: bool = False) -> Path:
 
 
 def _quiet_libraries() -> None:
-    """Library progress bars and INFO logs that are not a stage's progress (HF weight loading)."""
+    """Library progress bars and INFO logs that are not a stage's progress (HF weight loading), and DeepSpeed's
+    "Setting accelerator to CPU" notice on a machine without CUDA (naming the CPU accelerator up front is what
+    its auto-detection would pick; the variable is inherited by local Ray workers)."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import transformers
 
@@ -73,21 +81,33 @@ def _quiet_libraries() -> None:
         pass
 
 
-def quiet_ray() -> None:
-    """After `ray.init`: Ray's driver-side INFO to the log file, worker output filtered (`keep_worker_line`),
-    Ray Data's per-operator bars off (its one bar per dataset execution stays). No-op with `verbose`."""
+def quiet_ray_logs() -> None:
+    """Before `ray.init`: Ray's driver-side log records (instance start, token-auth notice, Ray Data plans and
+    resource warnings) to the log file, only errors on the console; Ray Data's per-operator bars off (its one
+    bar per dataset execution stays). No-op with `verbose`.
+
+    Ray's "ray" logger does not propagate to the root logger and prints through its own stderr handler, set
+    up when ray is imported, so that handler is raised to ERROR and the file handler is added beside it."""
     if _state["verbose"] or _state["file"] is None:
         return
     import ray.data
+
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
+    logger = logging.getLogger("ray")
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+    if _state["file"] not in logger.handlers:
+        logger.addHandler(_state["file"])
+
+
+def quiet_ray_workers() -> None:
+    """After `ray.init`: worker output filtered (`keep_worker_line`), every line kept in the log file. No-op
+    with `verbose`."""
+    if _state["verbose"] or _state["file"] is None:
+        return
     from ray._private import worker as ray_worker
 
-    context = ray.data.DataContext.get_current()
-    context.enable_operator_progress_bars = False
-    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
-        logger = logging.getLogger(name)
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setLevel(logging.WARNING)
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     with dispatcher._lock:
         handlers = dispatcher.handlers
@@ -97,12 +117,16 @@ def quiet_ray() -> None:
 
 def _filtered(handle):
     """Wrap Ray's handler that prints worker output on the driver: a batch of lines with an error in it is
-    printed whole; otherwise only our stage lines; every line goes to the log file."""
+    printed whole; otherwise only our stage lines; every line goes to the log file. Ray's own processes
+    (gcs_server, raylet: a name where a worker has a pid) reach the log file only: their errors at shutdown
+    ("Failed to kill actor ...") are Ray's bookkeeping, not the run's."""
     def handler(data: dict[str, Any]) -> None:
         lines = data.get("lines") or []
         source = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
         for line in lines:
             _workers.info(f"{source} {line}")
+        if not str(data.get("pid", "")).isdigit():
+            return
         kept = lines if any(ERRORS.search(line) for line in lines) else [l for l in lines if OURS.search(l)]
         if kept:
             handle({**data, "lines": kept})

@@ -121,7 +121,7 @@ UNCONDITIONED = "any lambda (not conditioned)"
 # --ablations: the demo's training with one part switched off, same data, steps and seed
 ABLATIONS = {
     "no conditioning": ["lambdas.condition=false"],
-    "no dispersion": ["loss.dispersion=false"],
+    "no dispersion": ["loss.terms.0.params.dispersion=false"],
 }
 
 

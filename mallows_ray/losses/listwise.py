@@ -8,6 +8,7 @@ Per prompt: N responses, K objectives with scores S[k, i], preference weights la
     r_i           = beta * (lp(y_i) - ref(y_i))      (per-token means with length_normalize; x s(x) with the plug-in)
     listwise      = -sum_i p_lambda[i] log_softmax(r)[i]
     plackett_luce = -sum_i log( exp(r_(i)) / sum_{j >= i} exp(r_(j)) ),  (i) = i-th by p_lambda (stable sort)
+    listwise_nll  = -sum_i p_lambda[i] lp(y_i) / n(y_i)       (the lambda-weighted SFT term; reference-free)
 
 The policy distribution softmax(r) does not depend on k, so the lambda-weighted sum of per-objective
 cross-entropies equals one cross-entropy against p_lambda: that is how it is computed.
@@ -100,3 +101,19 @@ def plackett_luce(inputs: ListwiseInputs, *, beta: float = 0.1, length_normalize
     suffix = torch.logcumsumexp(ranked.flip(-1), dim=-1).flip(-1)          # [B, N] log sum_{j >= i} exp(r_(j))
     terms = torch.where(valid.gather(1, order), ranked - suffix, 0.0)
     return _listwise_output(-terms.sum(dim=-1), rewards, inputs)
+
+
+def listwise_nll(inputs: ListwiseInputs) -> LossOutput:
+    """Likelihood of the replies lambda prefers: -sum_i p_lambda[i] lp(y_i) / n(y_i), per-token means.
+
+    The listwise form of the SFT term that RPO (Pang et al. 2024, https://arxiv.org/abs/2404.19733) adds to
+    DPO: with a small tau and a vertex lambda, p_lambda is (nearly) one-hot on that objective's best reply, so
+    the term is the NLL of the reply lambda ranks first. A preference loss only moves log-prob *differences*
+    between replies the policy already wrote; this term moves the generation itself towards the lambda's
+    style, which is what steering at inference needs. Weight it beside `listwise` in `loss.terms`.
+    Reference-free. Rewards: the per-token mean log-prob of each reply (accuracy: the policy's most likely
+    reply per token is the target's top one).
+    """
+    mean_logps = per_token_mean(inputs.policy_logps, inputs.lengths)          # [B, N]
+    losses = -(inputs.target * mean_logps).masked_fill(~_valid(inputs), 0.0).sum(dim=-1)
+    return _listwise_output(losses, mean_logps.masked_fill(~_valid(inputs), _MASKED_REWARD), inputs)

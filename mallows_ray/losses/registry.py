@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from mallows_ray.losses.length import ld_weighted
-from mallows_ray.losses.listwise import listwise, plackett_luce
+from mallows_ray.losses.listwise import listwise, listwise_nll, plackett_luce
 from mallows_ray.losses.mallows import mallows_ipo, mallows_phi, mallows_simpo, mallows_theta
 from mallows_ray.losses.pairwise import cdpo, dpo, ipo, robust, simpo
 from mallows_ray.losses.scores import F_DIVERGENCES
@@ -69,6 +69,7 @@ class LossSpec:
     ld: bool = True  # takes `ld_alpha` (length.py); pairwise losses but nll
     ranges: dict[str, Interval] = field(default_factory=dict)
     no_dispersion: str = ""
+    likelihood: bool = False  # a likelihood (SFT) term with no preference logit: a composite reports another term
 
 
 _SEPARATE = "it scores the chosen and the rejected reply separately, so there is no pairwise logit for s(x) to scale"
@@ -91,10 +92,13 @@ SPECS: dict[str, LossSpec] = {
     "apo_down": LossSpec(apo_down, dispersion="never", no_dispersion=_SEPARATE),
     "discopop": LossSpec(discopop),
     "sigmoid_norm": LossSpec(sigmoid_norm),
-    "nll": LossSpec(nll, reference=False, dispersion="never", ld=False,
+    "nll": LossSpec(nll, reference=False, dispersion="never", ld=False, likelihood=True,
                     no_dispersion="it is the likelihood of the chosen reply alone, with no preference logit"),
     "listwise": LossSpec(listwise, kind="listwise", wpo=False, ld=False),
     "plackett_luce": LossSpec(plackett_luce, kind="listwise", wpo=False, ld=False),
+    "listwise_nll": LossSpec(listwise_nll, kind="listwise", reference=False, dispersion="never", wpo=False, ld=False,
+                             likelihood=True, no_dispersion="it is the likelihood of the replies, with no "
+                             "preference logit"),
 }
 PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "pairwise"}
 LISTWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "listwise"}

@@ -36,6 +36,8 @@ def _check_filtered_output(tmp_path):
     handler = console._filtered(lambda data: printed.append(data["lines"]))
     handler({"pid": 7, "lines": ["Reporting training result 1: ...", "[train] step 2/4 | loss 1.0"]})
     handler({"pid": 7, "lines": ["Traceback (most recent call last):", '  File "loop.py", line 3', "ValueError: x"]})
+    # Ray's own processes name themselves where a worker has a pid: their shutdown errors go to the file only
+    handler({"pid": "gcs_server", "lines": ["gcs_actor_scheduler.cc:538: Failed to kill actor 1f: RpcError"]})
     assert printed == [["[train] step 2/4 | loss 1.0"],
                        ["Traceback (most recent call last):", '  File "loop.py", line 3', "ValueError: x"]]
     with warnings.catch_warnings():
@@ -45,6 +47,31 @@ def _check_filtered_output(tmp_path):
         handler.flush()
     text = (tmp_path / "console.log").read_text()
     assert "Reporting training result 1" in text and "old API" in text  # the log file has everything
+    assert "Failed to kill actor 1f" in text
+
+
+def test_ray_driver_logs_go_to_the_file_and_errors_stay_on_the_console(tmp_path):
+    """quiet_ray_logs (before ray.init): Ray's own stderr handler keeps errors only; the file gets the rest."""
+    ray_logger = logging.getLogger("ray")
+    saved = {"root": list(logging.getLogger().handlers), "warnings": list(logging.getLogger("py.warnings").handlers),
+             "ray": list(ray_logger.handlers), "levels": [h.level for h in ray_logger.handlers]}
+    stderr = io.StringIO()
+    ray_logger.addHandler(logging.StreamHandler(stderr))  # stands for the handler Ray installs on import
+    try:
+        console.configure(tmp_path / "console.log", verbose=False)
+        console.quiet_ray_logs()
+        ray_logger.warning("Token authentication is enabled for this Ray cluster")
+        ray_logger.error("Actor died unexpectedly")
+        for handler in ray_logger.handlers:
+            handler.flush()
+        assert stderr.getvalue() == "Actor died unexpectedly\n"
+        text = (tmp_path / "console.log").read_text()
+        assert "Token authentication is enabled" in text and "Actor died unexpectedly" in text
+    finally:
+        ray_logger.handlers[:] = saved["ray"]
+        for handler, level in zip(saved["ray"], saved["levels"]):
+            handler.setLevel(level)
+        _restore_logging(saved)
 
 
 def test_progress_lines_count_rate_and_eta():

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from mallows_ray.losses import (
-    LISTWISE_LOSSES, LOSSES, PAIRWISE_LOSSES, ListwiseInputs, PairwiseInputs, build_loss, calibrate_scale,
+    LISTWISE_LOSSES, LOSSES, PAIRWISE_LOSSES, SPECS, ListwiseInputs, PairwiseInputs, build_loss, calibrate_scale,
     dispersion_from_entropy, is_listwise, kendall_link, loss_parameters, mixed_target, prompt_mean_entropy,
     uses_dispersion,
 )
 
 D = torch.float64
+# the listwise losses over implicit rewards (listwise_nll, a likelihood term, has its own tests)
+RANKING_LOSSES = [name for name in LISTWISE_LOSSES if not SPECS[name].likelihood]
 
 
 def pairwise(pc, pr, rc=0.0, rr=0.0, nc=1.0, nr=1.0, s=None, requires_grad=False, dtype=D):
@@ -114,7 +116,7 @@ def test_mallows_theta_with_unit_dispersion_is_dpo_and_cdpo():
     assert build_loss("mallows_theta", beta=0.3)(y).losses.item() == pytest.approx(-logsig(0.75))
 
 
-@pytest.mark.parametrize("loss", list(LISTWISE_LOSSES))
+@pytest.mark.parametrize("loss", RANKING_LOSSES)
 def test_listwise_n2_one_hot_equals_dpo(loss):
     pc, pr, rc, rr = [-1.0, -3.0, 0.5], [-2.0, -1.0, 0.2], [-1.2, -2.0, 0.0], [-1.1, -1.5, 0.4]
     s = [0.5, 1.0, 2.0]
@@ -180,7 +182,48 @@ def test_plackett_luce_hand_value_and_ties():
     assert build_loss("plackett_luce", beta=1.0)(x).losses.item() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("loss", list(LISTWISE_LOSSES))
+
+def test_listwise_nll_hand_values():
+    # lp = [-4, -2, -6] over n = [2, 1, 3] tokens: per-token means [-2, -2, -2]... make them differ:
+    # lp = [-4, -3, -6], n = [2, 1, 3] -> means [-2, -3, -2]; target [0.5, 0.25, 0.25]
+    # loss = -(0.5 * -2 + 0.25 * -3 + 0.25 * -2) = 1 + 0.75 + 0.5 = 2.25
+    x = listwise_inputs([[-4.0, -3.0, -6.0]], ref=[[9.0, 9.0, 9.0]], target=[[0.5, 0.25, 0.25]],
+                        lengths=[[2.0, 1.0, 3.0]])
+    out = build_loss("listwise_nll")(x)
+    assert out.losses.item() == pytest.approx(2.25)  # the reference (9) is never read
+    # rewards are the per-token means; the target's top reply (0) has reward -2, the rest average -2.5
+    assert out.chosen_rewards.item() == pytest.approx(-2.0) and out.rejected_rewards.item() == pytest.approx(-2.5)
+    # argmax of the rewards is reply 0 (ties with reply 2 go to the first): top-1 agrees
+    assert out.accuracy.item() == 1.0
+
+
+def test_listwise_nll_vertex_target_is_the_top_reply_nll_and_padding_is_inert():
+    # a one-hot target makes it the mean-token NLL of that reply alone (pairwise nll's `mean` reduction)
+    lp, n = torch.tensor([[-6.0, -1.0, -9.0]], dtype=D), torch.tensor([[3.0, 1.0, 3.0]], dtype=D)
+    x = ListwiseInputs(lp, torch.zeros_like(lp), n, torch.tensor([[0.0, 0.0, 1.0]], dtype=D))
+    pair = pairwise(-9.0, -1.0, nc=3.0, nr=1.0)
+    assert build_loss("listwise_nll")(x).losses.item() == pytest.approx(build_loss("nll")(pair).losses.item())
+    # a padding reply with any log-prob changes nothing
+    mask = torch.tensor([[True, True, True, False]])
+    padded = ListwiseInputs(torch.cat([lp, torch.tensor([[-1e6]], dtype=D)], 1), torch.zeros(1, 4, dtype=D),
+                            torch.cat([n, torch.tensor([[1.0]], dtype=D)], 1),
+                            torch.tensor([[0.0, 0.0, 1.0, 0.0]], dtype=D), mask)
+    assert build_loss("listwise_nll")(padded).losses.item() == pytest.approx(3.0)
+
+
+def test_listwise_nll_in_a_composite_reports_the_preference_term():
+    from mallows_ray.losses import Term, build_composite
+
+    x = listwise_inputs([[1.0, 0.0, 2.0]], target=[[0.4, 0.4, 0.2]])
+    terms = [Term("listwise_nll", 0.5), Term("listwise", 1.0, {"beta": 1.0})]
+    out = build_composite(terms)(x)
+    plain, nll_ = build_loss("listwise", beta=1.0)(x), build_loss("listwise_nll")(x)
+    assert out.losses.item() == pytest.approx(plain.losses.item() + 0.5 * nll_.losses.item())
+    assert out.chosen_rewards.item() == pytest.approx(plain.chosen_rewards.item())  # listwise's, not the nll's
+    assert set(out.terms) == {"listwise_nll", "listwise"}
+
+
+@pytest.mark.parametrize("loss", RANKING_LOSSES)
 def test_listwise_padding_is_inert(loss):
     torch.manual_seed(1)
     r = torch.randn(2, 3, dtype=D)
@@ -359,8 +402,9 @@ def test_registry():
                                     "mallows_simpo", "mallows_ipo", "hinge", "exo_pair", "nca_pair", "bco_pair",
                                     "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
                                     "sigmoid_norm", "nll"}
-    assert set(LISTWISE_LOSSES) == {"listwise", "plackett_luce"} and set(LOSSES) == set(PAIRWISE_LOSSES) | set(
-        LISTWISE_LOSSES)
+    assert set(LISTWISE_LOSSES) == {"listwise", "plackett_luce", "listwise_nll"}
+    assert set(LOSSES) == set(PAIRWISE_LOSSES) | set(LISTWISE_LOSSES)
+    assert RANKING_LOSSES == ["listwise", "plackett_luce"]
     assert loss_parameters("simpo") == {"beta": 2.0, "gamma": 0.5, "dispersion": False}
     f_div = {"f_divergence": "reverse_kl", "f_alpha": 0.5}
     assert loss_parameters("dpo") == {"beta": 0.1, "dispersion": False, **f_div}

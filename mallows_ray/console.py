@@ -35,6 +35,7 @@ def keep_worker_line(line: str) -> bool:
 
 
 _state: dict[str, Any] = {"file": None, "verbose": True}
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 # Worker output lines go to the log file through this logger only (never to a console handler).
 _workers = logging.getLogger("mallows_ray.console.workers")
 
@@ -86,19 +87,21 @@ def quiet_ray_logs() -> None:
     resource warnings) to the log file, only errors on the console; Ray Data's per-operator bars off (its one
     bar per dataset execution stays). No-op with `verbose`.
 
-    Ray's "ray" logger does not propagate to the root logger and prints through its own stderr handler, set
-    up when ray is imported, so that handler is raised to ERROR and the file handler is added beside it."""
+    Ray's loggers ("ray", and "ray.data", configured when ray.data is imported) do not propagate to the root
+    logger and print through their own stderr handlers, so those handlers are raised to ERROR and the file
+    handler is added beside them."""
     if _state["verbose"] or _state["file"] is None:
         return
     import ray.data
 
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
-    logger = logging.getLogger("ray")
-    for handler in logger.handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.ERROR)
-    if _state["file"] not in logger.handlers:
-        logger.addHandler(_state["file"])
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)
+        if not logger.propagate and _state["file"] not in logger.handlers:
+            logger.addHandler(_state["file"])
 
 
 def quiet_ray_workers() -> None:

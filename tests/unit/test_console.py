@@ -52,9 +52,12 @@ def _check_filtered_output(tmp_path):
 
 def test_ray_driver_logs_go_to_the_file_and_errors_stay_on_the_console(tmp_path):
     """quiet_ray_logs (before ray.init): Ray's own stderr handler keeps errors only; the file gets the rest."""
-    ray_logger = logging.getLogger("ray")
+    import ray.data  # noqa: F401  (its import installs the "ray.data" logger's handlers)
+
+    ray_logger, data_logger = logging.getLogger("ray"), logging.getLogger("ray.data")
     saved = {"root": list(logging.getLogger().handlers), "warnings": list(logging.getLogger("py.warnings").handlers),
-             "ray": list(ray_logger.handlers), "levels": [h.level for h in ray_logger.handlers]}
+             "ray": list(ray_logger.handlers), "data": list(data_logger.handlers),
+             "levels": [h.level for h in (*ray_logger.handlers, *data_logger.handlers)]}
     stderr = io.StringIO()
     ray_logger.addHandler(logging.StreamHandler(stderr))  # stands for the handler Ray installs on import
     try:
@@ -65,11 +68,19 @@ def test_ray_driver_logs_go_to_the_file_and_errors_stay_on_the_console(tmp_path)
         for handler in ray_logger.handlers:
             handler.flush()
         assert stderr.getvalue() == "Actor died unexpectedly\n"
+        # Ray Data's logger (its own stderr handler, set up when ray.data is imported) is quieted the same way
+        data_logger = logging.getLogger("ray.data")
+        data_logger.info("Execution plan of Dataset dataset_1")
+        assert all(h.level >= logging.ERROR for h in data_logger.handlers
+                   if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler))
+        for handler in (*ray_logger.handlers, *data_logger.handlers):
+            handler.flush()
         text = (tmp_path / "console.log").read_text()
         assert "Token authentication is enabled" in text and "Actor died unexpectedly" in text
+        assert "Execution plan of Dataset dataset_1" in text
     finally:
-        ray_logger.handlers[:] = saved["ray"]
-        for handler, level in zip(saved["ray"], saved["levels"]):
+        ray_logger.handlers[:], data_logger.handlers[:] = saved["ray"], saved["data"]
+        for handler, level in zip((*saved["ray"], *saved["data"]), saved["levels"]):
             handler.setLevel(level)
         _restore_logging(saved)
 

@@ -4,7 +4,7 @@
               style: short, the requested format, warm, plain; scored by three programmatic judges),
               reference log-probs + entropy -> s(x)
     train     listwise lambda-DPO with MallowsPO's dispersion plug-in (r = beta s(x) (lp - ref), ALGORITHMS 2.4
-              and 3), LoRA, lambda rendered into the policy's prompt (3.1), each prompt trained under every
+              and 3) plus the likelihood of the replies lambda prefers (listwise_nll), LoRA, lambda rendered into the policy's prompt (3.1), each prompt trained under every
               vertex lambda and one Dirichlet draw in the same step (lambdas.vertex_copies), 2 Ray Train
               workers with DeepSpeed ZeRO-2
     evaluate  on the held-out test split, before the first step (the untrained policy = the base model) and
@@ -13,7 +13,8 @@
               every judge: the lambda-control matrix with 90% bootstrap intervals and the paired differences
               that say whether each objective's vertex wins on its own judge
     ablations with --ablations: the same training without conditioning (lambdas.condition=false) and without
-              the dispersion plug-in (loss.dispersion=false), same data, steps and seed, in the same report
+              the dispersion plug-in (loss.terms.0.params.dispersion=false), same data, steps and seed, in
+              the same report
     report    <out>/report: summary.md (headline table first), metrics.json, PNG plots; the exported model
               under <out>/<run name>/export
 

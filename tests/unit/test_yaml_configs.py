@@ -84,3 +84,17 @@ def test_kuberay_ray_pods_admit_only_their_cluster_namespace_and_operator():
     assert {p["port"] for p in outside["ports"]} == {6379, 8265, 10001}
     assert {"podSelector": {}} in outside["from"]  # this namespace only: no bare namespaceSelector {}
     assert all("podSelector" in rule for rule in outside["from"])  # a namespaceSelector alone would admit namespaces
+
+
+def test_demo_ablations_switch_off_their_part_only():
+    """`mallows-ray demo --ablations`: each variant differs from the demo config in its one part."""
+    from mallows_ray.demo import ABLATIONS, DEMO_CONFIG
+
+    demo = load_config(DEMO_CONFIG, [])
+    assert demo.lambdas.condition and demo.loss.uses_dispersion and demo.loss.listwise
+    assert [t.name for t in demo.loss.terms] == ["listwise", "listwise_nll"]
+    no_conditioning = load_config(DEMO_CONFIG, ABLATIONS["no conditioning"])
+    assert not no_conditioning.lambdas.condition and no_conditioning.loss == demo.loss
+    no_dispersion = load_config(DEMO_CONFIG, ABLATIONS["no dispersion"])
+    assert not no_dispersion.loss.uses_dispersion and no_dispersion.lambdas == demo.lambdas
+    assert [t.weight for t in no_dispersion.loss.terms] == [t.weight for t in demo.loss.terms]

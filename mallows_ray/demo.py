@@ -4,9 +4,9 @@
               style: short, the requested format, warm, plain; scored by three programmatic judges),
               reference log-probs + entropy -> s(x)
     train     listwise lambda-DPO with MallowsPO's dispersion plug-in (r = beta s(x) (lp - ref), ALGORITHMS 2.4
-              and 3) plus the likelihood of the replies lambda prefers (listwise_nll), LoRA, lambda rendered into the policy's prompt (3.1), each prompt trained under every
-              vertex lambda and one Dirichlet draw in the same step (lambdas.vertex_copies), 2 Ray Train
-              workers with DeepSpeed ZeRO-2
+              and 3) plus the likelihood of the replies lambda prefers (listwise_nll), LoRA, lambda rendered
+              into the policy's prompt (3.1), each prompt trained under every vertex lambda and one Dirichlet
+              draw in the same step (lambdas.vertex_copies), 2 Ray Train workers with DeepSpeed ZeRO-2
     evaluate  on the held-out test split, before the first step (the untrained policy = the base model) and
               after the last: per-vertex top-1 and pair ranking accuracy of the implicit rewards; greedy
               replies generated under each vertex lambda, the uniform one and by the base model, scored by

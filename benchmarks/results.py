@@ -48,6 +48,7 @@ from benchmarks.common import REPO, Workload, model_path, trl_rows, untruncated_
 from benchmarks.sections import replace_section  # noqa: E402
 
 SECTION = "heldout"
+LOAD_SAMPLE_S = 10  # seconds between load-average samples while a step runs
 
 
 @dataclass(frozen=True)
@@ -112,12 +113,15 @@ def last_json(text: str):
 class Runner:
     """Runs each step as its own process, logs it, times it and parses its JSON result.
 
-    A finished step leaves `<work>/steps/<name>.json` (command, result, seconds, load); running the same command
-    again skips it, so an interrupted run continues where it stopped."""
+    A finished step leaves `<work>/steps/<name>.json` (command, result, seconds, the load at its end and the
+    mean load while it ran); running the same command again skips it, so an interrupted run continues where it
+    stopped."""
 
     def __init__(self, work: Path, logs: Path, lock: Path | None, threads: int):
         self.steps, self.logs, self.lock = work / "steps", logs, lock
         self.commands: dict[str, str] = {}
+        self.loads: dict[str, float] = {}    # step -> mean load while it ran (older records: the load at its end)
+        self.seconds: dict[str, float] = {}  # step -> wall seconds
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
                     "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
         self.steps.mkdir(parents=True, exist_ok=True)
@@ -132,22 +136,40 @@ class Runner:
         if record.exists():
             step = json.loads(record.read_text())
             print(f"[results] {name}: done earlier ({step['seconds']:.0f} s), {record}", flush=True)
+            self.loads[name] = step.get("load_mean", step["load_after"])
+            self.seconds[name] = step["seconds"]
             return step["result"], step["seconds"]
         print(f"[results] {name}: {self.commands[name]}", flush=True)
         log = self.logs / f"{name}.log"
         with self._locked(uses_ray):  # the wait for the lock is not part of the step's time
             start = time.perf_counter()
-            proc = subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True)
+            stdout, stderr, returncode, load_mean = self._run_sampling_load(command)
             seconds = time.perf_counter() - start
-        log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-        if proc.returncode != 0:
-            raise SystemExit(f"[results] {name} failed (exit {proc.returncode}); see {log}")
+        log.write_text(stdout + "\n--- stderr ---\n" + stderr)
+        if returncode != 0:
+            raise SystemExit(f"[results] {name} failed (exit {returncode}); see {log}")
         load = os.getloadavg()[0]
-        print(f"[results] {name}: {seconds:.0f} s (load {load:.1f})", flush=True)
-        result = last_json(proc.stdout)
+        print(f"[results] {name}: {seconds:.0f} s (mean load {load_mean:.1f})", flush=True)
+        result = last_json(stdout)
         record.write_text(json.dumps({"command": self.commands[name], "result": result, "seconds": seconds,
-                                      "load_after": load}))
+                                      "load_after": load, "load_mean": load_mean}))
+        self.loads[name], self.seconds[name] = load_mean, seconds
         return result, seconds
+
+    def _run_sampling_load(self, command: list[str]) -> tuple[str, str, int, float]:
+        """Run `command`; also the mean of the 1-minute load average sampled every LOAD_SAMPLE_S while it runs
+        (the other work on the cores during the step, its own threads included: 2 = a 2-thread step alone)."""
+        samples = []
+        with subprocess.Popen(command, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            while True:
+                try:
+                    stdout, stderr = proc.communicate(timeout=LOAD_SAMPLE_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    samples.append(os.getloadavg()[0])
+        samples = samples or [os.getloadavg()[0]]
+        return stdout, stderr, proc.returncode, sum(samples) / len(samples)
 
     @contextmanager
     def _locked(self, uses_ray: bool) -> Iterator[None]:
@@ -218,9 +240,10 @@ def parity_line(ours: dict, trl: dict, n: int, prepare_seconds: float) -> str:
     total = ours["seconds"] + prepare_seconds
     return (f"**DPO parity**: held-out accuracy on {n} pairs, mallows_ray {acc:.3f} +- {se:.3f} vs TRL "
             f"{trl_acc:.3f} +- {trl_se:.3f}: {gap:.1f} of TRL's standard errors apart "
-            f"({'within' if gap <= 2 else 'NOT within'} 2); time mallows_ray {ours['seconds']:.0f} s train + "
-            f"{prepare_seconds:.0f} s prepare = {total:.0f} s vs TRL {trl['seconds']:.0f} s "
-            f"({total / trl['seconds']:.2f}x).")
+            f"({'within' if gap <= 2 else 'NOT within'} 2); time mallows_ray {ours['seconds']:.0f} s train "
+            f"(load {ours['load']:.1f}) + {prepare_seconds:.0f} s prepare = {total:.0f} s vs TRL "
+            f"{trl['seconds']:.0f} s (load {trl['load']:.1f}) ({total / trl['seconds']:.2f}x; times under different "
+            "loads are not a speed comparison: benchmarks/RESULTS.md's speed rows are).")
 
 
 def render(rows: list[dict], base: dict, facts: dict) -> str:
@@ -230,8 +253,9 @@ def render(rows: list[dict], base: dict, facts: dict) -> str:
         "",
         *([f"**Partial: {len(rows)} of the {facts['expected_rows']} rows so far**; the same command continues "
            "where it stopped.", ""] if len(rows) < facts["expected_rows"] else []),
-        f"The last invocation ran {facts['minutes']:.1f} min (load average before {facts['load_before']}, after "
-        f"{facts['load_after']}; each step's time and load are in its record in the work folder). "
+        f"The steps took {facts['step_minutes']:.1f} min in all (the last invocation ran {facts['minutes']:.1f} "
+        f"min, load average before {facts['load_before']}, after {facts['load_after']}; each step's time and load "
+        "are in its record in the work folder). "
         f"{facts['train_pairs']} train pairs, {n} held-out pairs (HH harmless-base test "
         f"pairs within {facts['lengths']} tokens, untruncated), SmolLM2-135M-Instruct (embedded), full fine-tuning, "
         f"fp32 CPU, {facts['threads']} threads, one epoch, lr {facts['lr']} linear to 0, no warm-up, global batch "
@@ -242,16 +266,18 @@ def render(rows: list[dict], base: dict, facts: dict) -> str:
         "`mallows-ray eval` of a saved HF folder on the held-out pairs (scored as a dataset of their own, which no "
         "training run reads). Train time: the process's wall time (mallows_ray: Ray start, reading the scored "
         "cache, training, export; TRL: model load, tokenization, training with a reference forward in every step, "
-        f"save). mallows_ray's reference pass, `mallows-ray prepare` of the train pairs, took "
+        "save), with the mean load average while it ran (2 = the 2-thread step alone on the 2 cores; records "
+        "written before the load was sampled give the load at the step's end). mallows_ray's reference pass, "
+        f"`mallows-ray prepare` of the train pairs, took "
         f"{facts['prepare_seconds']:.0f} s, once for every c = auto row (the Mallows-SimPO row's fixed c is "
         "another scored dataset: its train time includes its own prepare).",
         "",
-        "| method | trained by | held-out accuracy | margin | log-ratio (chosen) | train time |",
+        "| method | trained by | held-out accuracy | margin | log-ratio (chosen) | train time (load) |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
         m = row["metrics"]
-        time_text = f"{row['seconds']:.0f} s" if row.get("seconds") is not None else "-"
+        time_text = f"{row['seconds']:.0f} s ({row['load']:.1f})" if row.get("seconds") is not None else "-"
         accuracy = f"{m['rewards/accuracy']:.3f} +- {standard_error(m['rewards/accuracy'], n):.3f}"
         if row["name"] == "untrained":  # rewards are 0 up to rounding: strict > counts rounding noise
             accuracy = f"0.5 by construction (measured {m['rewards/accuracy']:.3f}: float rounding of 0)"
@@ -298,7 +324,7 @@ def main() -> None:
               if not args.only or m.name in args.only]
     with_trl = not args.only or "trl_dpo" in args.only
     if with_trl:  # first: it needs no Ray, so it never waits for the lock
-        _, trl_seconds = run("train_trl_dpo", trl_command(args, work), uses_ray=False)
+        run("train_trl_dpo", trl_command(args, work), uses_ray=False)
     data = data_overrides(args, work, "train.jsonl")
     _, prepare_seconds = run("prepare_train", [*cli, "prepare", *data])
     heldout_data = data_overrides(args, work, "heldout.jsonl")
@@ -316,11 +342,13 @@ def main() -> None:
     }
     rows = []
 
-    def add_row(name: str, label: str, by: str, folder: str, seconds: float | None) -> None:
+    def add_row(name: str, label: str, by: str, folder: str, trained: bool = True) -> None:
         """Evaluate one saved model and rewrite the section with every row so far (a partial table says so)."""
         metrics, _ = run(f"eval_{name}", [*evaluate, f"--model={folder}"])
-        rows.append({"name": name, "label": label, "by": by, "seconds": seconds, "metrics": metrics["pairwise"]})
-        facts.update(minutes=(time.perf_counter() - started) / 60,
+        train = f"train_{name}"
+        rows.append({"name": name, "label": label, "by": by, "metrics": metrics["pairwise"],
+                     "seconds": run.seconds[train] if trained else None, "load": run.loads.get(train)})
+        facts.update(minutes=(time.perf_counter() - started) / 60, step_minutes=sum(run.seconds.values()) / 60,
                      load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
                      commands=[f"{step}: {command}" for step, command in run.commands.items()])
         table = render(rows, base, facts)
@@ -328,16 +356,15 @@ def main() -> None:
                                                table))
         (args.logs / "results.json").write_text(json.dumps({"rows": rows, "base": base, "facts": facts}, indent=1))
 
-    add_row("untrained", "untrained (policy = reference)", "-", str(model_path()), None)
+    add_row("untrained", "untrained (policy = reference)", "-", str(model_path()), trained=False)
     for method in wanted:
         if not run.done(f"train_{method.name}"):  # an interrupted run's folder would be resumed: start it afresh
             shutil.rmtree(work / "runs" / method.name, ignore_errors=True)
-        out, seconds = run(f"train_{method.name}", [*cli, "train", *data, *train_overrides(args, work, method.name),
-                                                    *method.overrides])
-        add_row(method.name, method.label, "mallows_ray", out["export"], seconds)
+        out, _ = run(f"train_{method.name}", [*cli, "train", *data, *train_overrides(args, work, method.name),
+                                              *method.overrides])
+        add_row(method.name, method.label, "mallows_ray", out["export"])
         if method.name == "dpo" and with_trl:
-            add_row("trl_dpo", f"DPO (beta {args.beta})", "TRL DPOTrainer", str(work / "runs" / "trl_dpo" / "export"),
-                    trl_seconds)
+            add_row("trl_dpo", f"DPO (beta {args.beta})", "TRL DPOTrainer", str(work / "runs" / "trl_dpo" / "export"))
     print(render(rows, base, facts))
     print(f"[results] wrote the {SECTION!r} section of {args.output}")
 

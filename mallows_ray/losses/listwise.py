@@ -108,9 +108,9 @@ def listwise_nll(inputs: ListwiseInputs) -> LossOutput:
 
     The listwise form of the SFT term that RPO (Pang et al. 2024, https://arxiv.org/abs/2404.19733) adds to
     DPO: with a small tau and a vertex lambda, p_lambda is (nearly) one-hot on that objective's best reply, so
-    the term is the NLL of the reply lambda ranks first. A preference loss only moves log-prob *differences*
-    between replies the policy already wrote; this term moves the generation itself towards the lambda's
-    style, which is what steering at inference needs. Weight it beside `listwise` in `loss.terms`.
+    the term is the NLL of the reply lambda ranks first. A preference loss only moves the log-prob
+    *differences* between the data's replies; this term also raises the likelihood of the preferred reply
+    itself, under the lambda it is preferred for. Weight it beside `listwise` in `loss.terms`.
     Reference-free. Rewards: the per-token mean log-prob of each reply (accuracy: the policy's most likely
     reply per token is the target's top one).
     """

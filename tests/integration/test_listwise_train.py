@@ -3,9 +3,9 @@
 Two conflicting objectives: `loud` prefers the shouted answer ("WOW! APPLE IS GREAT!!!"), `calm` the quiet one
 ("the apple is fine."). A policy that sees lambda in its prompt can rank either answer first on demand; one
 that does not see it gives both lambdas the same ranking, so per prompt at most one vertex can be right.
-The two vertex prompts hold the same characters in a different order ("loud=1.00, calm=0.00" against
-"loud=0.00, calm=1.00"), so the tiny model needs a couple of hundred steps to read them: those runs use one
-worker and are marked slow.
+The two vertex prompts differ in one name ("Preference weights: loud=1.00" against "... calm=1.00"); the
+tiny model still needs a couple of hundred steps to read it (set when the prompts listed both names and
+differed only in where 1.00 stood, not re-tuned since): those runs use one worker and are marked slow.
 
 Separately, on objectives that agree on the best answer, 2 workers with ZeRO-2 and the learned scheduler: the
 loss falls, and a run whose worker fails resumes to the identical weights and scheduler state.

@@ -168,6 +168,12 @@ class LossConfig:
         return loss_registry.is_listwise(self.name)
 
     @property
+    def across_lambdas(self) -> bool:
+        """Whether a term compares a prompt's rows under different lambdas (lambda_contrast)."""
+        names = [t.name for t in self.terms] if self.terms is not None else [self.name]
+        return any(loss_registry.loss_spec(name).across_lambdas for name in names)
+
+    @property
     def uses_dispersion(self) -> bool:
         if self.terms is not None:
             return loss_composite.terms_use_dispersion(self.terms)
@@ -307,6 +313,12 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     lambdas: LambdaConfig = field(default_factory=LambdaConfig)
+
+    def check(self, where: str) -> None:
+        if self.loss.across_lambdas and not (self.lambdas.vertex_copies and self.lambdas.condition):
+            raise ConfigError("loss: lambda_contrast compares each prompt's replies under several lambdas, so it "
+                              "needs lambdas.vertex_copies=true and lambdas.condition=true (with one lambda per "
+                              "prompt, or lambda not shown to the policy, it would be 0)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 from mallows_ray.losses.composite import Term, build_composite, term_labels
 from mallows_ray.losses.dispersion import calibrate_scale, dispersion_from_entropy, prompt_mean_entropy
 from mallows_ray.losses.length import ld_weighted
-from mallows_ray.losses.listwise import listwise, listwise_nll, listwise_rewards, mixed_target, plackett_luce
+from mallows_ray.losses.listwise import (
+    lambda_contrast, listwise, listwise_nll, listwise_rewards, mixed_target, plackett_luce,
+)
 from mallows_ray.losses.logprobs import IGNORE_INDEX, ResponseStats, response_logprobs
 from mallows_ray.losses.mallows import kendall_link, mallows_ipo, mallows_phi, mallows_simpo, mallows_theta
 from mallows_ray.losses.pairwise import cdpo, dpo, ipo, plug_in_dispersion, robust, simpo
@@ -24,7 +26,7 @@ __all__ = [
     "ListwiseInputs", "LossOutput", "LossSpec", "PairwiseInputs", "ResponseStats", "Term", "aot", "aot_unpaired",
     "apo_down", "apo_zero", "bco_pair", "build_composite", "build_loss", "calibrate_scale", "cdpo",
     "check_parameters", "discopop", "dispersion_from_entropy", "dpo", "exo_pair", "f_score", "hinge",
-    "ipo", "is_listwise", "kendall_link", "ld_weighted", "listwise", "listwise_nll", "listwise_rewards",
+    "ipo", "is_listwise", "kendall_link", "lambda_contrast", "ld_weighted", "listwise", "listwise_nll", "listwise_rewards",
     "loss_parameters", "loss_spec",
     "mallows_ipo", "mallows_phi", "mallows_simpo", "mallows_theta", "mixed_target", "nca_pair", "nll",
     "plackett_luce", "plug_in_dispersion", "prompt_mean_entropy", "response_logprobs", "robust", "sigmoid_norm",

@@ -5,8 +5,8 @@ RPO: dpo + nll):
 
 A term is {name, weight, params}: any registered loss (nll included) with its own parameters. Every term sees
 the same inputs, so the terms must share a kind (all pairwise or all listwise). The output's rewards and
-accuracy are those of the first term other than a likelihood term (nll, listwise_nll; else of the first
-term); `LossOutput.terms` holds each term's unweighted per-example loss under its label (the loss name;
+accuracy are those of the first term that ranks a prompt's replies (not nll, listwise_nll or lambda_contrast;
+else of the first term); `LossOutput.terms` holds each term's unweighted per-example loss under its label (the loss name;
 `name.k` for the k-th term when a name repeats), which the metrics report as `loss/<label>`.
 """
 
@@ -76,9 +76,10 @@ def check_terms(terms: Sequence[Term], where: str = "loss.terms") -> None:
 
 
 def lead_term(terms: Sequence[Term]) -> Term:
-    """The term whose rewards and accuracy the composite reports: the first that is not a likelihood term (nll,
-    listwise_nll), else the first."""
-    return next((t for t in terms if not loss_spec(t.name).likelihood), terms[0])
+    """The term whose rewards and accuracy the composite reports: the first that ranks a prompt's replies (not
+    a likelihood term, nll or listwise_nll, nor lambda_contrast), else the first."""
+    return next((t for t in terms if not (loss_spec(t.name).likelihood or loss_spec(t.name).across_lambdas)),
+                terms[0])
 
 
 def terms_use_dispersion(terms: Sequence[Term]) -> bool:

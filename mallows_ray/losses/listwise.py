@@ -9,6 +9,7 @@ Per prompt: N responses, K objectives with scores S[k, i], preference weights la
     listwise      = -sum_i p_lambda[i] log_softmax(r)[i]
     plackett_luce = -sum_i log( exp(r_(i)) / sum_{j >= i} exp(r_(j)) ),  (i) = i-th by p_lambda (stable sort)
     listwise_nll  = -sum_i p_lambda[i] lp(y_i) / n(y_i)       (the lambda-weighted SFT term; reference-free)
+    lambda_contrast = -sum_i p_v[i] log softmax_v(beta lp(y_i | x, lambda_v))[v]   over the V rows v of a prompt
 
 The policy distribution softmax(r) does not depend on k, so the lambda-weighted sum of per-objective
 cross-entropies equals one cross-entropy against p_lambda: that is how it is computed.
@@ -117,3 +118,32 @@ def listwise_nll(inputs: ListwiseInputs) -> LossOutput:
     mean_logps = per_token_mean(inputs.policy_logps, inputs.lengths)          # [B, N]
     losses = -(inputs.target * mean_logps).masked_fill(~_valid(inputs), 0.0).sum(dim=-1)
     return _listwise_output(losses, mean_logps.masked_fill(~_valid(inputs), _MASKED_REWARD), inputs)
+
+
+def lambda_contrast(inputs: ListwiseInputs, *, beta: float = 1.0) -> LossOutput:
+    """Which of a prompt's lambdas each reply belongs to: the listwise loss with the softmax over lambdas.
+
+    The rows of one `group` are one prompt x with the same replies under V lambdas (`lambdas.vertex_copies`);
+    row v's loss is
+
+        -sum_i p_v[i] log softmax_v(beta lp(y_i | x, lambda_v))[v]
+
+    the cross-entropy, for every reply i, of "which lambda is y_i's" against weights p_v[i]: the same weights
+    as `listwise`, the softmax transposed. Anything in lp that does not depend on lambda (and the reference,
+    which is scored without lambda) cancels inside softmax_v, so the gradient only teaches the policy to read
+    lambda. If the policy's distribution over the replies were p_v under every lambda_v, softmax_v would be
+    p_v[i] / sum_u p_u[i], the loss's minimiser. Chance is log V; a row alone in its group contributes 0
+    (evaluation rows, one lambda each). Not shown to help yet: in the demo (SmolLM2-135M, LoRA, 40 steps,
+    weight 3 beside listwise and listwise_nll 2) it stayed at chance, log 4, and no objective came under
+    lambda control (issue 17, session 24; wip/README.md). Rewards: log softmax_v, the reply's share of lambda_v
+    (accuracy: the reply this row's lambda claims most is its target's top one).
+    """
+    valid = _valid(inputs)
+    logits = beta * inputs.policy_logps                                              # [B, N]
+    group = inputs.group if inputs.group is not None else torch.arange(len(logits), device=logits.device)
+    _, owner = torch.unique(group, return_inverse=True)                              # [B] in 0..G-1
+    members = owner[None, :] == torch.arange(int(owner.max()) + 1, device=logits.device)[:, None]  # [G, B]
+    pooled = torch.logsumexp(logits[None].masked_fill(~members[:, :, None], float("-inf")), dim=1)  # [G, N]
+    shares = (logits - pooled[owner]).masked_fill(~valid, 0.0)                       # [B, N] log softmax_v
+    losses = -(inputs.target * shares).sum(dim=-1)
+    return _listwise_output(losses, shares.masked_fill(~valid, _MASKED_REWARD), inputs)

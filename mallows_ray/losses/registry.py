@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from mallows_ray.losses.length import ld_weighted
-from mallows_ray.losses.listwise import listwise, listwise_nll, plackett_luce
+from mallows_ray.losses.listwise import lambda_contrast, listwise, listwise_nll, plackett_luce
 from mallows_ray.losses.mallows import mallows_ipo, mallows_phi, mallows_simpo, mallows_theta
 from mallows_ray.losses.pairwise import cdpo, dpo, ipo, robust, simpo
 from mallows_ray.losses.scores import F_DIVERGENCES
@@ -70,6 +70,7 @@ class LossSpec:
     ranges: dict[str, Interval] = field(default_factory=dict)
     no_dispersion: str = ""
     likelihood: bool = False  # a likelihood (SFT) term with no preference logit: a composite reports another term
+    across_lambdas: bool = False  # compares a prompt's rows under different lambdas: needs lambdas.vertex_copies
 
 
 _SEPARATE = "it scores the chosen and the rejected reply separately, so there is no pairwise logit for s(x) to scale"
@@ -99,6 +100,10 @@ SPECS: dict[str, LossSpec] = {
     "listwise_nll": LossSpec(listwise_nll, kind="listwise", reference=False, dispersion="never", wpo=False, ld=False,
                              likelihood=True, no_dispersion="it is the likelihood of the replies, with no "
                              "preference logit"),
+    "lambda_contrast": LossSpec(lambda_contrast, kind="listwise", reference=False, dispersion="never", wpo=False,
+                                ld=False, batch_level=True, across_lambdas=True,
+                                no_dispersion="its softmax runs over one prompt's lambdas, so s(x) is one constant "
+                                "scale of it, the role of beta"),
 }
 PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "pairwise"}
 LISTWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "listwise"}

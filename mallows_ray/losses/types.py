@@ -33,6 +33,8 @@ class ListwiseInputs:
     target: Tensor                       # [B, N] p_lambda, sums to 1 over the valid responses of a row
     response_mask: Tensor | None = None  # [B, N] bool, False marks padding (prompts with fewer responses)
     dispersion: Tensor | None = None     # [B] s(x)
+    group: Tensor | None = None          # [B] long: rows with equal values are one prompt and its responses under
+                                         # different lambdas (`lambdas.vertex_copies`); None: every row its own
 
 
 @dataclass(frozen=True)

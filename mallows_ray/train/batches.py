@@ -105,6 +105,8 @@ class Batch:
     lambdas: torch.Tensor | None   # [B, K] each prompt's preference weights (listwise losses)
     reference_shared_logps: torch.Tensor | None = None  # [B, N] ref_l(y) (LD-DPO), 0 at padding; None when the
                                                         # rows lack the ref_shared_logps column
+    groups: torch.Tensor | None = None  # [B] long (listwise): rows with the same id (vertex copies of a prompt)
+                                        # share a value, the index of the first of them
 
     @property
     def tokens(self) -> int:
@@ -124,20 +126,22 @@ class Batch:
         scores = None if self.scores is None else self.scores.to(device)
         lambdas = None if self.lambdas is None else self.lambdas.to(device)
         shared = None if self.reference_shared_logps is None else self.reference_shared_logps.to(device)
+        groups = None if self.groups is None else self.groups.to(device)
         return Batch(self.ids, self.packed.to(device), self.slots.to(device), self.response_mask.to(device),
-                     self.reference_logps.to(device), self.dispersion.to(device), scores, lambdas, shared)
+                     self.reference_logps.to(device), self.dispersion.to(device), scores, lambdas, shared, groups)
 
 
 def collate(rows: list[Row], pad_id: int, *, with_scores: bool, share_prompt: bool = False) -> Batch:
     """Tensors of one micro-batch from scored-data rows (columns id, prompt_ids, response_ids, ref_logps,
-    dispersion; with `with_scores`, scores [K][N] and the `lambda` [K] that `conditioning.assign_lambdas` gave).
+    dispersion; with `with_scores`, scores [K][N] the `lambda` [K] that `conditioning.Conditioner` gave, and the
+    groups of rows with one id, a prompt's vertex copies).
     `share_prompt`: pack each prompt once with all its responses (data/collate.py)."""
     counts = [len(row["response_ids"]) for row in rows]
     width = max(counts)
     mask = torch.tensor([[i < n for i in range(width)] for n in counts])                   # [B, N]
     reference = _response_grid(rows, "ref_logps", counts, width)
     shared = _response_grid(rows, "ref_shared_logps", counts, width) if "ref_shared_logps" in rows[0] else None
-    scores = lambdas = None
+    scores = lambdas = groups = None
     if with_scores:
         if any(len(row["scores"]) == 0 for row in rows):
             raise ValueError("a listwise loss needs objective scores; rows "
@@ -146,6 +150,8 @@ def collate(rows: list[Row], pad_id: int, *, with_scores: bool, share_prompt: bo
         for p, row in enumerate(rows):
             scores[p, :, : counts[p]] = torch.as_tensor(row["scores"], dtype=torch.float32)
         lambdas = torch.tensor([row["lambda"] for row in rows], dtype=torch.float32)        # [B, K]
+        first = {}
+        groups = torch.tensor([first.setdefault(row["id"], p) for p, row in enumerate(rows)])  # [B]
     return Batch(
         ids=[row["id"] for row in rows],
         packed=pack_responses([row["prompt_ids"] for row in rows], [row["response_ids"] for row in rows], pad_id,
@@ -157,6 +163,7 @@ def collate(rows: list[Row], pad_id: int, *, with_scores: bool, share_prompt: bo
         scores=scores,
         lambdas=lambdas,
         reference_shared_logps=shared,
+        groups=groups,
     )
 
 

@@ -32,7 +32,7 @@ def loss_inputs(batch: Batch, policy_logps: torch.Tensor, listwise: bool, target
     if listwise:
         target = mixed_target(batch.scores, batch.lambdas, target_tau, batch.response_mask)
         return ListwiseInputs(policy_logps, batch.reference_logps, lengths, target,
-                              batch.response_mask, batch.dispersion)
+                              batch.response_mask, batch.dispersion, batch.groups)
     ref_shared = batch.reference_shared_logps
     return PairwiseInputs(policy_logps[:, 0], policy_logps[:, 1], batch.reference_logps[:, 0],
                           batch.reference_logps[:, 1], lengths[:, 0], lengths[:, 1], batch.dispersion,

@@ -16,8 +16,9 @@ from mallows_ray.losses import (
 )
 
 D = torch.float64
-# the listwise losses over implicit rewards (listwise_nll, a likelihood term, has its own tests)
-RANKING_LOSSES = [name for name in LISTWISE_LOSSES if not SPECS[name].likelihood]
+# the listwise losses over implicit rewards (listwise_nll, a likelihood term, and lambda_contrast, whose softmax
+# runs over lambdas, have their own tests)
+RANKING_LOSSES = [name for name in LISTWISE_LOSSES if not (SPECS[name].likelihood or SPECS[name].across_lambdas)]
 
 
 def pairwise(pc, pr, rc=0.0, rr=0.0, nc=1.0, nr=1.0, s=None, requires_grad=False, dtype=D):
@@ -211,6 +212,55 @@ def test_listwise_nll_vertex_target_is_the_top_reply_nll_and_padding_is_inert():
     assert build_loss("listwise_nll")(padded).losses.item() == pytest.approx(3.0)
 
 
+def _copies(lp, target, group, mask=None):
+    lp = torch.as_tensor(lp, dtype=D)
+    return ListwiseInputs(lp, torch.zeros_like(lp), torch.ones_like(lp), torch.as_tensor(target, dtype=D), mask,
+                          group=torch.as_tensor(group))
+
+
+def test_lambda_contrast_is_the_listwise_loss_transposed_over_a_prompts_lambdas():
+    torch.manual_seed(0)
+    lp, target = torch.randn(2, 3, 4, dtype=D), torch.softmax(torch.randn(2, 3, 4, dtype=D), dim=-1)  # [G, V, N]
+    by_hand = -(target * torch.log_softmax(0.7 * lp, dim=1)).sum(dim=-1)                               # [G, V]
+    # rows of the two prompts interleaved, groups named by any values
+    order = torch.tensor([0, 3, 1, 4, 2, 5])
+    group = torch.tensor([7, 7, 7, 2, 2, 2])[order]
+    out = build_loss("lambda_contrast", beta=0.7)(_copies(lp.reshape(6, 4)[order], target.reshape(6, 4)[order], group))
+    torch.testing.assert_close(out.losses, by_hand.reshape(6)[order])
+    # one row per prompt (evaluation): nothing to contrast, 0
+    alone = build_loss("lambda_contrast")(_copies(lp[0], target[0], [0, 1, 2]))
+    assert alone.losses.abs().max().item() == 0.0
+
+
+def test_lambda_contrast_ignores_what_does_not_depend_on_lambda_and_padding():
+    torch.manual_seed(1)
+    lp, target = torch.randn(6, 3, dtype=D), torch.softmax(torch.randn(6, 3, dtype=D), dim=-1)
+    group = [0, 0, 0, 1, 1, 1]
+    base = build_loss("lambda_contrast")(_copies(lp, target, group)).losses
+    # a per-(prompt, reply) shift, the same under every lambda (e.g. the prompt's own effect): no change
+    shift = torch.randn(2, 3, dtype=D).repeat_interleave(3, dim=0)
+    torch.testing.assert_close(build_loss("lambda_contrast")(_copies(lp + shift, target, group)).losses, base)
+    # a padding reply (target 0, masked) with any log-prob changes nothing
+    mask = torch.tensor([[True, True, True, False]] * 6)
+    padded = _copies(torch.cat([lp, torch.full((6, 1), -1e6, dtype=D)], 1),
+                     torch.cat([target, torch.zeros(6, 1, dtype=D)], 1), group, mask)
+    torch.testing.assert_close(build_loss("lambda_contrast")(padded).losses, base)
+    # float64 gradients
+    fn = build_loss("lambda_contrast", beta=0.5)
+    x = lp.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: fn(_copies(v, target, group)).losses, (x,))
+
+
+def test_lambda_contrast_needs_vertex_copies_in_the_config():
+    from mallows_ray.config import Config, ConfigError, from_dict
+
+    terms = [{"name": "listwise"}, {"name": "lambda_contrast", "weight": 1.0}]
+    with pytest.raises(ConfigError, match="lambda_contrast .* needs lambdas.vertex_copies=true"):
+        from_dict(Config, {"loss": {"terms": terms}})
+    config = from_dict(Config, {"loss": {"terms": terms}, "lambdas": {"vertex_copies": True}})
+    assert config.loss.across_lambdas and config.loss.name == "listwise"  # the composite reports listwise
+
+
 def test_listwise_nll_in_a_composite_reports_the_preference_term():
     from mallows_ray.losses import Term, build_composite
 
@@ -402,7 +452,7 @@ def test_registry():
                                     "mallows_simpo", "mallows_ipo", "hinge", "exo_pair", "nca_pair", "bco_pair",
                                     "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
                                     "sigmoid_norm", "nll"}
-    assert set(LISTWISE_LOSSES) == {"listwise", "plackett_luce", "listwise_nll"}
+    assert set(LISTWISE_LOSSES) == {"listwise", "plackett_luce", "listwise_nll", "lambda_contrast"}
     assert set(LOSSES) == set(PAIRWISE_LOSSES) | set(LISTWISE_LOSSES)
     assert RANKING_LOSSES == ["listwise", "plackett_luce"]
     assert loss_parameters("simpo") == {"beta": 2.0, "gamma": 0.5, "dispersion": False}

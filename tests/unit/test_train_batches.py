@@ -96,6 +96,15 @@ def test_collate_grid_with_a_varying_number_of_responses():
         collate([_row(0)], pad_id=0, with_scores=True)
 
 
+def test_collate_groups_the_vertex_copies_of_a_prompt():
+    row = lambda i, lam: dict(_row(i, scores=[(1, 2), (2, 1)]), **{"lambda": lam})  # noqa: E731
+    rows = [row(0, [1.0, 0.0]), row(0, [0.0, 1.0]), row(5, [1.0, 0.0]), row(0, [0.5, 0.5]), row(5, [0.0, 1.0])]
+    batch = collate(rows, pad_id=0, with_scores=True)
+    assert batch.groups.tolist() == [0, 0, 2, 0, 2]  # the index of each id's first row
+    assert loss_inputs(batch, batch.grid(torch.zeros(10)), listwise=True).group.tolist() == [0, 0, 2, 0, 2]
+    assert collate(_rows(2), pad_id=0, with_scores=False).groups is None  # pairwise rows: no lambdas
+
+
 def test_pairwise_forward_loss_is_dpo_of_the_model_outputs():
     rows = [_row(0), _row(1, response_lens=(3, 2))]
     batch = collate(rows, pad_id=0, with_scores=False)

@@ -6,8 +6,8 @@ RPO: dpo + nll):
 A term is {name, weight, params}: any registered loss (nll included) with its own parameters. Every term sees
 the same inputs, so the terms must share a kind (all pairwise or all listwise). The output's rewards and
 accuracy are those of the first term that ranks a prompt's replies (not nll, listwise_nll or lambda_contrast;
-else of the first term); `LossOutput.terms` holds each term's unweighted per-example loss under its label (the loss name;
-`name.k` for the k-th term when a name repeats), which the metrics report as `loss/<label>`.
+else of the first term); `LossOutput.terms` holds each term's unweighted per-example loss under its label (the
+loss name; `name.k` for the k-th term when a name repeats), which the metrics report as `loss/<label>`.
 """
 
 from __future__ import annotations

@@ -294,7 +294,7 @@ def _variant_key(sweep: SweepConfig, values: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class _TrialContext:
-    """What every trial needs from the driver (small; the datasets travel separately)."""
+    """What every trial needs from the driver (small: the workers read the scored folders themselves)."""
 
     sweep: SweepConfig
     scored: dict[str, tuple[str, dict[str, Any]]]  # variant key -> (scored folder, its manifest)
@@ -315,7 +315,7 @@ class _TrialContext:
         return config, make_plan(config, PreparedData(Path(folder), manifest))
 
 
-def _run_trial(values: dict[str, Any], *, context: _TrialContext, datasets: dict[str, dict[str, Any]]) -> None:
+def _run_trial(values: dict[str, Any], *, context: _TrialContext) -> None:
     """One Tune trial: the trial's training run, built exactly as `mallows-ray train` builds it. The run is
     named after the trial, so a resumed sweep's unfinished trial continues from its last checkpoint."""
     from ray import tune
@@ -324,8 +324,7 @@ def _run_trial(values: dict[str, Any], *, context: _TrialContext, datasets: dict
     from mallows_ray.train.trainer import build_trainer
 
     config, plan = context.plan(values, tune.get_context().get_trial_name())
-    trainer = build_trainer(config, plan, datasets[_variant_key(context.sweep, values)],
-                            callbacks=[TuneReportCallback()])
+    trainer = build_trainer(config, plan, callbacks=[TuneReportCallback()])
     trainer.fit()  # raises TrainingFailedError after run.max_failures restarts: Tune marks the trial errored
 
 
@@ -374,14 +373,14 @@ class SweepResult:
 
 
 def _prepare_scored_data(sweep: SweepConfig, address: str | None):
-    """Prepare (or reuse) and load each distinct scored dataset once: {variant key: (folder, manifest)}, datasets.
+    """Prepare (or reuse) and check each distinct scored dataset once: {variant key: (folder, manifest)}.
 
     The variants are every combination of the listed values of the keys that change the scored data (all
     trials share one dataset when only loss/optim/... keys are swept)."""
-    from mallows_ray.train.trainer import load_datasets, make_plan, scored_data
+    from mallows_ray.train.trainer import check_splits, make_plan, scored_data
 
     dims = [d for d in sweep.space if d.affects_preparation]
-    scored, datasets = {}, {}
+    scored = {}
     for combo in itertools.product(*(d.values for d in dims)):
         values = dict(zip([d.key for d in dims], combo))
         variant = _variant_key(sweep, values)
@@ -389,8 +388,8 @@ def _prepare_scored_data(sweep: SweepConfig, address: str | None):
         prepared = scored_data(config, address)
         plan = make_plan(config, prepared)  # checks the data against the loss and the batch settings now
         scored[variant] = (str(prepared.folder), prepared.manifest)
-        datasets[variant] = load_datasets(prepared, plan)
-    return scored, datasets
+        check_splits(plan)
+    return scored
 
 
 def _search_algorithm(settings: SweepSettings, concurrency: int):
@@ -537,11 +536,11 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None) -> SweepResult:
     concurrency = sweep.settings.max_concurrent_trials or max_concurrent_trials(ray.cluster_resources(),
                                                                                 [c for _, c in configs])
     # one prepared dataset per distinct data config among the trials (all listed values: data keys are discrete)
-    scored, datasets = _prepare_scored_data(sweep, address)
+    scored = _prepare_scored_data(sweep, address)
     context = _TrialContext(sweep, scored)
     # the trial function only waits on its Train controller (itself 0 CPUs): it takes no CPU from the workers.
     # Tune wants a non-empty resource bundle per trial, hence one byte of memory.
-    trainable = tune.with_resources(tune.with_parameters(_run_trial, context=context, datasets=datasets),
+    trainable = tune.with_resources(tune.with_parameters(_run_trial, context=context),
                                     {"cpu": 0, "memory": 1})
     experiment = sweep.experiment_dir
     saved = experiment / "sweep.yaml"

@@ -19,6 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
+# The scored split's layout, part of the cache key: 2 added the prompt_tokens column that training's length
+# grouping reads instead of every row's token ids.
+LAYOUT = 2
 REJECTS_FILE = "rejects.jsonl"
 _REQUIRED = ("files", "splits", "rejects", "kind", "dispersion_scale", "tokenizer")
 _SCORED_COLUMNS = {"prompt_ids", "ref_logps"}  # columns only a prepared (tokenized, scored) split has

@@ -43,6 +43,7 @@ TOKENIZED_SCHEMA = pa.schema(
     + [
         pa.field("prompt_ids", pa.list_(pa.int32())),
         pa.field("response_ids", pa.list_(pa.list_(pa.int32()))),
+        pa.field("prompt_tokens", pa.int32()),  # len(prompt_ids): with ref_token_counts, a row's padded length
         pa.field("prompt_truncated", pa.bool_()),
         pa.field("response_truncated", pa.list_(pa.bool_())),
         pa.field("reject_reason", pa.string()),
@@ -73,6 +74,8 @@ def ensure_ray(address: str | None = None) -> None:
 
 def _tokenize_block(table: pa.Table, tokenizer_path: str, limits: LengthLimits) -> pa.Table:
     rows = tokenize_batch(table.to_pylist(), tokenizer_path=tokenizer_path, limits=limits)
+    for row in rows:
+        row["prompt_tokens"] = len(row["prompt_ids"])
     return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
 
 
@@ -178,6 +181,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         "settings": _settings(config),
         "version": __version__,
         "scored_columns": [str(f) for f in SCORE_FIELDS],  # a new or changed score column invalidates the cache
+        "layout": mf.LAYOUT,
     }
     folder = Path(data_cfg.cache_dir).expanduser() / mf.cache_key(key_parts)
     if not force:

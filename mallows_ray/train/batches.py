@@ -1,26 +1,25 @@
-"""Deterministic global batches from the streamed dataset, per-rank slices, and tensors from rows.
+"""Deterministic global batches of an epoch, per-rank slices, and tensors from rows.
 
-Every rank streams the whole scored dataset in its stored order (`DataConfig(datasets_to_split=[])` with
-`preserve_order`) and cuts the same sequence of global batches from it; rank r then takes its own slice.
-Why not Ray's `streaming_split`: it hands whole blocks to whichever split has the fewest rows, so which rank
-sees which example depends on block sizes and on the world size. Here the sequence of global batches
-depends only on the data, `run.seed`, the epoch and the global batch size, which gives
-  * exact resume: a resumed or restarted run skips exactly the global batches already consumed;
+The sequence of global batches depends only on the data, `run.seed`, the epoch and the global batch size —
+never on the number of workers — which gives
+  * exact resume: a resumed or restarted run skips the global batches already consumed by index arithmetic
+    (`epoch_order(...)[consumed:]`), without reading them;
   * invariance: 1 worker x accumulation 2 runs the same micro-batches as 2 workers x accumulation 1.
-The price is that each worker reads the whole stream (cheap for a tokenized cache; no model work is done
-on the rows it skips).
+Each rank reads only its own contiguous slice of each global batch (`rank_slice`) from the scored parquet
+(`data/scored_split.py`), so the rows read by all ranks together are the rows of the epoch, not rows x W.
 
-Order within an epoch: the stream is cut into windows of `WINDOW_BATCHES` global batches; each window is
-shuffled with a generator seeded by (seed, epoch, window), sorted by padded length when `group_by_length`
-(so a micro-batch holds prompts of similar length and little padding), cut into global batches, and the
-batches are shuffled again so lengths do not rise through the window. Shuffling is therefore local to a
-window, as with a streaming shuffle buffer.
+Order within an epoch (`epoch_order`): a permutation of all N row indices seeded by (seed, epoch), different
+each epoch (`shuffle=False`: the stored order). The permuted indices are cut into windows of
+`WINDOW_BATCHES` global batches; with `group_by_length` each window is sorted by padded length (so a
+micro-batch holds prompts of similar length and little padding), cut into global batches, and the batches
+are shuffled again so lengths do not rise through the window (`order_window`). The shuffle is global: the
+rows of any window are a random sample of the whole split, whatever files or sources they came from.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -29,8 +28,12 @@ from mallows_ray.data.collate import PackedResponses, pack_responses
 
 # Global batches per shuffle / length-grouping window (the "megabatch" of HF's LengthGroupedSampler).
 WINDOW_BATCHES = 50
+# The last seed word of an epoch's permutation: no window index reaches it, so the permutation and
+# `order_window`'s [seed, epoch, window] generators are distinct streams.
+_PERMUTATION_STREAM = 2**32 - 1
 
 Row = dict[str, Any]
+Item = TypeVar("Item")  # a row, or a row's index into the split
 
 
 def padded_length(row: Row, share_prompt: bool = False) -> int:
@@ -43,9 +46,14 @@ def padded_length(row: Row, share_prompt: bool = False) -> int:
     return len(row["prompt_ids"]) + max(responses)
 
 
-def order_window(rows: list[Row], *, global_batch_size: int, seed: int, epoch: int, window: int,
-                 shuffle: bool, group_by_length: bool, share_prompt: bool = False) -> list[list[Row]]:
-    """The full global batches of one window, in training order; the incomplete remainder is dropped."""
+def order_window(rows: Sequence[Item], *, global_batch_size: int, seed: int, epoch: int, window: int,
+                 shuffle: bool, group_by_length: bool, share_prompt: bool = False,
+                 length: Callable[[Item], int] | None = None) -> list[list[Item]]:
+    """The full global batches of one window, in training order; the incomplete remainder is dropped.
+
+    `rows` are rows, or row indices with `length` giving each one's padded length (default: `padded_length`
+    of the row)."""
+    key = length or (lambda row: padded_length(row, share_prompt))
     rng = np.random.default_rng([seed, epoch, window])
     n_batches = len(rows) // global_batch_size
     order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
@@ -53,7 +61,7 @@ def order_window(rows: list[Row], *, global_batch_size: int, seed: int, epoch: i
     order = order[: n_batches * global_batch_size]
     if group_by_length:
         # stable: ties keep the shuffled order
-        order = sorted(order, key=lambda i: padded_length(rows[i], share_prompt))
+        order = sorted(order, key=lambda i: key(rows[i]))
     batches = [[rows[i] for i in order[b * global_batch_size:(b + 1) * global_batch_size]]
                for b in range(n_batches)]
     if shuffle and group_by_length:
@@ -61,12 +69,32 @@ def order_window(rows: list[Row], *, global_batch_size: int, seed: int, epoch: i
     return batches
 
 
-def epoch_batches(windows: Iterable[list[Row]], *, global_batch_size: int, seed: int, epoch: int,
-                  shuffle: bool, group_by_length: bool, share_prompt: bool = False) -> Iterator[list[Row]]:
-    """Global batches of one epoch from a stream of windows of `WINDOW_BATCHES * global_batch_size` rows."""
+def epoch_batches(windows: Iterable[Sequence[Item]], *, global_batch_size: int, seed: int, epoch: int,
+                  shuffle: bool, group_by_length: bool, share_prompt: bool = False,
+                  length: Callable[[Item], int] | None = None) -> Iterator[list[Item]]:
+    """Global batches of one epoch from a sequence of windows of `WINDOW_BATCHES * global_batch_size` rows
+    (or row indices, with `length`: see `order_window`)."""
     for window, rows in enumerate(windows):
         yield from order_window(rows, global_batch_size=global_batch_size, seed=seed, epoch=epoch, window=window,
-                                shuffle=shuffle, group_by_length=group_by_length, share_prompt=share_prompt)
+                                shuffle=shuffle, group_by_length=group_by_length, share_prompt=share_prompt,
+                                length=length)
+
+
+def epoch_order(n_rows: int, *, global_batch_size: int, seed: int, epoch: int, shuffle: bool,
+                lengths: np.ndarray | None = None) -> list[list[int]]:
+    """The global batches of one epoch as row indices into the split (0..n_rows-1, in stored order): every
+    full batch, the `n_rows % global_batch_size` rows left over dropped (at random when shuffled).
+
+    `lengths` [n_rows]: each row's padded length, to group rows of similar length (None: no grouping).
+    Costs 8 bytes a row and a sort per window, and reads no row: every rank computes it alone.
+    """
+    rng = np.random.default_rng([seed, epoch, _PERMUTATION_STREAM])
+    perm = rng.permutation(n_rows) if shuffle else np.arange(n_rows)
+    span = WINDOW_BATCHES * global_batch_size
+    windows = (perm[start:start + span].tolist() for start in range(0, n_rows, span))
+    length = None if lengths is None else lengths.__getitem__
+    return list(epoch_batches(windows, global_batch_size=global_batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                              group_by_length=lengths is not None, length=length))
 
 
 def rank_slice(global_rows: list[Row], rank: int, world: int) -> list[Row]:

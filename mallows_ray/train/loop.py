@@ -9,12 +9,11 @@ with conditioning, a policy prompt with lambda rendered in (`conditioning.py`, A
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import os
 import random
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -22,10 +21,11 @@ import ray.train.torch
 import torch
 
 from mallows_ray.config import Config, from_dict
+from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.data.scoring import pick_dtype
 from mallows_ray.models import load_tokenizer
 from mallows_ray.train import checkpoint
-from mallows_ray.train.batches import WINDOW_BATCHES, collate, epoch_batches, micro_batches, rank_slice
+from mallows_ray.train.batches import collate, epoch_order, micro_batches, rank_slice
 from mallows_ray.train.conditioning import (
     Conditioner, build_lambda_scheduler, evaluation_lambdas, step_lambdas, training_rows,
 )
@@ -59,19 +59,17 @@ def inject_failure_once(plan: TrainPlan, step: int, rank: int) -> None:
         raise RuntimeError(f"run.fail_at_step: injected failure after step {step}")
 
 
-def validation_batches(batch_size: int) -> Iterator[list[dict]]:
-    """The validation split in batches of `batch_size` rows, streamed anew on each call (the same on every rank)."""
-    return (table.to_pylist() for table in ray.train.get_dataset_shard("validation").iter_batches(
-        batch_size=batch_size, batch_format="pyarrow"))
-
-
-def first_rows(split: str, n: int) -> list[dict]:
+def first_rows(split: ScoredSplit, n: int) -> list[dict]:
     """The first n rows of a split (the learned scheduler's fixed batch; every rank gets the same rows)."""
-    rows: list[dict] = []
-    for table in ray.train.get_dataset_shard(split).iter_batches(batch_size=n, batch_format="pyarrow"):
-        rows = table.to_pylist()
-        break
-    return rows
+    return split.take(range(min(n, len(split))))
+
+
+def read_counts(split: ScoredSplit) -> dict[str, float]:
+    """The largest of any rank's training rows read / row-group rows decoded since this attempt started
+    (collective). Each rank reads only its slice of every global batch: ~rows / W a rank per epoch."""
+    _, rows_read = rank_extremes(split.rows_read)
+    _, rows_decoded = rank_extremes(split.rows_decoded)
+    return {"data/rows_read_max": rows_read, "data/rows_decoded_max": rows_decoded}
 
 
 def evaluate(engine, batches: list[list[dict]], common: dict[str, Any], conditioner: Conditioner | None,
@@ -132,6 +130,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                   target_tau=lambda_cfg.target_tau, share_prompt=config.model.share_prompt,
                   device=engine.device, with_ld=config.loss.uses_ld)  # evaluation settings
 
+    # ---- data: each rank reads its rows of the scored parquet itself (data/scored_split.py)
+    train = ScoredSplit(plan.split_folder("train"))
+    lengths = train.padded_lengths(config.model.share_prompt) if config.batch.group_by_length else None
+    if len(train) != plan.train_rows:
+        raise RuntimeError(f"{train.folder} holds {len(train)} rows; its manifest said {plan.train_rows}")
+
     # ---- listwise: the lambda scheduler, the conditioner, the learned scheduler's fixed validation batch
     scheduler = conditioner = None
     update_every, update_rows = 0, []
@@ -144,11 +148,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
             update_every = lambda_cfg.update_every or config.run.eval_every
             if update_every == 0:
                 raise ValueError("the learned lambda scheduler needs lambdas.update_every or run.eval_every > 0")
-            update_rows = first_rows("validation" if plan.has_validation else "train", lambda_cfg.update_prompts)
+            fixed = ScoredSplit(plan.split_folder("validation")) if plan.has_validation else train
+            update_rows = first_rows(fixed, lambda_cfg.update_prompts)
 
-    # the validation split, read from Ray Data once at the first evaluation and kept: every evaluation (and
-    # every lambda within one) runs the same rows, and re-streaming a small split costs more than the forwards
-    validation = functools.cache(lambda: list(validation_batches(micro * world)))
+    # the validation split, read once at the first evaluation and kept (every rank reads it whole, in stored
+    # order): every evaluation, and every lambda within one, runs the same rows
+    validation = functools.cache(lambda: list(ScoredSplit(plan.split_folder("validation")).iter_rows(micro * world)))
 
     # ---- resume: weights, optimizer, LR schedule, RNGs, the data position and the scheduler's state
     step, saved = checkpoint.restore(engine, plan)
@@ -157,7 +162,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     examples = ExampleLog(plan.run_dir, rank, enabled=plan.local_run_dir)
 
     # ---- train: one optimizer step per global batch
-    train_shard = ray.train.get_dataset_shard("train")
     sums, history = MetricSums(), []
     if config.run.eval_at_start and step == 0 and plan.has_validation:  # the baseline: policy == initial weights
         baseline = {"step": 0, **evaluate(engine, validation(), common, conditioner, lambda_cfg.eval_vertices)}
@@ -169,17 +173,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     first_step = step
     while step < plan.total_steps:
         epoch, consumed = plan.position(step)
-        windows = (table.to_pylist() for table in train_shard.iter_batches(
-            batch_size=WINDOW_BATCHES * plan.global_batch_size, batch_format="pyarrow"))
-        batches = epoch_batches(windows, global_batch_size=plan.global_batch_size, seed=config.run.seed,
-                                epoch=epoch, shuffle=config.batch.shuffle, group_by_length=config.batch.group_by_length,
-                                share_prompt=config.model.share_prompt)
-        for global_rows in itertools.islice(batches, consumed, None):  # skip what a resumed run already did
+        batches = epoch_order(len(train), global_batch_size=plan.global_batch_size, seed=config.run.seed,
+                              epoch=epoch, shuffle=config.batch.shuffle, lengths=lengths)  # row indices
+        for global_indices in batches[consumed:]:  # skip what a resumed run already did, without reading it
             lr = engine.get_lr()[0]
-            rows = rank_slice(global_rows, rank, world)                  # micro x accumulation prompts
+            rows = train.take(rank_slice(global_indices, rank, world))  # micro x accumulation prompts
             ids = [row["id"] for row in rows]
             if listwise:  # lambdas [global batch, K], drawn for the whole global batch, then sliced
-                lambdas = step_lambdas(scheduler, len(global_rows), seed=config.run.seed, step=step)
+                lambdas = step_lambdas(scheduler, len(global_indices), seed=config.run.seed, step=step)
                 rows = training_rows(conditioner, rows, rank_slice(lambdas.tolist(), rank, world),
                                      copies=lambda_cfg.vertex_copies)
             for micro_rows in micro_batches(rows, micro * copies):       # `accumulation` micro-batches
@@ -206,7 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                 seconds = time.perf_counter() - interval_start
                 metrics.update(step=step, epoch=epoch, lr=lr, grad_norm=grad_norm,
                                tokens_per_s=metrics["tokens"] / seconds, samples_per_s=metrics["examples"] / seconds,
-                               **params)
+                               **params, **read_counts(train))
                 if scheduler is not None:
                     metrics.update(scheduler.log_dict())
                 if run_eval:

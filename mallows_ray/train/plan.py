@@ -33,6 +33,10 @@ class TrainPlan:
         """Whether the run folder is on a local or mounted filesystem (not a URI such as s3://)."""
         return "://" not in self.storage_path
 
+    def split_folder(self, split: str) -> str:
+        """The parquet folder of a scored split ("train", "validation"), which every worker reads itself."""
+        return f"{self.data_folder}/{split}"
+
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, global batches already consumed in that epoch) after `step` optimizer steps."""
         return divmod(step, self.steps_per_epoch)

@@ -12,13 +12,10 @@ from typing import Any, Sequence
 from mallows_ray.config import Config, to_dict
 from mallows_ray.data import manifest as mf
 from mallows_ray.data.pipeline import PreparedData, ensure_ray, open_cache, prepare
+from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.losses import is_listwise
 from mallows_ray.models import resolve_model_path
 from mallows_ray.train.plan import TrainPlan
-
-# The scored-data columns the workers read (the response texts and per-response statistics stay on disk);
-# the prompt messages are there for listwise lambda conditioning, which re-renders the prompt per example.
-COLUMNS = ["id", "prompt", "prompt_ids", "response_ids", "ref_logps", "ref_shared_logps", "dispersion", "scores"]
 
 
 @dataclass(frozen=True)
@@ -97,28 +94,24 @@ def make_plan(config: Config, prepared: PreparedData) -> TrainPlan:
     )
 
 
-def load_datasets(prepared: PreparedData, plan: TrainPlan) -> dict[str, Any]:
-    """The scored splits as Ray Datasets, materialized once into the object store.
-
-    Every worker streams every split again each epoch and each evaluation, and re-running the parquet read
-    tasks each time costs seconds apiece on a busy node; a sweep loads them once for all its trials.
-    """
-    import ray.data
-
-    # every worker iterates the whole dataset each epoch: bars from all of them would bury the progress lines
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    return {split: ray.data.read_parquet(str(prepared.split_path(split))).select_columns(COLUMNS).materialize()
-            for split in ("train", "validation") if split != "validation" or plan.has_validation}
+def check_splits(plan: TrainPlan) -> None:
+    """Open the scored splits the workers will read (footers only: no row is read on the driver), so that a
+    missing column or a row count other than the manifest's stops the run here, naming the file."""
+    train = ScoredSplit(plan.split_folder("train"))
+    if len(train) != plan.train_rows:
+        raise ValueError(f"{train.folder} holds {len(train)} rows, its manifest {plan.train_rows}: the scored "
+                         "data changed after it was prepared; run `mallows-ray prepare` again")
+    if plan.has_validation:
+        ScoredSplit(plan.split_folder("validation"))
 
 
-def build_trainer(config: Config, plan: TrainPlan, datasets: dict[str, Any], *,
-                  callbacks: Sequence[Any] = ()) -> Any:
+def build_trainer(config: Config, plan: TrainPlan, *, callbacks: Sequence[Any] = ()) -> Any:
     """The `TorchTrainer` of one training run: `train_loop_per_worker` on `scaling.num_workers` workers.
 
     Shared by `mallows-ray train` and every trial of `mallows-ray tune` (which adds Tune's report callback),
-    so a sweep trial trains exactly as the same config would alone.
+    so a sweep trial trains exactly as the same config would alone. No Ray Dataset: every worker reads its
+    rows of the scored parquet in `plan.data_folder` itself (`data/scored_split.py`, `batches.epoch_order`).
     """
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -138,11 +131,6 @@ def build_trainer(config: Config, plan: TrainPlan, datasets: dict[str, Any], *,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
             callbacks=list(callbacks),
         ),
-        datasets=datasets,
-        # no split: every worker streams the whole dataset in its stored order and takes its slice of each
-        # global batch (batches.py), which makes resume exact and the order independent of the world size
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
 
 
@@ -163,7 +151,8 @@ def run_training(config: Config, *, address: str | None = None) -> TrainResult:
     if record is not None:
         print(f"[train] resuming {plan.run_dir} from its newest complete checkpoint, after step {record['step']} "
               f"of {plan.total_steps}", flush=True)
-    result = build_trainer(config, plan, load_datasets(prepared, plan)).fit()  # raises TrainingFailedError
+    check_splits(plan)
+    result = build_trainer(config, plan).fit()  # raises TrainingFailedError
     history = result.return_value or []                                       # once max_failures are used up
     return TrainResult(
         metrics=history[-1] if history else (result.metrics or {}),

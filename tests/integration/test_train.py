@@ -143,6 +143,17 @@ def test_one_worker_accumulating_two_equals_two_workers(trained):
     assert _steps_from_example_logs(single, 1) == _steps_from_example_logs(pair, 2)
 
 
+def test_each_worker_reads_only_its_share_of_each_epoch(trained):
+    """Each of the 2 ranks reads its slice of every global batch from the parquet itself: over the 2 epochs at
+    most 1.05 x rows / W a rank per epoch (here exactly rows / W: 32 rows fill 8 global batches of 4)."""
+    result = trained("zero3")
+    epochs = STEPS // 8
+    assert result.metrics["data/rows_read_max"] <= 1.05 * TRAIN_ROWS / 2 * epochs
+    assert result.metrics["data/rows_read_max"] == TRAIN_ROWS / 2 * epochs
+    # the 32-row split is one row group, decoded once and then served from the rank's cache
+    assert result.metrics["data/rows_decoded_max"] == TRAIN_ROWS
+
+
 def test_lora_changes_only_adapters_and_exports_a_loadable_adapter(trained, tiny_model_dir):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import PeftModel

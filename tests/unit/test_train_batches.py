@@ -3,6 +3,7 @@ loss inputs (pairwise and listwise), the LR schedule and the DeepSpeed config.""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ from mallows_ray.config import load_config
 from mallows_ray.data.collate import pack_responses
 from mallows_ray.losses import build_loss
 from mallows_ray.train.batches import (
-    collate, epoch_batches, eval_slice, micro_batches, order_window, padded_length, rank_slice,
+    collate, epoch_batches, epoch_order, eval_slice, micro_batches, order_window, padded_length, rank_slice,
 )
 from mallows_ray.train.objective import forward_loss, loss_inputs
 
@@ -162,3 +163,47 @@ def test_plan_step_counts_and_checks(tiny_model_dir, tmp_path):
         make_plan(config("run.eval_at_start=true"), data)
     with_validation = {**manifest, "splits": {**manifest["splits"], "validation": {"rows_out": 4}}}
     assert make_plan(config("run.eval_at_start=true"), PreparedData(tmp_path, with_validation)).has_validation
+
+
+def _two_sources(n):
+    """n rows stored source by source, as a scored split sorted by id holds two files: a-* then b-*."""
+    return [f"a-{i:05d}" for i in range(n // 2)] + [f"b-{i:05d}" for i in range(n - n // 2)]
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_epoch_order_is_a_seeded_global_permutation(group_by_length):
+    n, gbs = 2003, 8
+    ids = _two_sources(n)
+    lengths = np.array([5 + (13 * i) % 40 for i in range(n)]) if group_by_length else None
+    order = {epoch: epoch_order(n, global_batch_size=gbs, seed=7, epoch=epoch, shuffle=True, lengths=lengths)
+             for epoch in range(3)}
+    for epoch, batches in order.items():
+        assert len(batches) == n // gbs and all(len(b) == gbs for b in batches)
+        flat = [i for b in batches for i in b]
+        assert len(set(flat)) == len(flat) == n // gbs * gbs  # every kept row once; 3 rows dropped
+        # the first tenth of the epoch's steps mixes both sources (an id-sorted window would be all a-*)
+        head = [ids[i] for b in batches[: len(batches) // 10] for i in b]
+        share_a = sum(i.startswith("a-") for i in head) / len(head)
+        assert 0.3 <= share_a <= 0.7, share_a
+    assert len({tuple(order[e][0]) for e in order}) == 3  # the first step differs between epochs
+    again = epoch_order(n, global_batch_size=gbs, seed=7, epoch=1, shuffle=True, lengths=lengths)
+    assert again == order[1]  # the same on every attempt and every rank
+    assert epoch_order(n, global_batch_size=gbs, seed=8, epoch=1, shuffle=True, lengths=lengths) != order[1]
+    if group_by_length:  # each global batch spans a narrow band of lengths
+        plain = epoch_order(n, global_batch_size=gbs, seed=7, epoch=0, shuffle=True)
+        span = lambda batches: sum(int(lengths[b].max() - lengths[b].min()) for b in batches)  # noqa: E731
+        assert span(order[0]) < span(plain) / 4
+
+
+def test_epoch_order_without_shuffle_is_the_stored_order():
+    batches = epoch_order(21, global_batch_size=4, seed=0, epoch=3, shuffle=False)
+    assert batches == [list(range(b * 4, b * 4 + 4)) for b in range(5)]
+
+
+def test_rank_slices_of_the_epoch_read_each_row_once():
+    """Ranks read disjoint slices of every global batch: together the epoch's rows, each rank rows / W."""
+    batches = epoch_order(100, global_batch_size=8, seed=1, epoch=0, shuffle=True)
+    for world in (1, 2, 4):
+        per_rank = [[i for b in batches for i in rank_slice(b, rank, world)] for rank in range(world)]
+        assert all(len(rows) == 96 // world for rows in per_rank)
+        assert sorted(i for rows in per_rank for i in rows) == sorted(i for b in batches for i in b)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE.parent))  # `python benchmarks/run.py` from anywhere
 from benchmarks.common import REPO, Workload, workload_flags  # noqa: E402
 from benchmarks.report import Measurements, render  # noqa: E402
 from benchmarks.results import SECTION as HELDOUT  # noqa: E402
+from benchmarks.scale import SECTION as SCALE  # noqa: E402
 from benchmarks.sections import get_section, replace_section  # noqa: E402
 
 
@@ -155,8 +156,11 @@ def main() -> None:
     found.busy_after = other_work()
     found.total_seconds = time.perf_counter() - started
     text = render(found)
-    kept = get_section(args.output.read_text(), HELDOUT) if args.output.exists() else None
-    args.output.write_text(replace_section(text, HELDOUT, kept) if kept else text)  # results.py's table stays
+    previous = args.output.read_text() if args.output.exists() else ""
+    for other in (HELDOUT, SCALE):  # the sections results.py and scale.py write stay
+        kept = get_section(previous, other)
+        text = replace_section(text, other, kept) if kept else text
+    args.output.write_text(text)
     (args.logs / "results.json").write_text(json.dumps(found.results, indent=1))
     print(f"[bench] wrote {args.output} ({found.total_seconds:.0f} s)")
 

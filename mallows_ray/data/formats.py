@@ -96,9 +96,9 @@ from mallows_ray.data.rejects import (
 
 __all__ = [
     "FORMATS", "FORMAT_COLUMNS", "KINDS", "NORMALISED_SCHEMA", "PROMPT_TOO_LONG", "DataSourceError",
-    "FormatError", "Message", "NormalisedRecord", "RawRow", "Reject", "SkippedFilesWarning", "detect_format",
-    "iter_raw_rows",
-    "list_source_files", "normalise", "read_normalised",
+    "FormatError", "Message", "NormalisedRecord", "RawRow", "Reject", "SkippedFilesWarning", "SourceUnit",
+    "check_kinds", "common_objectives", "detect_format", "duplicate_reject", "iter_raw_rows", "iter_unit_rows",
+    "list_source_files", "normalise", "normalise_source", "read_normalised", "source_units",
 ]
 
 FORMATS = (
@@ -256,28 +256,54 @@ def list_source_files(path: str) -> list[str]:
     return []
 
 
-def iter_raw_rows(path_or_name: str, *, split: str | None = None) -> Iterator[RawRow]:
-    """Every row of a file, folder, save_to_disk folder or hub dataset, in a deterministic order.
+class SourceUnit(NamedTuple):
+    """One independently readable part of a source, the unit of parallel reading: a data file, or a whole
+    save_to_disk / hub dataset (`dataset` set: the path or name, and the DatasetDict split to pick)."""
+
+    path: str  # the data file; for a dataset, the save_to_disk folder or hub name
+    name: str  # the file in default ids: its path under the folder read, else its basename
+    dataset: bool = False
+    split: str | None = None
+
+
+def source_units(path_or_name: str, *, split: str | None = None) -> list[SourceUnit]:
+    """The units of a file, folder, save_to_disk folder or hub dataset, in reading order.
 
     `split` picks a split of a DatasetDict (save_to_disk or hub); it is an error for local files.
     """
-    local = Path(path_or_name).expanduser()
-    if _is_saved_dataset(local):
-        yield from _iter_saved_dataset(local, split)
-        return
+    if _is_saved_dataset(Path(path_or_name).expanduser()):
+        return [SourceUnit(str(Path(path_or_name).expanduser()), "", dataset=True, split=split)]
     files = list_source_files(path_or_name)
     if not files:
-        yield from _iter_hub(path_or_name, split)
-        return
+        return [SourceUnit(path_or_name, "", dataset=True, split=split)]
     if split is not None:
         raise DataSourceError(
             f"split={split!r} applies only to Hugging Face datasets; {path_or_name} is a local file or folder: "
             "point at the split's own file or folder instead"
         )
     root = Path(path_or_name).expanduser()
-    for file in files:
-        name = os.path.relpath(file, root) if root.is_dir() else os.path.basename(file)
-        yield from _iter_parquet(file, name) if file.lower().endswith(".parquet") else _iter_jsonl(file, name)
+    return [SourceUnit(file, os.path.relpath(file, root) if root.is_dir() else os.path.basename(file))
+            for file in files]
+
+
+def iter_unit_rows(unit: SourceUnit) -> Iterator[RawRow]:
+    """Every row of one unit, in order."""
+    if not unit.dataset:
+        reader = _iter_parquet if unit.path.lower().endswith(".parquet") else _iter_jsonl
+        yield from reader(unit.path, unit.name)
+    elif _is_saved_dataset(Path(unit.path)):
+        yield from _iter_saved_dataset(Path(unit.path), unit.split)
+    else:
+        yield from _iter_hub(unit.path, unit.split)
+
+
+def iter_raw_rows(path_or_name: str, *, split: str | None = None) -> Iterator[RawRow]:
+    """Every row of a file, folder, save_to_disk folder or hub dataset, in a deterministic order.
+
+    `split` picks a split of a DatasetDict (save_to_disk or hub); it is an error for local files.
+    """
+    for unit in source_units(path_or_name, split=split):
+        yield from iter_unit_rows(unit)
 
 
 def _unreadable_rest(path: str, name: str, rows: range, err: Exception) -> Iterator[RawRow]:
@@ -805,16 +831,20 @@ def _damaged(rows: list[RawRow], outs: list[NormalisedRecord | Reject]) -> list[
             for raw, out in zip(rows, outs, strict=True)]
 
 
-def _read_source(rows: list[RawRow], fmt: str, spec: _ScoreSpec, formats: dict[str, str]) -> list[Any]:
-    """Normalised records and rejects, one per row, of one source (a file, or a dataset's split)."""
+def normalise_source(rows: list[RawRow], fmt: str, *, objectives: list[str] | None = None,
+                     score_fill: ScoreFill = None) -> tuple[str | None, list[NormalisedRecord | Reject]]:
+    """(the source's format, one normalised record or Reject per row) of one source (a file, or a dataset's
+    split): the checks that need no other source. The format is `fmt`, or under "auto" the one most rows
+    are valid records of (else the one most rows match; None when no row matches any)."""
+    _check_format(fmt)
+    spec = _ScoreSpec(objectives, _check_score_fill(score_fill))
     if fmt != "auto":
-        return _damaged(rows, [_normalise(raw, fmt, spec) for raw in rows])
+        return fmt, _damaged(rows, [_normalise(raw, fmt, spec) for raw in rows])
     own = [_own_format(raw) for raw in rows]
     outs = [_normalise(raw, row_fmt or "auto", spec) for raw, row_fmt in zip(rows, own, strict=True)]
     file_fmt, votes = _file_format(own, outs)
     if file_fmt is None:  # no row of a known shape: each row's reject lists the formats
-        return _damaged(rows, outs)
-    _check_kind(rows[0].source, file_fmt, formats)
+        return None, _damaged(rows, outs)
     for i, (raw, row_fmt) in enumerate(zip(rows, own, strict=True)):
         if raw.record is None or row_fmt == file_fmt:
             continue
@@ -824,25 +854,32 @@ def _read_source(rows: list[RawRow], fmt: str, spec: _ScoreSpec, formats: dict[s
             out = replace(out, detail=f"{out.detail} (read as {file_fmt}, the format of {votes} of {len(rows)} "
                                       f"rows of this file; {looks})")
         outs[i] = out
-    return _damaged(rows, outs)
+    return file_fmt, _damaged(rows, outs)
 
 
-def _reject_other_objectives(outcomes: list[Any]) -> None:
-    """Listwise records must all score the same objectives: the set most of them score (the first seen among
-    equals) is kept; a record lacking one of its names is a missing_field reject, one with other names an
-    objective_mismatch reject. Never a silent drop of an objective."""
-    listwise = [(i, out) for i, out in enumerate(outcomes) if not isinstance(out, Reject) and out["kind"] == "listwise"]
-    counts = Counter(tuple(out["objectives"]) for _, out in listwise)
+def check_kinds(formats: dict[str, str]) -> None:
+    """Every source of one dataset must be of the same kind (pairwise or listwise): {source: format}."""
+    seen: dict[str, str] = {}
+    for source, fmt in formats.items():
+        _check_kind(source, fmt, seen)
+
+
+def common_objectives(counts: Counter, first_at: dict[tuple[str, ...], str]) -> Callable[[NormalisedRecord], Reject | None]:
+    """Listwise records must all score the same objectives: the set most of them score (`counts`: records
+    per objective tuple, in the order first seen) is kept. Returns the verdict on one record: None when it
+    scores that set (or is pairwise), else a missing_field reject when it lacks one of its names, an
+    objective_mismatch reject when it has others. Never a silent drop of an objective. `first_at`: the
+    "source:row" of each tuple's first record."""
     if len(counts) < 2:
-        return
-    [(common, n_common)] = counts.most_common(1)
-    first = next(out for _, out in listwise if tuple(out["objectives"]) == common)
-    others = (f"{n_common} of {len(listwise)} listwise rows score {', '.join(common)} (the first at "
-              f"{first['source']}:{first['row']})")
-    for i, out in listwise:
+        return lambda out: None
+    [(common, n_common)] = counts.most_common(1)  # most_common keeps first-seen order among equal counts
+    others = (f"{n_common} of {sum(counts.values())} listwise rows score {', '.join(common)} (the first at "
+              f"{first_at[common]})")
+
+    def verdict(out: NormalisedRecord) -> Reject | None:
         names = tuple(out["objectives"])
-        if names == common:
-            continue
+        if out["kind"] != "listwise" or names == common:
+            return None
         has = ", ".join(names)
         if missing := [name for name in common if name not in names]:
             reason, detail = MISSING_FIELD, f"scores has no objective {missing[0]!r} (has: {has}); {others}"
@@ -851,7 +888,28 @@ def _reject_other_objectives(outcomes: list[Any]) -> None:
             reason, detail = OBJECTIVE_MISMATCH, (f"scores has objective(s) {extra} that the other rows do not "
                                                   f"(has: {has}); {others}; set data.objectives to pick the "
                                                   "objectives to train on")
-        outcomes[i] = Reject(out["source"], out["row"], reason, detail, raw_excerpt(out))
+        return Reject(out["source"], out["row"], reason, detail, raw_excerpt(out))
+
+    return verdict
+
+
+def duplicate_reject(out: NormalisedRecord, first_at: str) -> Reject:
+    """The duplicate_id reject of a record whose id the record at `first_at` ("source:row") already uses."""
+    return Reject(out["source"], out["row"], DUPLICATE_ID, f"id {out['id']!r} is already used by {first_at}",
+                  raw_excerpt(out))
+
+
+def _reject_other_objectives(outcomes: list[Any]) -> None:
+    """`common_objectives` over the listwise records of `outcomes`, in place."""
+    listwise = [out for out in outcomes if not isinstance(out, Reject) and out["kind"] == "listwise"]
+    counts = Counter(tuple(out["objectives"]) for out in listwise)
+    first_at: dict[tuple[str, ...], str] = {}
+    for out in listwise:
+        first_at.setdefault(tuple(out["objectives"]), f"{out['source']}:{out['row']}")
+    verdict = common_objectives(counts, first_at)
+    for i, out in enumerate(outcomes):
+        if not isinstance(out, Reject):
+            outcomes[i] = verdict(out) or out
 
 
 def _reject_duplicate_ids(outcomes: list[Any]) -> None:
@@ -861,8 +919,7 @@ def _reject_duplicate_ids(outcomes: list[Any]) -> None:
         if isinstance(out, Reject):
             continue
         if out["id"] in first_seen:
-            detail = f"id {out['id']!r} is already used by {first_seen[out['id']]}"
-            outcomes[i] = Reject(out["source"], out["row"], DUPLICATE_ID, detail, raw_excerpt(out))
+            outcomes[i] = duplicate_reject(out, first_seen[out["id"]])
         else:
             first_seen[out["id"]] = f"{out['source']}:{out['row']}"
 
@@ -886,11 +943,16 @@ def read_normalised(
     record. Records and rejects each keep the reading order.
     """
     _check_format(fmt)
-    spec = _ScoreSpec(objectives, _check_score_fill(score_fill))
+    _check_score_fill(score_fill)
     outcomes: list[NormalisedRecord | Reject] = []
-    formats: dict[str, str] = {}  # source -> detected format, under "auto"
+    formats: dict[str, str] = {}  # source -> its format
     for _, rows in itertools.groupby(iter_raw_rows(path, split=split), key=lambda raw: raw.source):
-        outcomes += _read_source(list(rows), fmt, spec, formats)
+        rows = list(rows)
+        source_fmt, source_outcomes = normalise_source(rows, fmt, objectives=objectives, score_fill=score_fill)
+        if source_fmt is not None:
+            formats[rows[0].source] = source_fmt
+        outcomes += source_outcomes
+    check_kinds(formats)
     if objectives is None:
         _reject_other_objectives(outcomes)
     _reject_duplicate_ids(outcomes)

@@ -1,27 +1,38 @@
 """The preparation graph: raw preference data -> validated, tokenized, reference-scored parquet + manifest.
 
-    files / HF dataset --normalise + validate (driver; bad rows -> rejects)--> Arrow blocks
-      --map_batches(_tokenize_block)   Ray tasks    --> token ids, truncation flags, prompt_too_long rejects
-      --map_batches(ReferenceScorer)   actor pool   --> ref log-probs, token counts, Hbar per response
-      --write_parquet(staging) --> c = calibrate(Hbar(x) over train) --> add s(x) --> final parquet
+Every stage streams: Ray tasks and the scoring actor pool do the row work, and the stream of each stage
+passes through the driver only to be written in order (`shards.ShardWriter`) and counted, a block at a time:
+the driver holds counts and small aggregates, never a split.
+
+    source units (files; a HF dataset is one unit)
+      --map_batches(normalise_units)        Ray task per unit --> staging/normalised (rows + rejects)
+      duplicate ids: Ray Data group-by on id;  objective sets, formats: counted on the driver as rows pass
+      --map_batches(finalise_and_tokenize)  Ray tasks --> staging/tokenized; every reject -> rejects.jsonl
+      bad-row gate (from the counts)
+      --map_batches(ReferenceScorer)        actor pool --> staging/scored;  sum of -log Hbar(x) -> c
+      --add s(x) = -c log Hbar(x)           Ray task per file --> <split>/part-NNNNN.parquet
       --> manifest.json (written last: its presence marks a complete cache entry)
 
-Normalisation runs on the driver so that every reject carries its file and line; tokenization and scoring,
-the expensive parts, run on the cluster. Nothing is dropped without a line in rejects.jsonl, which is always
-written (empty when no row is rejected), and `_account` is the one place rejects are counted and gated.
-A reused cache entry is checked against its manifest (sizes, SHA-256) and rebuilt when damaged, and its
-recorded counts go through the bad-row gate again: `max_bad_fraction` is not part of the cache key.
+Every reject keeps its file and line (jsonl) or row (parquet, HF datasets); rows in = rows out + rejected,
+per split. Ray Data runs with `preserve_order`, so the output is the reading order (files in sorted path
+order, then their rows), cut into size-bounded files: the same content and files whatever the number of
+actors or the order they finish in. Nothing is dropped without a line in rejects.jsonl, which is always
+written (empty when no row is rejected), and `_gate` is the one place rejects are gated. A reused cache
+entry is checked against its manifest (sizes, SHA-256) and rebuilt when damaged, and its recorded counts go
+through the bad-row gate again: `max_bad_fraction` is not part of the cache key.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -31,25 +42,21 @@ import pyarrow.parquet as pq
 from mallows_ray import __version__
 from mallows_ray.config import Config, to_dict
 from mallows_ray.data import manifest as mf
-from mallows_ray.data.formats import NORMALISED_SCHEMA, Reject, list_source_files, read_normalised
-from mallows_ray.data.rejects import check_bad_fraction, summarise_rejects, write_rejects
+from mallows_ray.data.formats import Reject, check_kinds, list_source_files, source_units
+from mallows_ray.data.progress import PrepareProgress
+from mallows_ray.data.rejects import RejectsFile, check_bad_fraction
 from mallows_ray.data.scoring import SCORE_FIELDS, ReferenceScorer
-from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer, tokenize_batch
+from mallows_ray.data.shards import ROW_GROUP_ROWS, ShardWriter, part_name
+from mallows_ray.data.stages import (
+    REJECT_FIELDS, ROW_BITS, STAGED_SCHEMA, TOKENIZED_SCHEMA, SplitVerdicts, finalise_and_tokenize, normalise_units,
+)
+from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer
 from mallows_ray.losses import calibrate_scale, dispersion_from_entropy
 from mallows_ray.models import resolve_model_path
 
-TOKENIZED_SCHEMA = pa.schema(
-    list(NORMALISED_SCHEMA)
-    + [
-        pa.field("prompt_ids", pa.list_(pa.int32())),
-        pa.field("response_ids", pa.list_(pa.list_(pa.int32()))),
-        pa.field("prompt_tokens", pa.int32()),  # len(prompt_ids): with ref_token_counts, a row's padded length
-        pa.field("prompt_truncated", pa.bool_()),
-        pa.field("response_truncated", pa.list_(pa.bool_())),
-        pa.field("reject_reason", pa.string()),
-        pa.field("reject_detail", pa.string()),
-    ]
-)
+# Scoring's output before s(x) is added; staging files have large row groups (read in slices, never at random).
+SCORED_STAGE_SCHEMA = pa.schema(list(TOKENIZED_SCHEMA) + SCORE_FIELDS)
+STAGING_GROUP_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -72,19 +79,6 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
 
 
-def _tokenize_block(table: pa.Table, tokenizer_path: str, limits: LengthLimits) -> pa.Table:
-    rows = tokenize_batch(table.to_pylist(), tokenizer_path=tokenizer_path, limits=limits)
-    for row in rows:
-        row["prompt_tokens"] = len(row["prompt_ids"])
-    return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
-
-
-def _blocks(records: list[dict[str, Any]], rows_per_block: int) -> list[pa.Table]:
-    """Explicit schema: type inference would disagree across blocks (e.g. empty score lists)."""
-    table = pa.Table.from_pylist(records, schema=NORMALISED_SCHEMA)
-    return [table.slice(i, rows_per_block) for i in range(0, len(records), rows_per_block)]
-
-
 def _settings(config: Config) -> dict[str, Any]:
     """Every preparation setting the scores depend on (part of the cache key and of the manifest)."""
     data = to_dict(config.data)
@@ -99,24 +93,6 @@ def _percentiles(values: np.ndarray) -> dict[str, float]:
         return {}
     qs = np.percentile(values, [5, 25, 50, 75, 95])
     return {"mean": float(np.mean(values)), **{f"p{q}": float(v) for q, v in zip((5, 25, 50, 75, 95), qs)}}
-
-
-def _list_sum(column: pa.ChunkedArray) -> int:
-    return int(pc.sum(pc.list_flatten(column)).as_py() or 0)
-
-
-def _shared_objectives(records: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """The objective names every row scores, in score order (the order lambda is written in); [] when rows
-    carry no scores. Rows that disagree are an error: one lambda cannot weight different objective sets."""
-    seen: dict[tuple[str, ...], str] = {}
-    for split, rows in records.items():
-        for row in rows:
-            seen.setdefault(tuple(row["objectives"]), f"{split} row {row['id']} ({row['source']}:{row['row']})")
-    if len(seen) > 1:
-        listed = "; ".join(f"{list(names)} (first at {where})" for names, where in seen.items())
-        raise ValueError(f"rows score different objectives: {listed}. Set data.objectives to the names every "
-                         "row must have, in the order lambda lists them")
-    return list(next(iter(seen), ()))
 
 
 def open_cache(folder: str | Path, max_bad_fraction: float) -> PreparedData | None:
@@ -146,27 +122,233 @@ def _check_raw_source(split: str, src: str) -> None:
     raise mf.CacheError(f"data.{split}={src} is a scored cache folder, not raw data ({'; '.join(signs)}): {advice}")
 
 
-def _account(rejects_path: Path, rejects: dict[str, list[Reject]], rows_in: dict[str, int],
-             sources: dict[str, str], max_bad_fraction: float) -> list[Reject]:
-    """The one place rejects are counted: write them all to rejects.jsonl (empty when none), then stop the run
-    when they exceed max_bad_fraction of the rows read, or when a split keeps no row. Every reject is one row
-    read, so rows_in = rows kept + rejects."""
-    all_rejects = [r for split_rejects in rejects.values() for r in split_rejects]
-    write_rejects(rejects_path, all_rejects)
-    check_bad_fraction(len(all_rejects), sum(rows_in.values()), max_bad_fraction, rejects_path)
+def _shared_objectives(first_at: dict[tuple[str, ...], str]) -> list[str]:
+    """The objective names every row scores, in score order (the order lambda is written in); [] when rows
+    carry no scores. `first_at`: each objective tuple the kept rows of all splits score, with where it is
+    first seen. Rows that disagree are an error: one lambda cannot weight different objective sets."""
+    if len(first_at) > 1:
+        listed = "; ".join(f"{list(names)} (first at {where})" for names, where in first_at.items())
+        raise ValueError(f"rows score different objectives: {listed}. Set data.objectives to the names every "
+                         "row must have, in the order lambda lists them")
+    return list(next(iter(first_at), ()))
+
+
+def _gate(rejects_path: Path, rejected: dict[str, int], rows_in: dict[str, int], sources: dict[str, str],
+          max_bad_fraction: float) -> None:
+    """The one place rejects are gated (rejects.jsonl is written by then): stop the run when they exceed
+    max_bad_fraction of the rows read, or when a split keeps no row. Every reject is one row read, so
+    rows_in = rows kept + rejects."""
+    check_bad_fraction(sum(rejected.values()), sum(rows_in.values()), max_bad_fraction, rejects_path)
     for split, src in sources.items():
-        if len(rejects[split]) >= rows_in[split]:
-            raise ValueError(f"{split} data {src!r}: no usable rows ({len(rejects[split])} of {rows_in[split]} "
+        if rejected[split] >= rows_in[split]:
+            raise ValueError(f"{split} data {src!r}: no usable rows ({rejected[split]} of {rows_in[split]} "
                              f"rejected; see {rejects_path})")
-    return all_rejects
+
+
+@contextmanager
+def _ordered_ray_data():
+    """Ray Data as prepare needs it: blocks in input order (the output must not depend on which task or actor
+    finishes first) and no per-operator bars (`PrepareProgress` is the display); restored afterwards."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved = context.execution_options.preserve_order, context.enable_progress_bars
+    context.execution_options.preserve_order, context.enable_progress_bars = True, False
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+def _blocks(dataset) -> Iterator[pa.Table]:
+    """The blocks of a Ray Dataset on the driver, in order, one at a time."""
+    return dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+
+
+def _read_slices(slices: pa.Table) -> Iterator[pa.Table]:
+    """Ray Data UDF: rows (file, group, offset, rows) -> those rows of the staging parquet, one table each."""
+    for piece in slices.to_pylist():
+        group = pq.ParquetFile(piece["file"]).read_row_group(piece["group"])
+        yield group.slice(piece["offset"], piece["rows"])
+
+
+def _staged(folder: Path, rows_per_block: int):
+    """The rows of a staging folder as a Ray Dataset of blocks of at most `rows_per_block` rows, in stored
+    order (small blocks: every scoring actor gets work, and progress moves block by block)."""
+    import ray.data
+
+    slices = []
+    for file in sorted(folder.glob("*.parquet")):
+        metadata = pq.read_metadata(file)
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            slices += [{"file": str(file), "group": group, "offset": offset, "rows": min(rows_per_block, rows - offset)}
+                       for offset in range(0, rows, rows_per_block)]
+    return ray.data.from_items(slices, override_num_blocks=len(slices)).map_batches(
+        _read_slices, batch_size=1, batch_format="pyarrow")
+
+
+def _rows_per_block(rows: int, scoring) -> int:
+    # small blocks: progress moves per block and every actor of the pool gets work; but at most ~2000 blocks,
+    # so huge datasets do not drown the scheduler
+    return max(math.ceil(rows / 2000), min(4 * scoring.batch_size, math.ceil(rows / (4 * scoring.num_actors))), 1)
+
+
+@dataclass
+class _SplitRead:
+    """What the driver keeps of a split's read + normalise stage: counts and small aggregates."""
+
+    rows_in: int = 0
+    kept: int = 0  # rows that passed normalisation
+    formats: dict[str, str] = field(default_factory=dict)          # source -> its format
+    unit_sources: dict[int, str] = field(default_factory=dict)     # unit index -> source (for "source:row")
+    objectives: dict[str, list] = field(default_factory=dict)      # listwise key -> [count, first "source:row"]
+
+
+def _read_split(src: str, split_name: str | None, data_cfg, out: Path, progress: PrepareProgress) -> _SplitRead:
+    """Stage 1: read + normalise every unit of `src` in Ray tasks, written in reading order to `out`."""
+    import ray.data
+
+    units = source_units(src, split=split_name)
+    items = [{"unit": i, **u._asdict()} for i, u in enumerate(units)]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        normalise_units, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"fmt": data_cfg.format, "objectives": data_cfg.objectives, "score_fill": data_cfg.score_fill})
+    read, writer = _SplitRead(), ShardWriter(out, STAGED_SCHEMA, row_group_rows=STAGING_GROUP_ROWS)
+    for block in _blocks(dataset):
+        writer.write(block)
+        units_seen = np.asarray(block.column("order")) >> ROW_BITS
+        for unit, source, fmt in zip(units_seen.tolist(), block.column("source").to_pylist(),
+                                     block.column("format").to_pylist()):
+            if unit not in read.unit_sources:
+                read.unit_sources[unit] = source
+                if fmt is not None:
+                    read.formats[source] = fmt
+        good = block.filter(pc.equal(block.column("reject_reason"), ""))
+        if data_cfg.objectives is None:  # listwise rows must agree on their objectives: count each set
+            listwise = good.filter(pc.equal(good.column("kind"), "listwise"))
+            for key, source, row in zip(*(listwise.column(c).to_pylist() for c in ("objectives_key", "source", "row"))):
+                read.objectives.setdefault(key, [0, f"{source}:{row}"])[0] += 1
+        read.rows_in += block.num_rows
+        read.kept += good.num_rows
+        progress.add(read=block.num_rows, rejected=block.num_rows - good.num_rows)
+    writer.close()
+    return read
+
+
+def _duplicate_ids(folder: Path, read: _SplitRead, common_key: str | None) -> dict[str, tuple[int, str]]:
+    """{id: (order, "source:row") of its first use} for every id that more than one kept row uses: a Ray Data
+    group-by over the staged rows (never a dict of all ids on the driver). Rows that the objective check
+    rejects (listwise rows not scoring `common_key`) use no id."""
+    import ray.data
+    from ray.data.aggregate import Count, Min
+    from ray.data.expressions import col
+
+    if read.kept < 2:
+        return {}
+
+    def survivors(table: pa.Table) -> pa.Table:
+        keep = pc.equal(table.column("reject_reason"), "")
+        if common_key is not None:
+            keep = pc.and_(keep, pc.or_(pc.not_equal(table.column("kind"), "listwise"),
+                                        pc.equal(table.column("objectives_key"), common_key)))
+        return table.filter(keep).select(["id", "order"])
+
+    files = [str(p) for p in sorted(folder.glob("*.parquet"))]
+    ids = ray.data.read_parquet(files, columns=["id", "order", "reject_reason", "kind", "objectives_key"])
+    repeated = ids.map_batches(survivors, batch_format="pyarrow").groupby("id").aggregate(
+        Count(alias_name="uses"), Min("order", alias_name="first")).filter(expr=col("uses") > 1)
+    mask = (1 << ROW_BITS) - 1
+    return {row["id"]: (row["first"], f"{read.unit_sources[row['first'] >> ROW_BITS]}:{row['first'] & mask}")
+            for row in repeated.take_all()}
+
+
+def _verdicts(folder: Path, read: _SplitRead, configured_objectives: list[str] | None) -> SplitVerdicts:
+    """The split-wide checks' decisions: the objective set listwise rows must score, repeated ids."""
+    counts, common_key = None, None
+    if configured_objectives is None and len(read.objectives) > 1:
+        counts = [(json.loads(key), n, where) for key, (n, where) in read.objectives.items()]
+        common_key = max(read.objectives, key=lambda key: read.objectives[key][0])  # first seen among equals
+    return SplitVerdicts(counts, _duplicate_ids(folder, read, common_key))
+
+
+def _tokenize_split(staged: Path, out: Path, verdicts: SplitVerdicts, rows: int, model_path: Path,
+                    limits: LengthLimits, scoring, rejects: RejectsFile, objectives_at: dict,
+                    progress: PrepareProgress) -> int:
+    """Stage 2: split-wide verdicts + tokenization in Ray tasks; kept rows to `out`, every reject (of every
+    stage so far) to `rejects`, in reading order. Returns the number of rejects."""
+    dataset = _staged(staged, _rows_per_block(rows, scoring)).map_batches(
+        finalise_and_tokenize, batch_format="pyarrow", batch_size=None,
+        fn_kwargs={"verdicts": verdicts, "tokenizer_path": str(model_path), "limits": limits})
+    writer, rejected = ShardWriter(out, TOKENIZED_SCHEMA, row_group_rows=STAGING_GROUP_ROWS), 0
+    for block in _blocks(dataset):
+        bad = pc.not_equal(block.column("reject_reason"), "")
+        kept = block.filter(pc.invert(bad))
+        writer.write(kept)
+        for row in block.filter(bad).select(["source", "row", "reject_reason", "reject_detail", "reject_raw"]).to_pylist():
+            rejects.add(Reject(row["source"], row["row"], row["reject_reason"], row["reject_detail"], row["reject_raw"]))
+            rejected += 1
+        for names, source, row in zip(*(kept.column(c).to_pylist() for c in ("objectives", "source", "row"))):
+            objectives_at.setdefault(tuple(names), f"{source}:{row}")
+        progress.add(tokenized=kept.num_rows)
+    writer.close()
+    return rejected
+
+
+def _score_split(staged: Path, out: Path, rows: int, config: Config, model_path: Path, pad_id: int,
+                 progress: PrepareProgress) -> dict[str, Any]:
+    """Stage 3: reference scoring on the actor pool, written in reading order to `out`. Returns the split's
+    statistics and its Hbar(x) values (8 bytes a row: the percentiles of the summary need them)."""
+    from ray.data import ActorPoolStrategy
+
+    scoring = config.data.scoring
+    dataset = _staged(staged, _rows_per_block(rows, scoring)).map_batches(
+        ReferenceScorer, batch_format="pyarrow", batch_size=scoring.batch_size,
+        compute=ActorPoolStrategy(size=scoring.num_actors),
+        num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
+        fn_constructor_kwargs={
+            "model_path": str(model_path), "pad_id": pad_id, "dtype": config.model.dtype,
+            "max_chunk_mb": scoring.max_chunk_mb, "share_prompt": config.model.share_prompt,
+            "trust_remote_code": config.model.trust_remote_code,
+        },
+    )
+    writer = ShardWriter(out, SCORED_STAGE_SCHEMA, row_group_rows=STAGING_GROUP_ROWS)
+    stats = dict.fromkeys(("truncated_prompts", "truncated_responses", "prompt_tokens", "response_tokens"), 0)
+    hbar, kind = [], None
+    for block in _blocks(dataset):
+        writer.write(block)
+        kind = kind or block.column("kind")[0].as_py()
+        stats["truncated_prompts"] += int(pc.sum(block.column("prompt_truncated")).as_py() or 0)
+        stats["truncated_responses"] += int(pc.sum(pc.list_flatten(block.column("response_truncated"))).as_py() or 0)
+        stats["prompt_tokens"] += int(pc.sum(block.column("prompt_tokens")).as_py() or 0)
+        stats["response_tokens"] += int(pc.sum(pc.list_flatten(block.column("ref_token_counts"))).as_py() or 0)
+        hbar.append(block.column("hbar").to_numpy().copy())
+        progress.add(scored=block.num_rows)
+    writer.close()
+    return {"rows_out": writer.rows, **stats, "kind": kind, "hbar": np.concatenate(hbar) if hbar else np.zeros(0)}
+
+
+def _add_dispersion(source: str, target: str, c: float) -> None:
+    """Ray task: one scored staging file -> its final file: s(x) = -c log Hbar(x) added, staging columns dropped."""
+    table = pq.read_table(source)
+    table = table.drop_columns(["order"] + [f.name for f in REJECT_FIELDS])
+    s = dispersion_from_entropy(table.column("hbar").to_numpy().copy(), c).numpy()
+    table = table.append_column("dispersion", pa.array(s, pa.float32()))
+    pq.write_table(table, target, row_group_size=ROW_GROUP_ROWS)
+
+
+def _finish_split(staged: Path, out: Path, c: float) -> None:
+    """Stage 4: every scored staging file -> <split>/part-NNNNN.parquet, one Ray task per file."""
+    import ray
+
+    out.mkdir()
+    add = ray.remote(num_cpus=1)(_add_dispersion)
+    files = sorted(staged.glob("*.parquet"))
+    ray.get([add.remote(str(file), str(out / part_name(i)), c) for i, file in enumerate(files)])
 
 
 def prepare(config: Config, *, address: str | None = None, force: bool = False) -> PreparedData:
     """Validate, tokenize and reference-score `config.data`; reuse the cache when nothing changed."""
-    import ray
-    from ray.data import ActorPoolStrategy
-    from ray.data.expressions import col
-
     data_cfg = config.data
     if not data_cfg.train:
         raise ValueError("data.train is empty: give a file, folder, save_to_disk folder or HF dataset name")
@@ -198,79 +380,56 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
     started = time.time()
     ensure_ray(address)
     limits = LengthLimits(data_cfg.max_prompt_length, data_cfg.max_response_length, data_cfg.max_length)
-    scoring = data_cfg.scoring
+    staging, rejects_path = folder / "staging", folder / mf.REJECTS_FILE
+    progress = PrepareProgress()
+    with _ordered_ray_data():
+        # 1. read + normalise (a Ray task per file)
+        reads: dict[str, _SplitRead] = {}
+        for split, src in sources.items():
+            progress.stage(f"reading and validating {split}")
+            reads[split] = _read_split(src, data_cfg.split if split == "train" else None, data_cfg,
+                                       staging / "normalised" / split, progress)
+            progress.end_stage()
+            check_kinds(reads[split].formats)
+        # 2. split-wide checks, tokenize (Ray tasks); every reject to rejects.jsonl, then the gate
+        rejected, objectives_at = {}, {}
+        with RejectsFile(rejects_path) as rejects:
+            for split, read in reads.items():
+                progress.stage(f"tokenizing {split}", read.rows_in)
+                normalised = staging / "normalised" / split
+                rejected[split] = _tokenize_split(
+                    normalised, staging / "tokenized" / split,
+                    _verdicts(normalised, read, data_cfg.objectives), read.rows_in, model_path, limits,
+                    data_cfg.scoring, rejects, objectives_at, progress) if read.rows_in else 0
+                progress.end_stage()
+        progress.counts["rejected"] = sum(rejected.values())
+        rows_in = {split: read.rows_in for split, read in reads.items()}
+        _gate(rejects_path, rejected, rows_in, sources, data_cfg.max_bad_fraction)
+        objectives = _shared_objectives(objectives_at)
 
-    # 1. normalise + validate (driver); the gate runs now and after tokenization
-    rejects: dict[str, list[Reject]] = {}
-    rows_in: dict[str, int] = {}
-    records_by_split: dict[str, list[dict[str, Any]]] = {}
-    for split, src in sources.items():
-        print(f"[prepare] reading and validating {split}: {src}")
-        records_by_split[split], rejects[split] = read_normalised(
-            src, fmt=data_cfg.format, split=data_cfg.split if split == "train" else None,
-            objectives=data_cfg.objectives, score_fill=data_cfg.score_fill,
-        )
-        rows_in[split] = len(records_by_split[split]) + len(rejects[split])
-    rejects_path = folder / mf.REJECTS_FILE
-    _account(rejects_path, rejects, rows_in, sources, data_cfg.max_bad_fraction)
+        # 3. reference scoring on the actor pool
+        pad_id = cached_tokenizer(str(model_path)).pad_token_id
+        scored: dict[str, dict[str, Any]] = {}
+        for split in sources:
+            kept = rows_in[split] - rejected[split]
+            progress.stage(f"scoring {split} with the reference model on {data_cfg.scoring.num_actors} actor(s)", kept)
+            scored[split] = _score_split(staging / "tokenized" / split, staging / "scored" / split, kept, config,
+                                         model_path, pad_id, progress)
+            progress.end_stage()
+            if scored[split]["rows_out"] != kept:
+                raise RuntimeError(f"{split}: {kept} rows went to scoring and {scored[split]['rows_out']} came back")
 
-    # 2. tokenize (Ray tasks), materialized once so that splitting good from rejected rows does not tokenize twice
-    good: dict[str, ray.data.Dataset] = {}
-    for split, records in records_by_split.items():
-        # small blocks: progress is reported per block and every actor of the pool gets work; but at most
-        # ~2000 blocks, so huge datasets do not drown the scheduler
-        n = len(records)
-        rows_per_block = max(math.ceil(n / 2000), min(4 * scoring.batch_size, math.ceil(n / (4 * scoring.num_actors))))
-        tokenized = ray.data.from_arrow(_blocks(records, rows_per_block)).map_batches(
-            _tokenize_block, batch_format="pyarrow", batch_size=None,
-            fn_kwargs={"tokenizer_path": str(model_path), "limits": limits},
-        ).materialize()
-        for row in tokenized.filter(expr=col("reject_reason") != "").take_all():
-            rejects[split].append(Reject(row["source"], row["row"], row["reject_reason"], row["reject_detail"]))
-        good[split] = tokenized.filter(expr=col("reject_reason") == "")
-
-    objectives = _shared_objectives(records_by_split)
-    all_rejects = _account(rejects_path, rejects, rows_in, sources, data_cfg.max_bad_fraction)
-
-    # 3. reference scoring on the actor pool
-    tokenizer = cached_tokenizer(str(model_path))
-    staging = folder / "staging"
-    for split, dataset in good.items():
-        print(f"[prepare] scoring {split} with the reference model on {scoring.num_actors} actor(s)")
-        dataset.map_batches(
-            ReferenceScorer, batch_format="pyarrow", batch_size=scoring.batch_size,
-            compute=ActorPoolStrategy(size=scoring.num_actors),
-            num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
-            fn_constructor_kwargs={
-                "model_path": str(model_path), "pad_id": tokenizer.pad_token_id, "dtype": config.model.dtype,
-                "max_chunk_mb": scoring.max_chunk_mb, "share_prompt": config.model.share_prompt,
-                "trust_remote_code": config.model.trust_remote_code,
-            },
-        ).write_parquet(str(staging / split))
-
-    # 4. calibrate c on train (ALGORITHMS 2.3), 5. add s(x) and write the final parquet
-    # .copy(): Arrow buffers are read-only, which torch warns about when wrapping them
-    train_hbar = pq.read_table(staging / "train", columns=["hbar"]).column("hbar").to_numpy().copy()
-    c = calibrate_scale(train_hbar) if data_cfg.dispersion_scale == "auto" else float(data_cfg.dispersion_scale)
+    # 4. c from train's Hbar(x) (ALGORITHMS 2.3), then s(x) into the final files
+    c = calibrate_scale(scored["train"]["hbar"]) if data_cfg.dispersion_scale == "auto" else float(data_cfg.dispersion_scale)
     splits: dict[str, Any] = {}
-    for split in good:
-        table = pq.read_table(staging / split).drop_columns(["reject_reason", "reject_detail"])
-        table = table.sort_by("id")  # deterministic row order, whatever order the actors finished in
-        s = dispersion_from_entropy(table.column("hbar").to_numpy().copy(), c).numpy()
-        table = table.append_column("dispersion", pa.array(s, pa.float32()))
-        (folder / split).mkdir()
-        pq.write_table(table, folder / split / "part-00000.parquet")
-        splits[split] = {
-            "rows_in": rows_in[split],
-            "rows_out": table.num_rows,
-            "rejected": len(rejects[split]),
-            "truncated_prompts": int(pc.sum(table.column("prompt_truncated")).as_py() or 0),
-            "truncated_responses": _list_sum(table.column("response_truncated")),
-            "prompt_tokens": int(pc.sum(pc.list_value_length(table.column("prompt_ids"))).as_py() or 0),
-            "response_tokens": _list_sum(table.column("ref_token_counts")),
-            "hbar": _percentiles(table.column("hbar").to_numpy()),
-            "dispersion": _percentiles(s),
-        }
+    train_kind = None
+    for split, stats in scored.items():
+        _finish_split(staging / "scored" / split, folder / split, c)
+        hbar = stats.pop("hbar")
+        kind = stats.pop("kind")
+        splits[split] = {"rows_in": rows_in[split], "rejected": rejected[split], **stats,
+                         "hbar": _percentiles(hbar), "dispersion": _percentiles(dispersion_from_entropy(hbar, c).numpy())}
+        train_kind = kind if split == "train" else train_kind
     shutil.rmtree(staging)
 
     seconds = time.time() - started
@@ -278,10 +437,10 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         **key_parts,
         "dispersion_scale": c,
         "tokenizer_path": str(model_path),
-        "kind": pq.read_table(folder / "train", columns=["kind"]).column("kind")[0].as_py(),
+        "kind": train_kind,
         "objectives": objectives,
         "splits": splits,
-        "rejects": {"count": len(all_rejects), "by_reason": summarise_rejects(all_rejects),
+        "rejects": {"count": sum(rejected.values()), "by_reason": dict(sorted(rejects.by_reason.items())),
                     "file": str(rejects_path)},
         "seconds": round(seconds, 2),
         "rows_per_second": round(sum(rows_in.values()) / seconds, 2),
@@ -289,7 +448,6 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
     manifest = mf.write_manifest(folder, manifest)
     print(format_summary(manifest))
     return PreparedData(folder, manifest)
-
 
 def format_summary(manifest: dict[str, Any]) -> str:
     """The final table: rows in/out, rejects by reason, truncation, tokens, Hbar and s(x) distributions."""

@@ -124,14 +124,37 @@ def raw_excerpt(value: Any, limit: int = RAW_EXCERPT_CHARS) -> str:
     return utf8_safe(_truncate(text, limit))
 
 
+class RejectsFile:
+    """The rejects file written as rejects come (`add`), one JSON object per reject ({source, row, reason,
+    detail, raw}); counts by reason kept as it goes. A context manager: the file exists, empty when no
+    reject came, once the block is left."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.by_reason: Counter = Counter()
+        self._fh = open(self.path, "w", encoding="utf-8")
+
+    def add(self, reject: Reject) -> None:
+        self._fh.write(json.dumps(asdict(reject), ensure_ascii=False) + "\n")
+        self.by_reason[reject.reason] += 1
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "RejectsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> Path:
     """Write one JSON object per reject ({source, row, reason, detail, raw}); an empty file when none."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
+    with RejectsFile(path) as out:
         for reject in rejects:
-            fh.write(json.dumps(asdict(reject), ensure_ascii=False) + "\n")
-    return path
+            out.add(reject)
+    return out.path
 
 
 def summarise_rejects(rejects: Iterable[Reject]) -> dict[str, int]:

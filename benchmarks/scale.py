@@ -1,0 +1,286 @@
+"""Scale (issue 18): driver memory, prepare throughput and training reads as the data grows.
+
+    python -m benchmarks.scale                  # 10k and 100k synthetic pairs; writes RESULTS.md's scale section
+    python -m benchmarks.scale --rows 2000 20000 --output /tmp/scale.md   # smaller, elsewhere
+    python -m benchmarks.scale --front-rows 1000000                      # + read/validate/tokenise at 1M rows
+
+The model is `models.build_tiny_model` (2 layers, hidden 64, byte-level tokenizer), the pairs synthetic (four
+jsonl files, varied lengths), so the figures are about the data plane, not the model. Each measurement runs
+in its own process (`python -m benchmarks.scale one <mode> ...`), so its peak RSS (VmHWM) is its own:
+  plain N      the in-process loop without Ray: `read_normalised`, then `tokenize_batch` + `ReferenceScorer`
+               per batch of 8, one parquet file; rows/s and peak RSS
+  pipeline N A `prepare` with A scoring actors, timed after Ray is up: the driver's peak RSS, rows/s, and the
+               object store's peak use (polled every 0.5 s)
+  front N      the read + validate + tokenise stages of `prepare` alone (stages 1-2; no scoring), driver peak RSS
+  reads N W    one epoch of the training workers' read path (`batches.epoch_order` + `ScoredSplit.take` of each
+               rank's slices; no model) over the scored split of N rows for W ranks: rows read / decoded per rank
+Targets: driver peak RSS at 100k rows <= 1.25 x at 10k; rows read per rank per epoch <= 1.05 x rows / W; the
+pipeline at 10k rows >= 0.8 x the plain loop's rows/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import emit, peak_rss_mib, quiet_libraries  # noqa: E402
+from benchmarks.sections import replace_section  # noqa: E402
+
+SECTION = "scale"
+FILES = 4
+WORDS = "apple river stone cloud green paper light music north quiet amber table window garden".split()
+LENGTHS = {"data.max_prompt_length": 64, "data.max_response_length": 32, "data.scoring.batch_size": 8,
+           "model.dtype": "float32"}
+
+
+def write_pairs(rows: int, folder: Path) -> Path:
+    """`rows` synthetic pairs in FILES jsonl files (prompts of 4-40 words, responses of 2-20): the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    handles = [open(folder / f"part{f}.jsonl", "w") for f in range(FILES)]
+    for i in range(rows):
+        words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+        pair = {"prompt": f"{i}: {words(rng.randint(4, 40))}?", "chosen": f"yes {words(rng.randint(2, 20))}",
+                "rejected": f"no {words(rng.randint(2, 20))}"}
+        handles[i * FILES // rows].write(json.dumps(pair) + "\n")
+    for handle in handles:
+        handle.close()
+    return folder
+
+
+def _config(data: Path, work: Path, model: Path, actors: int):
+    from mallows_ray.config import load_config
+
+    items = {"model.name_or_path": model, "data.train": data, "data.cache_dir": work / "cache",
+             "data.scoring.num_actors": actors, **LENGTHS}
+    return load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+class StorePeak:
+    """The local object store's peak use (MiB), polled in a thread from Ray's memory summary."""
+
+    PATTERN = re.compile(r"Plasma memory usage (\d+) MiB")
+
+    def __init__(self, every: float = 0.5):
+        self.peak, self.every, self.stop = 0, every, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        from ray._private.internal_api import memory_summary
+
+        while not self.stop.is_set():
+            try:
+                found = self.PATTERN.search(memory_summary(stats_only=True))
+                self.peak = max(self.peak, int(found.group(1)) if found else 0)
+            except Exception:  # the summary is best effort (a node shutting down)
+                pass
+            self.stop.wait(self.every)
+
+    def __enter__(self) -> "StorePeak":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def run_plain(data: Path, work: Path, model: Path) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mallows_ray.data.formats import read_normalised
+    from mallows_ray.data.scoring import ReferenceScorer
+    from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer, tokenize_batch
+
+    limits = LengthLimits(LENGTHS["data.max_prompt_length"], LENGTHS["data.max_response_length"])
+    start = time.perf_counter()
+    records, rejects = read_normalised(str(data))
+    scorer = ReferenceScorer(str(model), pad_id=cached_tokenizer(str(model)).pad_token_id, dtype="float32")
+    tables = []
+    for i in range(0, len(records), 8):
+        rows = [r for r in tokenize_batch(records[i:i + 8], tokenizer_path=str(model), limits=limits)
+                if not r["reject_reason"]]
+        tables.append(scorer(pa.Table.from_pylist(rows)))
+    pq.write_table(pa.concat_tables(tables), work / "plain.parquet")
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rows_per_second": (len(records) + len(rejects)) / seconds}
+
+
+def run_pipeline(data: Path, work: Path, model: Path, actors: int) -> dict[str, Any]:
+    from mallows_ray.data.pipeline import ensure_ray, prepare
+
+    ensure_ray()
+    with StorePeak() as store:
+        start = time.perf_counter()
+        manifest = prepare(_config(data, work, model, actors), force=True).manifest
+        seconds = time.perf_counter() - start
+    rows = manifest["splits"]["train"]["rows_in"]
+    return {"seconds": seconds, "rows_per_second": rows / seconds, "object_store_peak_mib": store.peak,
+            "folder": str(Path(manifest["rejects"]["file"]).parent)}
+
+
+def run_front(data: Path, work: Path, model: Path) -> dict[str, Any]:
+    """Stages 1-2 of `prepare` (read + validate in a task per file, split-wide checks, tokenize)."""
+    from mallows_ray.data import pipeline
+    from mallows_ray.data.progress import PrepareProgress
+    from mallows_ray.data.rejects import RejectsFile
+    from mallows_ray.data.tokenize import LengthLimits
+
+    config = _config(data, work, model, 1)
+    limits = LengthLimits(LENGTHS["data.max_prompt_length"], LENGTHS["data.max_response_length"])
+    pipeline.ensure_ray()
+    progress, staging = PrepareProgress(), work / "front"
+    start = time.perf_counter()
+    with pipeline._ordered_ray_data(), RejectsFile(work / "rejects.jsonl") as rejects:
+        read = pipeline._read_split(str(data), None, config.data, staging / "normalised", progress)
+        verdicts = pipeline._verdicts(staging / "normalised", read, None)
+        pipeline._tokenize_split(staging / "normalised", staging / "tokenized", verdicts, read.rows_in, model,
+                                 limits, config.data.scoring, rejects, {}, progress)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rows_per_second": read.rows_in / seconds}
+
+
+def run_reads(folder: Path, world: int) -> dict[str, Any]:
+    """One epoch of every rank's reads, as `train_loop_per_worker` does them (global batch 16)."""
+    from mallows_ray.data.scored_split import ScoredSplit
+    from mallows_ray.train.batches import epoch_order, rank_slice
+
+    per_rank = []
+    for rank in range(world):
+        split = ScoredSplit(folder / "train")
+        lengths = split.padded_lengths(share_prompt=True)
+        for batch in epoch_order(len(split), global_batch_size=16, seed=0, epoch=0, shuffle=True, lengths=lengths):
+            split.take(rank_slice(batch, rank, world))
+        per_rank.append({"rows_read": split.rows_read, "rows_decoded": split.rows_decoded})
+    return {"rows": len(split), "world": world, "per_rank": per_rank,
+            "rows_read_max": max(r["rows_read"] for r in per_rank),
+            "rows_decoded_max": max(r["rows_decoded"] for r in per_rank)}
+
+
+def one(args: argparse.Namespace) -> None:
+    """A single measurement in this process; prints its JSON line."""
+    quiet_libraries()
+    work = Path(args.work)
+    model = work / "model"
+    data = work / f"pairs{args.rows}"
+    if args.mode == "plain":
+        result = run_plain(data, work, model)
+    elif args.mode == "pipeline":
+        result = run_pipeline(data, work, model, args.actors)
+    elif args.mode == "front":
+        result = run_front(data, work, model)
+    else:
+        result = run_reads(Path(args.folder), args.world)
+    emit({"mode": args.mode, "rows": args.rows, "actors": args.actors, **result, "peak_rss_mib": peak_rss_mib()})
+
+
+def measure(work: Path, *flags: str) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.scale", "one", f"--work={work}", *flags]
+    print(f"[scale] {shlex.join(command[1:])}", flush=True)
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed:\n{out.stderr[-4000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"[scale]   {result}", flush=True)
+    return result
+
+
+def render(results: dict[str, dict[str, Any]], sizes: list[int], front: int | None, load: tuple[str, str],
+           invocation: str) -> str:
+    small, large = sizes[0], sizes[-1]
+    lines = ["## Scale (issue 18)", "", f"`{invocation}` — tiny model (`models.build_tiny_model`), synthetic pairs "
+             f"in {FILES} jsonl files; load average before / after: {load[0]} / {load[1]}.", "",
+             "| measurement | " + " | ".join(f"{n} rows" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+
+    for label, key, field in [
+        ("plain loop: rows/s", "plain", "rows_per_second"),
+        ("plain loop: peak RSS MiB", "plain", "peak_rss_mib"),
+        ("pipeline, 1 actor: rows/s", "pipe1_", "rows_per_second"),
+        ("pipeline, 2 actors: rows/s", "pipe2_", "rows_per_second"),
+        ("pipeline, 2 actors: driver peak RSS MiB", "pipe2_", "peak_rss_mib"),
+        ("pipeline, 2 actors: object store peak MiB", "pipe2_", "object_store_peak_mib"),
+        ("training reads, 2 ranks: rows read per rank per epoch", "reads", "rows_read_max"),
+        ("training reads, 2 ranks: rows decoded per rank per epoch", "reads", "rows_decoded_max"),
+    ]:
+        cells = [f"{results[f'{key}{n}'][field]:.0f}" if f"{key}{n}" in results else "-" for n in sizes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    checks = []
+    if f"pipe2_{small}" in results and f"pipe2_{large}" in results:
+        ratio = results[f"pipe2_{large}"]["peak_rss_mib"] / results[f"pipe2_{small}"]["peak_rss_mib"]
+        checks.append(f"driver peak RSS {large} / {small} rows = {ratio:.2f} (target <= 1.25)")
+    if f"plain{small}" in results and f"pipe2_{small}" in results:
+        ratio = results[f"pipe2_{small}"]["rows_per_second"] / results[f"plain{small}"]["rows_per_second"]
+        checks.append(f"pipeline (2 actors) / plain loop rows/s at {small} rows = {ratio:.2f} (target >= 0.8)")
+    for n in sizes:
+        if f"reads{n}" in results:
+            r = results[f"reads{n}"]
+            checks.append(f"rows read per rank per epoch at {n} rows = {r['rows_read_max'] / (n / 2):.3f} x rows / W "
+                          f"(target <= 1.05)")
+    if front is not None and f"front{front}" in results:
+        r = results[f"front{front}"]
+        checks.append(f"read + validate + tokenise at {front} rows: {r['rows_per_second']:.0f} rows/s, driver peak "
+                      f"RSS {r['peak_rss_mib']:.0f} MiB")
+    lines += ["", *[f"- {c}" for c in checks]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    single = sub.add_parser("one")
+    single.add_argument("mode", choices=["plain", "pipeline", "front", "reads"])
+    single.add_argument("--work", required=True)
+    single.add_argument("--rows", type=int, default=0)
+    single.add_argument("--actors", type=int, default=2)
+    single.add_argument("--world", type=int, default=2)
+    single.add_argument("--folder", default="")
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--front-rows", type=int, default=None, help="also time stages 1-2 alone at this size")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    args = parser.parse_args()
+    if args.command == "one":
+        one(args)
+        return
+    from benchmarks.run import load_average
+    from mallows_ray.models import build_tiny_model
+
+    load_before = load_average()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
+        work = Path(tmp)
+        build_tiny_model(work / "model")
+        for n in sorted(set(args.rows + ([args.front_rows] if args.front_rows else []))):
+            write_pairs(n, work / f"pairs{n}")
+        for n in args.rows:
+            results[f"plain{n}"] = measure(work, "plain", f"--rows={n}")
+            results[f"pipe1_{n}"] = measure(work, "pipeline", f"--rows={n}", "--actors=1")
+            results[f"pipe2_{n}"] = measure(work, "pipeline", f"--rows={n}", "--actors=2")
+            results[f"reads{n}"] = measure(work, "reads", f"--rows={n}", "--world=2",
+                                           f"--folder={results[f'pipe2_{n}']['folder']}")
+        if args.front_rows:
+            results[f"front{args.front_rows}"] = measure(work, "front", f"--rows={args.front_rows}")
+    invocation = "python -m benchmarks.scale " + shlex.join(sys.argv[1:])
+    block = render(results, args.rows, args.front_rows, (load_before, load_average()), invocation)
+    text = args.output.read_text() if args.output.exists() else ""
+    args.output.write_text(replace_section(text, SECTION, block))
+    (ROOT / "benchmarks" / "logs").mkdir(exist_ok=True)
+    (ROOT / "benchmarks" / "logs" / "scale.json").write_text(json.dumps(results, indent=1))
+    print(block)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The row-level stages of the prepare graph, run in Ray tasks: read + normalise one source unit, and the
+checks that need the whole split (objective sets, duplicate ids: decided from streamed aggregates) followed
+by tokenization.
+
+Every stage keeps one output row per input row: a rejected row stays in the stream as a row with
+`reject_reason` set (and its source, row, detail and raw excerpt), so rows in = rows kept + rejects holds at
+every stage, and the rejects file is written from the stream in reading order. `order` (unit << 32 | row)
+is a row's place in the reading order: the first occurrence of an id is the one with the smallest order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from mallows_ray.data.formats import (
+    NORMALISED_SCHEMA, NormalisedRecord, Reject, SourceUnit, common_objectives, duplicate_reject, iter_unit_rows,
+    normalise_source,
+)
+from mallows_ray.data.tokenize import LengthLimits, tokenize_batch
+
+ROW_BITS = 32  # order = unit index << ROW_BITS | row number within the unit
+REJECT_FIELDS = [pa.field("reject_reason", pa.string()), pa.field("reject_detail", pa.string()),
+                 pa.field("reject_raw", pa.string())]
+# read + normalise output: the normalised record (empty fields on a reject), where it is, and the verdict
+STAGED_SCHEMA = pa.schema(list(NORMALISED_SCHEMA) + [
+    pa.field("order", pa.int64()),
+    pa.field("format", pa.string()),          # the unit's format (None when no row of it matches one)
+    pa.field("objectives_key", pa.string()),  # json of the objective names: a group-by key
+] + REJECT_FIELDS)
+TOKENIZED_SCHEMA = pa.schema(list(NORMALISED_SCHEMA) + [
+    pa.field("prompt_ids", pa.list_(pa.int32())),
+    pa.field("response_ids", pa.list_(pa.list_(pa.int32()))),
+    pa.field("prompt_tokens", pa.int32()),  # len(prompt_ids): with ref_token_counts, a row's padded length
+    pa.field("prompt_truncated", pa.bool_()),
+    pa.field("response_truncated", pa.list_(pa.bool_())),
+    pa.field("order", pa.int64()),
+] + REJECT_FIELDS)
+STAGE_BLOCK_ROWS = 1024  # rows per block a unit's task yields: bounded task output, steady progress
+
+
+def order_of(unit: int, row: int) -> int:
+    return unit << ROW_BITS | row
+
+
+def _staged_row(out: NormalisedRecord | Reject, order: int, fmt: str | None) -> dict[str, Any]:
+    if isinstance(out, Reject):
+        return {"id": "", "kind": "", "prompt": [], "responses": [], "objectives": [], "scores": [],
+                "source": out.source, "row": out.row, "order": order, "format": fmt, "objectives_key": "",
+                "reject_reason": out.reason, "reject_detail": out.detail, "reject_raw": out.raw}
+    return {**out, "order": order, "format": fmt, "objectives_key": json.dumps(out["objectives"]),
+            "reject_reason": "", "reject_detail": "", "reject_raw": ""}
+
+
+def normalise_units(units: pa.Table, *, fmt: str, objectives: list[str] | None, score_fill: Any) -> Iterator[pa.Table]:
+    """Ray Data UDF: rows `unit` (index), `path`, `name`, `dataset`, `split` -> the staged rows of each unit,
+    in reading order, `STAGE_BLOCK_ROWS` at a time. One unit's rows are held by this task alone (the format
+    vote and the damaged-file rule need all of them), never by the driver."""
+    for unit in units.to_pylist():
+        rows = list(iter_unit_rows(SourceUnit(unit["path"], unit["name"], unit["dataset"], unit["split"])))
+        unit_fmt, outcomes = normalise_source(rows, fmt, objectives=objectives, score_fill=score_fill)
+        for start in range(0, len(rows), STAGE_BLOCK_ROWS):
+            chunk = zip(rows[start:start + STAGE_BLOCK_ROWS], outcomes[start:start + STAGE_BLOCK_ROWS])
+            yield pa.Table.from_pylist([_staged_row(out, order_of(unit["unit"], raw.row), unit_fmt)
+                                        for raw, out in chunk], schema=STAGED_SCHEMA)
+
+
+class SplitVerdicts:
+    """What the split-wide checks decided, small enough to ship to every task: the objective tuples with
+    their counts in first-seen order and first "source:row" (when objectives are not configured), and the
+    ids used more than once with the order and "source:row" of their first use."""
+
+    def __init__(self, objective_counts: list[tuple[list[str], int, str]] | None,
+                 duplicates: dict[str, tuple[int, str]]):
+        self.objective_counts = objective_counts
+        self.duplicates = duplicates
+
+    def objective_verdict(self):
+        if self.objective_counts is None:
+            return lambda out: None
+        counts = Counter({tuple(names): n for names, n, _ in self.objective_counts})  # insertion = first seen
+        return common_objectives(counts, {tuple(names): where for names, _, where in self.objective_counts})
+
+    def reject(self, out: NormalisedRecord, order: int, objective_verdict) -> Reject | None:
+        """The reject a split-wide check makes of a normalised record, None when it passes them."""
+        rejected = objective_verdict(out)
+        if rejected is None and out["id"] in self.duplicates:
+            first_order, first_at = self.duplicates[out["id"]]
+            if order != first_order:
+                rejected = duplicate_reject(out, first_at)
+        return rejected
+
+
+def finalise_and_tokenize(table: pa.Table, *, verdicts: SplitVerdicts, tokenizer_path: str,
+                          limits: LengthLimits) -> pa.Table:
+    """Ray Data UDF: staged rows -> the split-wide verdicts applied, the surviving rows tokenized (a prompt
+    too long, or responses identical once truncated, become rejects too); one output row per input row."""
+    rows = table.to_pylist()
+    verdict = verdicts.objective_verdict()
+    kept = []
+    for row in rows:
+        if row["reject_reason"]:
+            continue
+        record = {name: row[name] for name in NORMALISED_SCHEMA.names}
+        rejected = verdicts.reject(record, row["order"], verdict)
+        if rejected is not None:
+            row.update(reject_reason=rejected.reason, reject_detail=rejected.detail, reject_raw=rejected.raw)
+        else:
+            kept.append(row)
+    for row, tokenized in zip(kept, tokenize_batch(kept, tokenizer_path=tokenizer_path, limits=limits)):
+        row.update(tokenized, prompt_tokens=len(tokenized["prompt_ids"]), reject_raw="")
+    for row in rows:  # rejects carry empty token columns
+        if row["reject_reason"]:
+            row.update(prompt_ids=[], response_ids=[], prompt_tokens=0, prompt_truncated=False,
+                       response_truncated=[])
+    return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)

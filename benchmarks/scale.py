@@ -1,8 +1,7 @@
 """Scale (issue 18): driver memory, prepare throughput and training reads as the data grows.
 
-    python -m benchmarks.scale                  # 10k and 100k synthetic pairs; writes RESULTS.md's scale section
-    python -m benchmarks.scale --rows 2000 20000 --output /tmp/scale.md   # smaller, elsewhere
-    python -m benchmarks.scale --front-rows 1000000                      # + read/validate/tokenise at 1M rows
+    python -m benchmarks.scale          # 10k and 100k synthetic pairs (+ 1M for read/validate/tokenise)
+    python -m benchmarks.scale --rows 1000 5000 --front-rows 10000 100000 --output /tmp/scale.md
 
 The model is `models.build_tiny_model` (2 layers, hidden 64, byte-level tokenizer), the pairs synthetic (four
 jsonl files, varied lengths), so the figures are about the data plane, not the model. Each measurement runs
@@ -199,7 +198,7 @@ def measure(work: Path, *flags: str) -> dict[str, Any]:
     return result
 
 
-def render(results: dict[str, dict[str, Any]], sizes: list[int], front: int | None, load: tuple[str, str],
+def render(results: dict[str, dict[str, Any]], sizes: list[int], front: list[int], load: tuple[str, str],
            invocation: str) -> str:
     small, large = sizes[0], sizes[-1]
     lines = ["## Scale (issue 18)", "", f"`{invocation}` — tiny model (`models.build_tiny_model`), synthetic pairs "
@@ -230,10 +229,14 @@ def render(results: dict[str, dict[str, Any]], sizes: list[int], front: int | No
             r = results[f"reads{n}"]
             checks.append(f"rows read per rank per epoch at {n} rows = {r['rows_read_max'] / (n / 2):.3f} x rows / W "
                           f"(target <= 1.05)")
-    if front is not None and f"front{front}" in results:
-        r = results[f"front{front}"]
-        checks.append(f"read + validate + tokenise at {front} rows: {r['rows_per_second']:.0f} rows/s, driver peak "
-                      f"RSS {r['peak_rss_mib']:.0f} MiB")
+    for n in front:
+        r = results[f"front{n}"]
+        checks.append(f"read + validate + tokenise alone at {n} rows: {r['rows_per_second']:.0f} rows/s, driver "
+                      f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+    if len(front) > 1:
+        ratio = results[f"front{front[-1]}"]["peak_rss_mib"] / results[f"front{front[0]}"]["peak_rss_mib"]
+        checks.append(f"read + validate + tokenise: driver peak RSS {front[-1]} / {front[0]} rows = {ratio:.2f} "
+                      "(target <= 1.25)")
     lines += ["", *[f"- {c}" for c in checks]]
     return "\n".join(lines) + "\n"
 
@@ -249,7 +252,8 @@ def main() -> None:
     single.add_argument("--world", type=int, default=2)
     single.add_argument("--folder", default="")
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--front-rows", type=int, default=None, help="also time stages 1-2 alone at this size")
+    parser.add_argument("--front-rows", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
+                        help="sizes at which to time stages 1-2 (read, validate, tokenise) alone")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
     if args.command == "one":
@@ -263,7 +267,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         work = Path(tmp)
         build_tiny_model(work / "model")
-        for n in sorted(set(args.rows + ([args.front_rows] if args.front_rows else []))):
+        for n in sorted(set(args.rows + args.front_rows)):
             write_pairs(n, work / f"pairs{n}")
         for n in args.rows:
             results[f"plain{n}"] = measure(work, "plain", f"--rows={n}")
@@ -271,8 +275,8 @@ def main() -> None:
             results[f"pipe2_{n}"] = measure(work, "pipeline", f"--rows={n}", "--actors=2")
             results[f"reads{n}"] = measure(work, "reads", f"--rows={n}", "--world=2",
                                            f"--folder={results[f'pipe2_{n}']['folder']}")
-        if args.front_rows:
-            results[f"front{args.front_rows}"] = measure(work, "front", f"--rows={args.front_rows}")
+        for n in args.front_rows:
+            results[f"front{n}"] = measure(work, "front", f"--rows={n}")
     invocation = "python -m benchmarks.scale " + shlex.join(sys.argv[1:])
     block = render(results, args.rows, args.front_rows, (load_before, load_average()), invocation)
     text = args.output.read_text() if args.output.exists() else ""

@@ -10,7 +10,8 @@ Each rank reads only its own contiguous slice of each global batch (`rank_slice`
 
 Order within an epoch (`epoch_order`): a permutation of all N row indices seeded by (seed, epoch), different
 each epoch (`shuffle=False`: the stored order). The permuted indices are cut into windows of
-`WINDOW_BATCHES` global batches; with `group_by_length` each window is sorted by padded length (so a
+`WINDOW_BATCHES` global batches, each shuffled again by its own generator (an epoch of one window is
+permuted by that shuffle alone); with `group_by_length` each window is sorted by padded length (so a
 micro-batch holds prompts of similar length and little padding), cut into global batches, and the batches
 are shuffled again so lengths do not rise through the window (`order_window`). The shuffle is global: the
 rows of any window are a random sample of the whole split, whatever files or sources they came from.
@@ -88,9 +89,12 @@ def epoch_order(n_rows: int, *, global_batch_size: int, seed: int, epoch: int, s
     `lengths` [n_rows]: each row's padded length, to group rows of similar length (None: no grouping).
     Costs 8 bytes a row and a sort per window, and reads no row: every rank computes it alone.
     """
-    rng = np.random.default_rng([seed, epoch, _PERMUTATION_STREAM])
-    perm = rng.permutation(n_rows) if shuffle else np.arange(n_rows)
     span = WINDOW_BATCHES * global_batch_size
+    if shuffle and n_rows > span:
+        # several windows: permute the whole split first, so that every window is a random sample of it
+        perm = np.random.default_rng([seed, epoch, _PERMUTATION_STREAM]).permutation(n_rows)
+    else:  # the stored order; an epoch of one window is permuted whole by that window's own shuffle
+        perm = np.arange(n_rows)
     windows = (perm[start:start + span].tolist() for start in range(0, n_rows, span))
     length = None if lengths is None else lengths.__getitem__
     return list(epoch_batches(windows, global_batch_size=global_batch_size, seed=seed, epoch=epoch, shuffle=shuffle,

@@ -130,11 +130,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                   target_tau=lambda_cfg.target_tau, share_prompt=config.model.share_prompt,
                   device=engine.device, with_ld=config.loss.uses_ld)  # evaluation settings
 
-    # ---- data: each rank reads its rows of the scored parquet itself (data/scored_split.py)
+    # ---- data: each rank reads its rows of the scored parquet itself (data/scored_split.py; the driver
+    # checked its columns and row count, trainer.check_splits)
     train = ScoredSplit(plan.split_folder("train"))
     lengths = train.padded_lengths(config.model.share_prompt) if config.batch.group_by_length else None
-    if len(train) != plan.train_rows:
-        raise RuntimeError(f"{train.folder} holds {len(train)} rows; its manifest said {plan.train_rows}")
 
     # ---- listwise: the lambda scheduler, the conditioner, the learned scheduler's fixed validation batch
     scheduler = conditioner = None

@@ -139,3 +139,18 @@ def test_listwise_with_validation_split(ray_local, tmp_path, tiny_model_dir):
     # validation dispersion uses the c calibrated on train
     c = prepared.manifest["dispersion_scale"]
     assert rows[0]["dispersion"] == pytest.approx(-c * math.log(rows[0]["hbar"]), rel=1e-5)
+
+
+def test_output_is_the_same_whatever_the_number_of_actors(ray_local, tmp_path, tiny_model_dir):
+    """The scored files are byte for byte the same with 1 and 2 scoring actors (blocks of 2 rows, so the
+    two actors finish out of order), in reading order; each file is listed in the manifest."""
+    train = _write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    folders = {}
+    for actors in (1, 2):
+        config = _config(tmp_path / str(actors), tiny_model_dir, train,
+                         **{"data.scoring.num_actors": actors, "data.scoring.batch_size": 2})
+        folders[actors] = prepare(config).folder
+    files = {actors: sorted((folder / "train").glob("*.parquet")) for actors, folder in folders.items()}
+    assert [f.name for f in files[1]] == [f.name for f in files[2]] == ["part-00000.parquet"]
+    assert [f.read_bytes() for f in files[1]] == [f.read_bytes() for f in files[2]]
+    assert pq.read_table(files[2][0], columns=["id"]).column("id").to_pylist() == [p["id"] for p in PAIRS]

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from mallows_ray.config import Config, load_config, to_dict
 from mallows_ray.console import Progress
@@ -198,8 +197,7 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
 
     print("[demo] report", flush=True)
     result, untrained, trained = main["result"], main["untrained"], main["trained"]
-    dispersion = pq.read_table(Path(result.plan.data_folder) / "train", columns=["dispersion"]).column(
-        "dispersion").to_numpy()
+    dispersion = result.plan.open_split("train").dispersion()
     eval_metrics = {f"test/{name}{suffix}": evaluation[f"eval/{key}"]
                     for suffix, evaluation in (("", trained), ("_base", untrained))
                     for name, key in (("reward_accuracy", "rewards/accuracy"), ("pair_accuracy", "rewards/pair_accuracy"),

@@ -9,9 +9,12 @@ the driver holds counts and small aggregates, never a split.
       duplicate ids: Ray Data group-by on id;  objective sets, formats: counted on the driver as rows pass
       --map_batches(finalise_and_tokenize)  Ray tasks --> staging/tokenized; every reject -> rejects.jsonl
       bad-row gate (from the counts)
-      --map_batches(ReferenceScorer)        actor pool --> staging/scored;  sum of -log Hbar(x) -> c
-      --add s(x) = -c log Hbar(x)           Ray task per file --> <split>/part-NNNNN.parquet
+      --map_batches(ReferenceScorer)        actor pool --> <split>/part-NNNNN.parquet (+ .arrow twin)
+                                            sum and histogram of -log Hbar(x) -> c, percentiles
       --> manifest.json (written last: its presence marks a complete cache entry)
+
+s(x) = -c log Hbar(x) is not written: c is in the manifest and readers compute s(x) from each row's Hbar(x)
+(`scored_split.py`), so calibrating c costs no second pass over the data.
 
 Every reject keeps its file and line (jsonl) or row (parquet, HF datasets); rows in = rows out + rejected,
 per split. Ray Data runs with `preserve_order`, so the output is the reading order (files in sorted path
@@ -46,17 +49,20 @@ from mallows_ray.data.formats import Reject, check_kinds, list_source_files, sou
 from mallows_ray.data.progress import PrepareProgress
 from mallows_ray.data.rejects import RejectsFile, check_bad_fraction
 from mallows_ray.data.scoring import SCORE_FIELDS, ReferenceScorer
-from mallows_ray.data.shards import ROW_GROUP_ROWS, ShardWriter, part_name
+from mallows_ray.data.scored_split import ScoredSplit
+from mallows_ray.data.shards import ShardWriter
 from mallows_ray.data.stages import (
     REJECT_FIELDS, ROW_BITS, STAGED_SCHEMA, TOKENIZED_SCHEMA, SplitVerdicts, finalise_and_tokenize, normalise_units,
 )
 from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer
-from mallows_ray.losses import calibrate_scale, dispersion_from_entropy
+from mallows_ray.losses import EntropyAggregate
 from mallows_ray.models import resolve_model_path
 
-# Scoring's output before s(x) is added; staging files have large row groups (read in slices, never at random).
-SCORED_STAGE_SCHEMA = pa.schema(list(TOKENIZED_SCHEMA) + SCORE_FIELDS)
-STAGING_GROUP_ROWS = 4096
+# The scored split: tokenized rows (less the staging columns) + the reference's scores.
+SCORED_SCHEMA = pa.schema([f for f in TOKENIZED_SCHEMA if f.name not in {"order", *(r.name for r in REJECT_FIELDS)}]
+                          + SCORE_FIELDS)
+STAGING_GROUP_ROWS = 4096  # staging files are read in slices, never at random: large row groups
+PERCENTILES = (5, 25, 50, 75, 95)
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,9 @@ class PreparedData:
     folder: Path
     manifest: dict[str, Any]
 
-    def split_path(self, split: str) -> Path:
-        return self.folder / split
+    def split(self, name: str) -> ScoredSplit:
+        """A scored split ("train", "validation") for reading rows by index, s(x) included."""
+        return ScoredSplit(self.folder / name, self.manifest["dispersion_scale"])
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -88,11 +95,17 @@ def _settings(config: Config) -> dict[str, Any]:
     return data
 
 
-def _percentiles(values: np.ndarray) -> dict[str, float]:
-    if len(values) == 0:
-        return {}
-    qs = np.percentile(values, [5, 25, 50, 75, 95])
-    return {"mean": float(np.mean(values)), **{f"p{q}": float(v) for q, v in zip((5, 25, 50, 75, 95), qs)}}
+def _entropy_summary(entropy: EntropyAggregate, c: float) -> dict[str, dict[str, float]]:
+    """Mean and percentiles of Hbar(x) and of s(x) = c (-log Hbar(x)) from the streamed aggregate (percentiles
+    to within one histogram bin); {} each when the split has no rows."""
+    if entropy.count == 0:
+        return {"hbar": {}, "dispersion": {}}
+    neg_log = entropy.neg_log_percentiles(PERCENTILES)
+    # Hbar falls as -log Hbar rises: its q-th percentile is exp(-(the (100 - q)-th of -log Hbar))
+    hbar = {f"p{q}": float(np.exp(-v)) for q, v in zip(PERCENTILES, neg_log[::-1])}
+    dispersion = {f"p{q}": float(c * v) for q, v in zip(PERCENTILES, neg_log)}
+    return {"hbar": {"mean": entropy.hbar_sum / entropy.count, **hbar},
+            "dispersion": {"mean": c * entropy.neg_log_sum / entropy.count, **dispersion}}
 
 
 def open_cache(folder: str | Path, max_bad_fraction: float) -> PreparedData | None:
@@ -255,7 +268,7 @@ def _duplicate_ids(folder: Path, read: _SplitRead, common_key: str | None) -> di
         return table.filter(keep).select(["id", "order"])
 
     files = [str(p) for p in sorted(folder.glob("*.parquet"))]
-    ids = ray.data.read_parquet(files, columns=["id", "order", "reject_reason", "kind", "objectives_key"])
+    ids = ray.data.read_parquet(files).select_columns(["id", "order", "reject_reason", "kind", "objectives_key"])
     repeated = ids.map_batches(survivors, batch_format="pyarrow").groupby("id").aggregate(
         Count(alias_name="uses"), Min("order", alias_name="first")).filter(expr=col("uses") > 1)
     mask = (1 << ROW_BITS) - 1
@@ -297,8 +310,8 @@ def _tokenize_split(staged: Path, out: Path, verdicts: SplitVerdicts, rows: int,
 
 def _score_split(staged: Path, out: Path, rows: int, config: Config, model_path: Path, pad_id: int,
                  progress: PrepareProgress) -> dict[str, Any]:
-    """Stage 3: reference scoring on the actor pool, written in reading order to `out`. Returns the split's
-    statistics and its Hbar(x) values (8 bytes a row: the percentiles of the summary need them)."""
+    """Stage 3: reference scoring on the actor pool, written in reading order to `out`, the split's final
+    folder. Returns the split's statistics and the aggregate of its Hbar(x) (for c and the percentiles)."""
     from ray.data import ActorPoolStrategy
 
     scoring = config.data.scoring
@@ -312,9 +325,9 @@ def _score_split(staged: Path, out: Path, rows: int, config: Config, model_path:
             "trust_remote_code": config.model.trust_remote_code,
         },
     )
-    writer = ShardWriter(out, SCORED_STAGE_SCHEMA, row_group_rows=STAGING_GROUP_ROWS)
+    writer = ShardWriter(out, SCORED_SCHEMA, random_access=True)
     stats = dict.fromkeys(("truncated_prompts", "truncated_responses", "prompt_tokens", "response_tokens"), 0)
-    hbar, kind = [], None
+    entropy, kind = EntropyAggregate(), None
     for block in _blocks(dataset):
         writer.write(block)
         kind = kind or block.column("kind")[0].as_py()
@@ -322,29 +335,10 @@ def _score_split(staged: Path, out: Path, rows: int, config: Config, model_path:
         stats["truncated_responses"] += int(pc.sum(pc.list_flatten(block.column("response_truncated"))).as_py() or 0)
         stats["prompt_tokens"] += int(pc.sum(block.column("prompt_tokens")).as_py() or 0)
         stats["response_tokens"] += int(pc.sum(pc.list_flatten(block.column("ref_token_counts"))).as_py() or 0)
-        hbar.append(block.column("hbar").to_numpy().copy())
+        entropy.add(np.array(block.column("hbar"), dtype=np.float64))  # a writable copy: torch reads it
         progress.add(scored=block.num_rows)
     writer.close()
-    return {"rows_out": writer.rows, **stats, "kind": kind, "hbar": np.concatenate(hbar) if hbar else np.zeros(0)}
-
-
-def _add_dispersion(source: str, target: str, c: float) -> None:
-    """Ray task: one scored staging file -> its final file: s(x) = -c log Hbar(x) added, staging columns dropped."""
-    table = pq.read_table(source)
-    table = table.drop_columns(["order"] + [f.name for f in REJECT_FIELDS])
-    s = dispersion_from_entropy(table.column("hbar").to_numpy().copy(), c).numpy()
-    table = table.append_column("dispersion", pa.array(s, pa.float32()))
-    pq.write_table(table, target, row_group_size=ROW_GROUP_ROWS)
-
-
-def _finish_split(staged: Path, out: Path, c: float) -> None:
-    """Stage 4: every scored staging file -> <split>/part-NNNNN.parquet, one Ray task per file."""
-    import ray
-
-    out.mkdir()
-    add = ray.remote(num_cpus=1)(_add_dispersion)
-    files = sorted(staged.glob("*.parquet"))
-    ray.get([add.remote(str(file), str(out / part_name(i)), c) for i, file in enumerate(files)])
+    return {"rows_out": writer.rows, **stats, "kind": kind, "entropy": entropy}
 
 
 def prepare(config: Config, *, address: str | None = None, force: bool = False) -> PreparedData:
@@ -413,22 +407,22 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         for split in sources:
             kept = rows_in[split] - rejected[split]
             progress.stage(f"scoring {split} with the reference model on {data_cfg.scoring.num_actors} actor(s)", kept)
-            scored[split] = _score_split(staging / "tokenized" / split, staging / "scored" / split, kept, config,
+            scored[split] = _score_split(staging / "tokenized" / split, folder / split, kept, config,
                                          model_path, pad_id, progress)
             progress.end_stage()
             if scored[split]["rows_out"] != kept:
                 raise RuntimeError(f"{split}: {kept} rows went to scoring and {scored[split]['rows_out']} came back")
 
-    # 4. c from train's Hbar(x) (ALGORITHMS 2.3), then s(x) into the final files
-    c = calibrate_scale(scored["train"]["hbar"]) if data_cfg.dispersion_scale == "auto" else float(data_cfg.dispersion_scale)
+    # 4. c from train's Hbar(x) (ALGORITHMS 2.3): readers compute s(x) = -c log Hbar(x) from it
+    auto = data_cfg.dispersion_scale == "auto"
+    c = scored["train"]["entropy"].scale() if auto else float(data_cfg.dispersion_scale)
     splits: dict[str, Any] = {}
     train_kind = None
     for split, stats in scored.items():
-        _finish_split(staging / "scored" / split, folder / split, c)
-        hbar = stats.pop("hbar")
+        entropy = stats.pop("entropy")
         kind = stats.pop("kind")
         splits[split] = {"rows_in": rows_in[split], "rejected": rejected[split], **stats,
-                         "hbar": _percentiles(hbar), "dispersion": _percentiles(dispersion_from_entropy(hbar, c).numpy())}
+                         **_entropy_summary(entropy, c)}
         train_kind = kind if split == "train" else train_kind
     shutil.rmtree(staging)
 

@@ -1,67 +1,66 @@
-"""Random access to the rows of one scored split (a folder of parquet files written by `prepare`).
+"""Random access to the rows of one scored split (a folder written by `prepare`).
 
-A training rank asks for rows by their index in the split (0..N-1 in stored order: the files in sorted name
-order, then their rows); `ScoredSplit.take` finds each row's file and row group from the files' footers and
-reads only the row groups that hold requested rows, keeping the most recently used ones decoded in a cache
-bounded in bytes. Nothing is read through the driver or the object store, so the split folder must be on
-storage every worker can read (a local disk on one node, a shared mount on several).
+A training rank asks for rows by their index in the split (0..N-1 in stored order: the parts in name order,
+then their rows). The split's parquet parts each have an uncompressed Arrow IPC twin (`shards.py`), which
+this class memory-maps: `take` finds each row's part and record batch from the files' footers and copies out
+only the requested rows, so a random row costs its own bytes, not a decoded row group, and no copy of the
+split is held in memory (the page cache holds what was touched). Nothing is read through the driver or the
+object store, so the split folder must be on storage every worker can read (a local disk on one node, a
+shared mount on several).
 
-Two counters say what a rank read, for the metrics and the scale benchmark:
-  rows_read     rows handed out by `take` (a rank's share of the epoch: ~N / W per epoch)
-  rows_decoded  rows of the row groups decoded on cache misses (what crossed the disk / network)
+s(x) is not stored: each row's `dispersion` is computed from its Hbar(x) and the split's calibrated
+`dispersion_scale` c when it is read (`losses.dispersion_from_entropy`), so calibrating c never rewrites the data.
+
+`rows_read` counts the rows `take` handed out (a rank's share of an epoch: ~N / W), for the metrics and the
+scale benchmark.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-# The columns training reads (the response texts and per-response statistics stay on disk); the prompt
+from mallows_ray.data.shards import RANDOM_ACCESS_DIR
+from mallows_ray.losses import dispersion_from_entropy
+
+# The columns training reads (the response texts and per-response statistics are not touched); the prompt
 # messages are there for listwise lambda conditioning, which re-renders the prompt per example.
-TRAINING_COLUMNS = ("id", "prompt", "prompt_ids", "response_ids", "ref_logps", "ref_shared_logps", "dispersion",
-                    "scores")
+TRAINING_COLUMNS = ("id", "prompt", "prompt_ids", "response_ids", "ref_logps", "ref_shared_logps", "hbar", "scores")
 # The narrow columns that give a row's padded length without reading its token ids.
 LENGTH_COLUMNS = ("prompt_tokens", "ref_token_counts")
-# Decoded row groups a rank keeps (bytes of Arrow memory): a small split stays whole after its first epoch.
-CACHE_BYTES = 256 * 2**20
 
 
 class ScoredSplit:
-    """The parquet files of `folder` as one table of N rows, read by row index, `columns` only. Opening reads
-    the footers alone; a missing column is a ValueError naming the file."""
+    """The Arrow parts of `folder` as one table of N rows, read by row index, `columns` only, each row with
+    its s(x) as `dispersion` (c = `dispersion_scale`). Opening reads the footers alone; a missing file or
+    column is an error naming it."""
 
-    def __init__(self, folder: str | Path, columns: Sequence[str] = TRAINING_COLUMNS, cache_bytes: int = CACHE_BYTES):
+    def __init__(self, folder: str | Path, dispersion_scale: float, columns: Sequence[str] = TRAINING_COLUMNS):
         self.folder = Path(folder)
-        self.files = sorted(self.folder.glob("*.parquet"))
+        self.files = sorted((self.folder / RANDOM_ACCESS_DIR).glob("*.arrow"))
         if not self.files:
-            raise FileNotFoundError(f"{self.folder}: no parquet files (not a scored split folder)")
-        # one entry per row group of every file, in stored order: (file index, group index in its file)
-        self._groups: list[tuple[int, int]] = []
-        sizes = []
-        for f, path in enumerate(self.files):
-            metadata = pq.read_metadata(path)
-            for g in range(metadata.num_row_groups):
-                self._groups.append((f, g))
-                sizes.append(metadata.row_group(g).num_rows)
-        self._starts = np.concatenate([[0], np.cumsum(sizes)])  # [G + 1]: first row of each group, then N
-        names = set(pq.read_schema(self.files[0]).names)
+            old = (" (parquet only: prepared by an older mallows_ray; run `mallows-ray prepare` on the raw data "
+                   "again)") if any(self.folder.glob("*.parquet")) else " (not a scored split folder)"
+            raise FileNotFoundError(f"{self.folder}: no {RANDOM_ACCESS_DIR}/*.arrow parts{old}")
+        self.dispersion_scale = float(dispersion_scale)
+        # every record batch of every part, in stored order: memory-mapped, nothing decoded or copied
+        self._batches: list[pa.RecordBatch] = []
+        for path in self.files:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            self._batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        sizes = [batch.num_rows for batch in self._batches]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # [G + 1]: first row of each batch, then N
+        names = set(self._batches[0].schema.names) if self._batches else set()
         missing = [c for c in [*columns, *LENGTH_COLUMNS] if c not in names]
-        if missing:
+        if self._batches and missing:
             raise ValueError(f"{self.files[0]} has no column {', '.join(missing)}: not a scored split of this "
                              "version of mallows_ray; run `mallows-ray prepare` on the raw data again")
         self.columns = list(columns)
-        self.cache_bytes = cache_bytes
-        self._readers: dict[int, pq.ParquetFile] = {}  # opened on first use: footers are read once
-        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
-        self._cached_bytes = 0
         self.rows_read = 0
-        self.rows_decoded = 0
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -69,25 +68,34 @@ class ScoredSplit:
     def padded_lengths(self, share_prompt: bool) -> np.ndarray:
         """[N] int64: each row's packed width (`train.batches.padded_length`), from the narrow columns
         prompt_tokens and ref_token_counts (n(y) per response) alone."""
-        table = pa.concat_tables(pq.read_table(p, columns=list(LENGTH_COLUMNS)) for p in self.files)
-        prompt = table.column("prompt_tokens").to_numpy().astype(np.int64)
-        counts = table.column("ref_token_counts")
+        prompt = self._column("prompt_tokens").to_numpy().astype(np.int64)
+        counts = self._column("ref_token_counts")
         if share_prompt:  # the prompt once, then each response opened by the last prompt token
             return prompt - 1 + _list_agg(counts, "sum") + pc.list_value_length(counts).to_numpy()
         return prompt + _list_agg(counts, "max")
 
+    def dispersion(self) -> np.ndarray:
+        """[N] float64: s(x) of every row, in stored order."""
+        hbar = np.array(self._column("hbar"), dtype=np.float64)  # a writable copy: torch reads it
+        return dispersion_from_entropy(hbar, self.dispersion_scale).numpy()
+
     def take(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """The rows at `indices` (positions in the split), in that order, as dicts of the selected columns."""
+        """The rows at `indices` (positions in the split), in that order, as dicts of the selected columns
+        plus `dispersion`, s(x)."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"{self.folder}: row index out of range 0..{len(self) - 1}")
-        groups = np.searchsorted(self._starts, indices, side="right") - 1
+        batches = np.searchsorted(self._starts, indices, side="right") - 1
         rows: list[dict[str, Any] | None] = [None] * len(indices)
-        for group in np.unique(groups):
-            where = np.flatnonzero(groups == group)
-            local = pa.array(indices[where] - self._starts[group])
-            for position, row in zip(where, self._group(int(group)).take(local).to_pylist()):
+        for b in np.unique(batches):
+            where = np.flatnonzero(batches == b)
+            local = pa.array(indices[where] - self._starts[b])
+            for position, row in zip(where, self._batches[b].select(self.columns).take(local).to_pylist()):
                 rows[position] = row
+        if "hbar" in self.columns and rows:
+            s = dispersion_from_entropy([row["hbar"] for row in rows], self.dispersion_scale).tolist()
+            for row, value in zip(rows, s):
+                row["dispersion"] = value
         self.rows_read += len(indices)
         return rows
 
@@ -96,21 +104,9 @@ class ScoredSplit:
         for start in range(0, len(self), batch_size):
             yield self.take(range(start, min(start + batch_size, len(self))))
 
-    def _group(self, group: int) -> pa.Table:
-        """Row group `group` decoded (its selected columns), through the LRU cache."""
-        table = self._cache.pop(group, None)
-        if table is None:
-            f, g = self._groups[group]
-            if f not in self._readers:
-                self._readers[f] = pq.ParquetFile(self.files[f])
-            table = self._readers[f].read_row_group(g, columns=self.columns)
-            self.rows_decoded += table.num_rows
-            self._cached_bytes += table.nbytes
-        self._cache[group] = table  # most recently used last
-        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-            _, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= evicted.nbytes
-        return table
+    def _column(self, name: str) -> pa.ChunkedArray:
+        return pa.chunked_array([batch.column(name) for batch in self._batches],
+                                type=self._batches[0].schema.field(name).type if self._batches else None)
 
 
 def _list_agg(column: pa.ChunkedArray, how: str) -> np.ndarray:

@@ -1,7 +1,9 @@
 """The loss library: pure torch, no Ray / DeepSpeed / transformers (ALGORITHMS.md sections 1-3)."""
 
 from mallows_ray.losses.composite import Term, build_composite, term_labels
-from mallows_ray.losses.dispersion import calibrate_scale, dispersion_from_entropy, prompt_mean_entropy
+from mallows_ray.losses.dispersion import (
+    EntropyAggregate, calibrate_scale, dispersion_from_entropy, prompt_mean_entropy,
+)
 from mallows_ray.losses.length import ld_weighted
 from mallows_ray.losses.listwise import (
     lambda_contrast, listwise, listwise_nll, listwise_rewards, mixed_target, plackett_luce,
@@ -22,7 +24,7 @@ from mallows_ray.losses.types import ListwiseInputs, LossOutput, PairwiseInputs
 from mallows_ray.losses.weighting import wpo_weighted, wpo_weights
 
 __all__ = [
-    "F_DIVERGENCES", "IGNORE_INDEX", "LISTWISE_LOSSES", "LOSSES", "PAIRWISE_LOSSES", "REFERENCE_FREE", "SPECS",
+    "EntropyAggregate", "F_DIVERGENCES", "IGNORE_INDEX", "LISTWISE_LOSSES", "LOSSES", "PAIRWISE_LOSSES", "REFERENCE_FREE", "SPECS",
     "ListwiseInputs", "LossOutput", "LossSpec", "PairwiseInputs", "ResponseStats", "Term", "aot", "aot_unpaired",
     "apo_down", "apo_zero", "bco_pair", "build_composite", "build_loss", "calibrate_scale", "cdpo",
     "check_parameters", "discopop", "dispersion_from_entropy", "dpo", "exo_pair", "f_score", "hinge",

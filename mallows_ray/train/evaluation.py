@@ -54,8 +54,6 @@ def evaluate_export(config, model_dir: str, *, split: str = "validation", lambda
     in one process. Listwise data: {lambda name: metrics} under `lambdas` (default: each vertex and the
     uniform vector), conditioned as the export records (or as `conditioning` says: e.g. the untrained model
     evaluated exactly like a trained one); pairwise: {"pairwise": metrics}."""
-    import pyarrow.parquet as pq
-
     from mallows_ray.generate import load_export
     from mallows_ray.models import response_stats
     from mallows_ray.train.conditioning import evaluation_lambdas
@@ -65,7 +63,7 @@ def evaluate_export(config, model_dir: str, *, split: str = "validation", lambda
     if split not in prepared.manifest["splits"]:
         raise ValueError(f"the scored data {prepared.folder} has no {split!r} split; it has "
                          f"{', '.join(prepared.manifest['splits'])} (set data.validation for a validation split)")
-    rows = pq.read_table(prepared.split_path(split)).to_pylist()
+    rows = [row for batch in prepared.split(split).iter_rows(1024) for row in batch]
     lm, tokenizer, recorded = load_export(model_dir, trust_remote_code=config.model.trust_remote_code)
     conditioning = conditioning or recorded
     wpo = config.loss.uses_wpo

@@ -65,11 +65,10 @@ def first_rows(split: ScoredSplit, n: int) -> list[dict]:
 
 
 def read_counts(split: ScoredSplit) -> dict[str, float]:
-    """The largest of any rank's training rows read / row-group rows decoded since this attempt started
-    (collective). Each rank reads only its slice of every global batch: ~rows / W a rank per epoch."""
+    """The largest of any rank's training rows read since this attempt started (collective). Each rank reads
+    only its slice of every global batch: ~rows / W a rank per epoch."""
     _, rows_read = rank_extremes(split.rows_read)
-    _, rows_decoded = rank_extremes(split.rows_decoded)
-    return {"data/rows_read_max": rows_read, "data/rows_decoded_max": rows_decoded}
+    return {"data/rows_read_max": rows_read}
 
 
 def evaluate(engine, batches: list[list[dict]], common: dict[str, Any], conditioner: Conditioner | None,
@@ -132,7 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
 
     # ---- data: each rank reads its rows of the scored parquet itself (data/scored_split.py; the driver
     # checked its columns and row count, trainer.check_splits)
-    train = ScoredSplit(plan.split_folder("train"))
+    train = plan.open_split("train")
     lengths = train.padded_lengths(config.model.share_prompt) if config.batch.group_by_length else None
 
     # ---- listwise: the lambda scheduler, the conditioner, the learned scheduler's fixed validation batch
@@ -147,12 +146,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
             update_every = lambda_cfg.update_every or config.run.eval_every
             if update_every == 0:
                 raise ValueError("the learned lambda scheduler needs lambdas.update_every or run.eval_every > 0")
-            fixed = ScoredSplit(plan.split_folder("validation")) if plan.has_validation else train
+            fixed = plan.open_split("validation") if plan.has_validation else train
             update_rows = first_rows(fixed, lambda_cfg.update_prompts)
 
     # the validation split, read once at the first evaluation and kept (every rank reads it whole, in stored
     # order): every evaluation, and every lambda within one, runs the same rows
-    validation = functools.cache(lambda: list(ScoredSplit(plan.split_folder("validation")).iter_rows(micro * world)))
+    validation = functools.cache(lambda: list(plan.open_split("validation").iter_rows(micro * world)))
 
     # ---- resume: weights, optimizer, LR schedule, RNGs, the data position and the scheduler's state
     step, saved = checkpoint.restore(engine, plan)

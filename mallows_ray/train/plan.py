@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mallows_ray.data.scored_split import ScoredSplit
+
 
 @dataclass(frozen=True)
 class TrainPlan:
@@ -22,6 +24,7 @@ class TrainPlan:
     run_name: str
     export_dir: str | None  # HF export folder; None when export is disabled
     objectives: list[str]   # listwise data: the K objectives in score order (the lambda order); [] for pairwise
+    dispersion_scale: float  # c of the scored data (its manifest): s(x) = -c log Hbar(x)
 
     @property
     def run_dir(self) -> str:
@@ -33,9 +36,9 @@ class TrainPlan:
         """Whether the run folder is on a local or mounted filesystem (not a URI such as s3://)."""
         return "://" not in self.storage_path
 
-    def split_folder(self, split: str) -> str:
-        """The parquet folder of a scored split ("train", "validation"), which every worker reads itself."""
-        return f"{self.data_folder}/{split}"
+    def open_split(self, split: str) -> ScoredSplit:
+        """A scored split ("train", "validation"), which every worker reads itself (footers only until `take`)."""
+        return ScoredSplit(f"{self.data_folder}/{split}", self.dispersion_scale)
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, global batches already consumed in that epoch) after `step` optimizer steps."""

@@ -12,7 +12,6 @@ from typing import Any, Sequence
 from mallows_ray.config import Config, to_dict
 from mallows_ray.data import manifest as mf
 from mallows_ray.data.pipeline import PreparedData, ensure_ray, open_cache, prepare
-from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.losses import is_listwise
 from mallows_ray.models import resolve_model_path
 from mallows_ray.train.plan import TrainPlan
@@ -91,18 +90,19 @@ def make_plan(config: Config, prepared: PreparedData) -> TrainPlan:
         run_name=config.run.name,
         export_dir=export_dir,
         objectives=manifest.get("objectives") or [],
+        dispersion_scale=manifest["dispersion_scale"],
     )
 
 
 def check_splits(plan: TrainPlan) -> None:
     """Open the scored splits the workers will read (footers only: no row is read on the driver), so that a
     missing column or a row count other than the manifest's stops the run here, naming the file."""
-    train = ScoredSplit(plan.split_folder("train"))
+    train = plan.open_split("train")
     if len(train) != plan.train_rows:
         raise ValueError(f"{train.folder} holds {len(train)} rows, its manifest {plan.train_rows}: the scored "
                          "data changed after it was prepared; run `mallows-ray prepare` again")
     if plan.has_validation:
-        ScoredSplit(plan.split_folder("validation"))
+        plan.open_split("validation")
 
 
 def build_trainer(config: Config, plan: TrainPlan, *, callbacks: Sequence[Any] = ()) -> Any:

@@ -79,7 +79,12 @@ def test_pairwise_scores_match_direct_computation(ray_local, tmp_path, tiny_mode
     rejects = [json.loads(line) for line in open(manifest["rejects"]["file"])]
     assert sorted(r["row"] for r in rejects) == [11, 12]  # 1-based line numbers in train.jsonl
 
-    table = pq.read_table(prepared.split_path("train")).to_pylist()
+    parquet = pq.read_table(prepared.folder / "train")  # the split folder reads as plain parquet
+    assert "dispersion" not in parquet.column_names  # s(x) is computed where rows are read, from c and Hbar(x)
+    read = prepared.split("train").take(range(parquet.num_rows))  # through the random-access twin
+    columns = [c for c in read[0] if c != "dispersion"]
+    assert [{c: row[c] for c in columns} for row in read] == parquet.select(columns).to_pylist()
+    table = [{**row, "dispersion": r["dispersion"]} for row, r in zip(parquet.to_pylist(), read)]
     assert [row["id"] for row in table] == sorted(p["id"] for p in PAIRS)
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     limits = LengthLimits(48, 24)
@@ -133,9 +138,10 @@ def test_listwise_with_validation_split(ray_local, tmp_path, tiny_model_dir):
                                                                    "data.scoring.batch_size": 2}))
     assert prepared.manifest["kind"] == "listwise"
     assert {s: v["rows_out"] for s, v in prepared.manifest["splits"].items()} == {"train": 4, "validation": 2}
-    rows = pq.read_table(prepared.split_path("validation")).to_pylist()
-    assert all(len(r["ref_logps"]) == 3 and len(r["ref_entropy"]) == 3 for r in rows)
-    assert rows[0]["objectives"] == ["brevity", "warmth"]
+    assert all(len(r["ref_entropy"]) == 3 for r in pq.read_table(prepared.folder / "validation").to_pylist())
+    assert pq.read_table(prepared.folder / "validation").column("objectives")[0].as_py() == ["brevity", "warmth"]
+    rows = prepared.split("validation").take(range(2))
+    assert all(len(r["ref_logps"]) == 3 for r in rows)
     # validation dispersion uses the c calibrated on train
     c = prepared.manifest["dispersion_scale"]
     assert rows[0]["dispersion"] == pytest.approx(-c * math.log(rows[0]["hbar"]), rel=1e-5)

@@ -150,8 +150,6 @@ def test_each_worker_reads_only_its_share_of_each_epoch(trained):
     epochs = STEPS // 8
     assert result.metrics["data/rows_read_max"] <= 1.05 * TRAIN_ROWS / 2 * epochs
     assert result.metrics["data/rows_read_max"] == TRAIN_ROWS / 2 * epochs
-    # the 32-row split is one row group, decoded once and then served from the rank's cache
-    assert result.metrics["data/rows_decoded_max"] == TRAIN_ROWS
 
 
 def test_lora_changes_only_adapters_and_exports_a_loadable_adapter(trained, tiny_model_dir):

@@ -18,7 +18,7 @@ from mallows_ray.train.safe_state import load_rng, load_weights_only, save_rng
 def _plan(storage, name="run"):
     return TrainPlan(model_path="m", data_folder="d", has_validation=False, train_rows=8, global_batch_size=4,
                      steps_per_epoch=2, total_steps=4, storage_path=str(storage), run_name=name, export_dir=None,
-                     objectives=[])
+                     objectives=[], dispersion_scale=1.0)
 
 
 # ---- run folders

@@ -140,7 +140,7 @@ def test_plan_step_counts_and_checks(tiny_model_dir, tmp_path):
     from mallows_ray.train.trainer import make_plan
 
     manifest = {"kind": "pairwise", "splits": {"train": {"rows_out": 30}}, "tokenizer_path": str(tiny_model_dir),
-                "tokenizer": mf.tokenizer_fingerprint(tiny_model_dir)}
+                "tokenizer": mf.tokenizer_fingerprint(tiny_model_dir), "dispersion_scale": 0.9}
     data = PreparedData(tmp_path, manifest)
 
     def config(*overrides):

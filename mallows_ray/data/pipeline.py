@@ -6,11 +6,13 @@ the driver holds counts and small aggregates, never a split.
 
     source units (files; a HF dataset is one unit)
       --map_batches(normalise_units)        Ray task per unit --> staging/normalised (rows + rejects)
-      duplicate ids: Ray Data group-by on id;  objective sets, formats: counted on the driver as rows pass
-      --map_batches(finalise_and_tokenize)  Ray tasks --> staging/tokenized; every reject -> rejects.jsonl
-      bad-row gate (from the counts)
-      --map_batches(ReferenceScorer)        actor pool --> <split>/part-NNNNN.parquet (+ .arrow twin)
+      objective sets, formats: counted on the driver as rows pass
+      duplicate ids: a hash group-by on id in Ray tasks (`stages.repeated_ids`), while the actors start
+      --map_batches(TokenizeAndScore)       actor pool: verdicts, tokenize, reference scores
+                                            --> <split>/part-NNNNN.parquet (+ _arrow/ twins);
+                                            every reject -> rejects.jsonl;
                                             sum and histogram of -log Hbar(x) -> c, percentiles
+      bad-row gate (from the counts)
       --> manifest.json (written last: its presence marks a complete cache entry)
 
 s(x) = -c log Hbar(x) is not written: c is in the manifest and readers compute s(x) from each row's Hbar(x)
@@ -48,11 +50,12 @@ from mallows_ray.data import manifest as mf
 from mallows_ray.data.formats import Reject, check_kinds, list_source_files, source_units
 from mallows_ray.data.progress import PrepareProgress
 from mallows_ray.data.rejects import RejectsFile, check_bad_fraction
-from mallows_ray.data.scoring import SCORE_FIELDS, ReferenceScorer
+from mallows_ray.data.scoring import SCORE_FIELDS, TokenizeAndScore
 from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.data.shards import ShardWriter
 from mallows_ray.data.stages import (
-    REJECT_FIELDS, ROW_BITS, STAGED_SCHEMA, TOKENIZED_SCHEMA, SplitVerdicts, finalise_and_tokenize, normalise_units,
+    REJECT_FIELDS, ROW_BITS, STAGED_SCHEMA, TOKENIZED_SCHEMA, normalise_units, read_slices, repeated_ids,
+    split_verdicts,
 )
 from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer
 from mallows_ray.losses import EntropyAggregate
@@ -61,8 +64,12 @@ from mallows_ray.models import resolve_model_path
 # The scored split: tokenized rows (less the staging columns) + the reference's scores.
 SCORED_SCHEMA = pa.schema([f for f in TOKENIZED_SCHEMA if f.name not in {"order", *(r.name for r in REJECT_FIELDS)}]
                           + SCORE_FIELDS)
-STAGING_GROUP_ROWS = 4096  # staging files are read in slices, never at random: large row groups
+STAGING_GROUP_ROWS = 256  # staging row groups: a block of the scoring stage decodes the few that hold it
 PERCENTILES = (5, 25, 50, 75, 95)
+READ_CPUS = 0.1  # the CPU share of a task reading staged rows
+READ_TASKS = 2  # staged-row read tasks at a time
+GROUP_BY_ROWS = 250_000
+MAX_BLOCK_ROWS = 4096  # rows per block of the scoring stage, at most  # ids per partition of the duplicate-id group-by
 
 
 @dataclass(frozen=True)
@@ -178,33 +185,29 @@ def _blocks(dataset) -> Iterator[pa.Table]:
     return dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
 
 
-def _read_slices(slices: pa.Table) -> Iterator[pa.Table]:
-    """Ray Data UDF: rows (file, group, offset, rows) -> those rows of the staging parquet, one table each."""
-    for piece in slices.to_pylist():
-        group = pq.ParquetFile(piece["file"]).read_row_group(piece["group"])
-        yield group.slice(piece["offset"], piece["rows"])
-
-
 def _staged(folder: Path, rows_per_block: int):
     """The rows of a staging folder as a Ray Dataset of blocks of at most `rows_per_block` rows, in stored
-    order (small blocks: every scoring actor gets work, and progress moves block by block)."""
+    order, a read task each: small blocks, so that every scoring actor gets work (Ray Data hands a task's
+    output to one actor) and progress moves block by block."""
     import ray.data
 
     slices = []
     for file in sorted(folder.glob("*.parquet")):
-        metadata = pq.read_metadata(file)
-        for group in range(metadata.num_row_groups):
-            rows = metadata.row_group(group).num_rows
-            slices += [{"file": str(file), "group": group, "offset": offset, "rows": min(rows_per_block, rows - offset)}
-                       for offset in range(0, rows, rows_per_block)]
+        rows = pq.read_metadata(file).num_rows
+        slices += [{"file": str(file), "start": start, "rows": min(rows_per_block, rows - start)}
+                   for start in range(0, rows, rows_per_block)]
+    # a small CPU share: a read task waits on disk and decodes, and whole-CPU readers would keep the actor pool
+    # below its size on a small node (Ray Data reserves each operator a share of the node's CPUs); two at a
+    # time, which keep the pool fed, rather than a process per CPU share starting at once
     return ray.data.from_items(slices, override_num_blocks=len(slices)).map_batches(
-        _read_slices, batch_size=1, batch_format="pyarrow")
+        read_slices, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, concurrency=min(READ_TASKS, len(slices)))
 
 
 def _rows_per_block(rows: int, scoring) -> int:
-    # small blocks: progress moves per block and every actor of the pool gets work; but at most ~2000 blocks,
-    # so huge datasets do not drown the scheduler
-    return max(math.ceil(rows / 2000), min(4 * scoring.batch_size, math.ceil(rows / (4 * scoring.num_actors))), 1)
+    """Rows per block of the scoring stage: about 8 blocks an actor, so that the pool stays balanced (each
+    read task's output goes to one actor) with few tasks (each costs a process's attention on a small node),
+    at least one scoring batch and at most `MAX_BLOCK_ROWS`, so a block's memory stays small."""
+    return max(scoring.batch_size, min(math.ceil(rows / (8 * scoring.num_actors)), MAX_BLOCK_ROWS))
 
 
 @dataclass
@@ -249,94 +252,69 @@ def _read_split(src: str, split_name: str | None, data_cfg, out: Path, progress:
     return read
 
 
-def _duplicate_ids(folder: Path, read: _SplitRead, common_key: str | None) -> dict[str, tuple[int, str]]:
-    """{id: (order, "source:row") of its first use} for every id that more than one kept row uses: a Ray Data
-    group-by over the staged rows (never a dict of all ids on the driver). Rows that the objective check
-    rejects (listwise rows not scoring `common_key`) use no id."""
-    import ray.data
-    from ray.data.aggregate import Count, Min
-    from ray.data.expressions import col
+def _verdicts(folder: Path, read: _SplitRead, configured_objectives: list[str] | None):
+    """The split-wide checks' decisions (the objective set listwise rows must score, repeated ids) as an
+    ObjectRef of `SplitVerdicts`, computed in Ray tasks while the scoring actors start: a hash group-by on id
+    over the staged rows, `GROUP_BY_ROWS` ids a partition (never a dict of all ids on the driver)."""
+    import ray
 
-    if read.kept < 2:
-        return {}
-
-    def survivors(table: pa.Table) -> pa.Table:
-        keep = pc.equal(table.column("reject_reason"), "")
-        if common_key is not None:
-            keep = pc.and_(keep, pc.or_(pc.not_equal(table.column("kind"), "listwise"),
-                                        pc.equal(table.column("objectives_key"), common_key)))
-        return table.filter(keep).select(["id", "order"])
-
-    files = [str(p) for p in sorted(folder.glob("*.parquet"))]
-    ids = ray.data.read_parquet(files).select_columns(["id", "order", "reject_reason", "kind", "objectives_key"])
-    repeated = ids.map_batches(survivors, batch_format="pyarrow").groupby("id").aggregate(
-        Count(alias_name="uses"), Min("order", alias_name="first")).filter(expr=col("uses") > 1)
-    mask = (1 << ROW_BITS) - 1
-    return {row["id"]: (row["first"], f"{read.unit_sources[row['first'] >> ROW_BITS]}:{row['first'] & mask}")
-            for row in repeated.take_all()}
-
-
-def _verdicts(folder: Path, read: _SplitRead, configured_objectives: list[str] | None) -> SplitVerdicts:
-    """The split-wide checks' decisions: the objective set listwise rows must score, repeated ids."""
     counts, common_key = None, None
     if configured_objectives is None and len(read.objectives) > 1:
         counts = [(json.loads(key), n, where) for key, (n, where) in read.objectives.items()]
         common_key = max(read.objectives, key=lambda key: read.objectives[key][0])  # first seen among equals
-    return SplitVerdicts(counts, _duplicate_ids(folder, read, common_key))
+    files = [str(p) for p in sorted(folder.glob("*.parquet"))]
+    partitions = max(1, math.ceil(read.kept / GROUP_BY_ROWS))
+    find = ray.remote(num_cpus=READ_CPUS)(repeated_ids)
+    repeated = [find.remote(files, p, partitions, common_key) for p in range(partitions)]
+    return ray.remote(num_cpus=READ_CPUS)(split_verdicts).remote(counts, read.unit_sources, *repeated)
 
 
-def _tokenize_split(staged: Path, out: Path, verdicts: SplitVerdicts, rows: int, model_path: Path,
-                    limits: LengthLimits, scoring, rejects: RejectsFile, objectives_at: dict,
-                    progress: PrepareProgress) -> int:
-    """Stage 2: split-wide verdicts + tokenization in Ray tasks; kept rows to `out`, every reject (of every
-    stage so far) to `rejects`, in reading order. Returns the number of rejects."""
+def _score_split(staged: Path, out: Path, verdicts, rows: int, config: Config, model_path: Path,
+                 limits: LengthLimits, rejects: RejectsFile, objectives_at: dict,
+                 progress: PrepareProgress) -> dict[str, Any]:
+    """Stage 2: split-wide verdicts, tokenization and reference scoring in the actor pool (`TokenizeAndScore`);
+    kept rows to `out`, the split's final folder, every reject (of every stage so far) to `rejects`, both in
+    reading order. Returns the split's statistics: rows out, rejects, truncation and token counts, the
+    aggregate of its Hbar(x) (for c and the percentiles), its kind."""
+    from ray.data import ActorPoolStrategy
+
+    writer = ShardWriter(out, SCORED_SCHEMA, random_access=True)
+    stats = dict.fromkeys(("rejected", "truncated_prompts", "truncated_responses", "prompt_tokens",
+                           "response_tokens"), 0)
+    entropy, kind = EntropyAggregate(), None
+    if rows == 0:  # nothing read: the gate stops the run ("no usable rows")
+        writer.close()
+        return {"rows_out": 0, **stats, "kind": kind, "entropy": entropy}
+    scoring = config.data.scoring
     dataset = _staged(staged, _rows_per_block(rows, scoring)).map_batches(
-        finalise_and_tokenize, batch_format="pyarrow", batch_size=None,
-        fn_kwargs={"verdicts": verdicts, "tokenizer_path": str(model_path), "limits": limits})
-    writer, rejected = ShardWriter(out, TOKENIZED_SCHEMA, row_group_rows=STAGING_GROUP_ROWS), 0
+        TokenizeAndScore, batch_format="pyarrow", batch_size=scoring.batch_size,
+        compute=ActorPoolStrategy(size=scoring.num_actors),
+        num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
+        fn_constructor_kwargs={
+            "verdicts": [verdicts], "tokenizer_path": str(model_path), "limits": limits,
+            "model_path": str(model_path), "pad_id": cached_tokenizer(str(model_path)).pad_token_id,
+            "dtype": config.model.dtype,
+            "max_chunk_mb": scoring.max_chunk_mb, "share_prompt": config.model.share_prompt,
+            "trust_remote_code": config.model.trust_remote_code,
+        },
+    )
     for block in _blocks(dataset):
         bad = pc.not_equal(block.column("reject_reason"), "")
         kept = block.filter(pc.invert(bad))
         writer.write(kept)
         for row in block.filter(bad).select(["source", "row", "reject_reason", "reject_detail", "reject_raw"]).to_pylist():
             rejects.add(Reject(row["source"], row["row"], row["reject_reason"], row["reject_detail"], row["reject_raw"]))
-            rejected += 1
+            stats["rejected"] += 1
         for names, source, row in zip(*(kept.column(c).to_pylist() for c in ("objectives", "source", "row"))):
             objectives_at.setdefault(tuple(names), f"{source}:{row}")
-        progress.add(tokenized=kept.num_rows)
-    writer.close()
-    return rejected
-
-
-def _score_split(staged: Path, out: Path, rows: int, config: Config, model_path: Path, pad_id: int,
-                 progress: PrepareProgress) -> dict[str, Any]:
-    """Stage 3: reference scoring on the actor pool, written in reading order to `out`, the split's final
-    folder. Returns the split's statistics and the aggregate of its Hbar(x) (for c and the percentiles)."""
-    from ray.data import ActorPoolStrategy
-
-    scoring = config.data.scoring
-    dataset = _staged(staged, _rows_per_block(rows, scoring)).map_batches(
-        ReferenceScorer, batch_format="pyarrow", batch_size=scoring.batch_size,
-        compute=ActorPoolStrategy(size=scoring.num_actors),
-        num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
-        fn_constructor_kwargs={
-            "model_path": str(model_path), "pad_id": pad_id, "dtype": config.model.dtype,
-            "max_chunk_mb": scoring.max_chunk_mb, "share_prompt": config.model.share_prompt,
-            "trust_remote_code": config.model.trust_remote_code,
-        },
-    )
-    writer = ShardWriter(out, SCORED_SCHEMA, random_access=True)
-    stats = dict.fromkeys(("truncated_prompts", "truncated_responses", "prompt_tokens", "response_tokens"), 0)
-    entropy, kind = EntropyAggregate(), None
-    for block in _blocks(dataset):
-        writer.write(block)
-        kind = kind or block.column("kind")[0].as_py()
-        stats["truncated_prompts"] += int(pc.sum(block.column("prompt_truncated")).as_py() or 0)
-        stats["truncated_responses"] += int(pc.sum(pc.list_flatten(block.column("response_truncated"))).as_py() or 0)
-        stats["prompt_tokens"] += int(pc.sum(block.column("prompt_tokens")).as_py() or 0)
-        stats["response_tokens"] += int(pc.sum(pc.list_flatten(block.column("ref_token_counts"))).as_py() or 0)
-        entropy.add(np.array(block.column("hbar"), dtype=np.float64))  # a writable copy: torch reads it
-        progress.add(scored=block.num_rows)
+        if kept.num_rows:
+            kind = kind or kept.column("kind")[0].as_py()
+            stats["truncated_prompts"] += int(pc.sum(kept.column("prompt_truncated")).as_py() or 0)
+            stats["truncated_responses"] += int(pc.sum(pc.list_flatten(kept.column("response_truncated"))).as_py() or 0)
+            stats["prompt_tokens"] += int(pc.sum(kept.column("prompt_tokens")).as_py() or 0)
+            stats["response_tokens"] += int(pc.sum(pc.list_flatten(kept.column("ref_token_counts"))).as_py() or 0)
+            entropy.add(kept.column("hbar").to_numpy())
+        progress.add(scored=kept.num_rows, rejected=block.num_rows - kept.num_rows)
     writer.close()
     return {"rows_out": writer.rows, **stats, "kind": kind, "entropy": entropy}
 
@@ -385,33 +363,25 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
                                        staging / "normalised" / split, progress)
             progress.end_stage()
             check_kinds(reads[split].formats)
-        # 2. split-wide checks, tokenize (Ray tasks); every reject to rejects.jsonl, then the gate
-        rejected, objectives_at = {}, {}
+        # 2. split-wide checks, tokenize and score (the actor pool); every reject to rejects.jsonl
+        scored, objectives_at = {}, {}
         with RejectsFile(rejects_path) as rejects:
             for split, read in reads.items():
-                progress.stage(f"tokenizing {split}", read.rows_in)
+                progress.stage(f"tokenizing and scoring {split} on {data_cfg.scoring.num_actors} actor(s)",
+                               read.rows_in)
                 normalised = staging / "normalised" / split
-                rejected[split] = _tokenize_split(
-                    normalised, staging / "tokenized" / split,
-                    _verdicts(normalised, read, data_cfg.objectives), read.rows_in, model_path, limits,
-                    data_cfg.scoring, rejects, objectives_at, progress) if read.rows_in else 0
+                scored[split] = _score_split(
+                    normalised, folder / split, _verdicts(normalised, read, data_cfg.objectives), read.rows_in,
+                    config, model_path, limits, rejects, objectives_at, progress)
                 progress.end_stage()
-        progress.counts["rejected"] = sum(rejected.values())
+                if scored[split]["rows_out"] + scored[split]["rejected"] != read.rows_in:
+                    raise RuntimeError(f"{split}: {read.rows_in} rows read, but {scored[split]['rows_out']} kept "
+                                       f"and {scored[split]['rejected']} rejected")
+        # 3. the bad-row gate, from the counts
+        rejected = {split: stats.pop("rejected") for split, stats in scored.items()}
         rows_in = {split: read.rows_in for split, read in reads.items()}
         _gate(rejects_path, rejected, rows_in, sources, data_cfg.max_bad_fraction)
         objectives = _shared_objectives(objectives_at)
-
-        # 3. reference scoring on the actor pool
-        pad_id = cached_tokenizer(str(model_path)).pad_token_id
-        scored: dict[str, dict[str, Any]] = {}
-        for split in sources:
-            kept = rows_in[split] - rejected[split]
-            progress.stage(f"scoring {split} with the reference model on {data_cfg.scoring.num_actors} actor(s)", kept)
-            scored[split] = _score_split(staging / "tokenized" / split, folder / split, kept, config,
-                                         model_path, pad_id, progress)
-            progress.end_stage()
-            if scored[split]["rows_out"] != kept:
-                raise RuntimeError(f"{split}: {kept} rows went to scoring and {scored[split]['rows_out']} came back")
 
     # 4. c from train's Hbar(x) (ALGORITHMS 2.3): readers compute s(x) = -c log Hbar(x) from it
     auto = data_cfg.dispersion_scale == "auto"

@@ -1,4 +1,4 @@
-"""The one progress display of `prepare`: rows read, rejected, tokenized and scored so far, the current
+"""The one progress display of `prepare`: rows read, rejected and scored (tokenized with it) so far, the current
 stage's rate and, where its total is known, its ETA. The driver counts the rows as the stream of each stage
 passes through it (it writes them), so the display needs no hook into Ray Data's operators, whose own
 per-operator bars `prepare` turns off.
@@ -20,7 +20,7 @@ def _clock(seconds: float) -> str:
 
 
 class PrepareProgress:
-    COUNTERS = ("read", "rejected", "tokenized", "scored")
+    COUNTERS = ("read", "rejected", "scored")
 
     def __init__(self, stream: TextIO | None = None, interval: float = 10.0):
         self.stream = stream or sys.stdout
@@ -36,7 +36,7 @@ class PrepareProgress:
         self.started = time.perf_counter()
 
     def add(self, **counts: int) -> None:
-        """Rows that passed a counter (read=, rejected=, tokenized=, scored=); the first one given also
+        """Rows that passed a counter (read=, rejected=, scored=); the first one given also
         advances the current stage."""
         for name, n in counts.items():
             self.counts[name] += n

@@ -12,9 +12,11 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from mallows_ray.data.collate import pack_responses
+from mallows_ray.data.stages import finalise_and_tokenize
 from mallows_ray.losses import prompt_mean_entropy
 from mallows_ray.models import load_model, response_stats
 
@@ -78,3 +80,34 @@ class ReferenceScorer:
         for field in SCORE_FIELDS:
             batch = batch.append_column(field, pa.array(scored[field.name], field.type))
         return batch
+
+
+class TokenizeAndScore:
+    """Ray Data class UDF of prepare's actor pool: the split-wide verdicts and tokenization
+    (`stages.finalise_and_tokenize`), then the reference scores of the rows that survive them
+    (`ReferenceScorer`), in one actor, so tokenized rows are never staged and the pool's processes, which
+    load transformers anyway, do the tokenizing too.
+
+    One output row per input row: the scored rows of the batch in their order, then its rejects in theirs,
+    with null score columns (the driver writes the two apart, each in reading order)."""
+
+    def __init__(self, *, verdicts: list, tokenizer_path: str, limits, **scorer_kwargs):
+        """`verdicts`: [ObjectRef of stages.SplitVerdicts], in a list so that Ray starts the actor without
+        waiting for it: the model loads while the split-wide checks finish, and only then is it fetched."""
+        import ray
+
+        self.scorer = ReferenceScorer(**scorer_kwargs)
+        self.finalise = dict(verdicts=ray.get(verdicts[0]), tokenizer_path=tokenizer_path, limits=limits)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tokenized = finalise_and_tokenize(batch, **self.finalise)
+        bad = pc.not_equal(tokenized.column("reject_reason"), "")
+        kept, rejects = tokenized.filter(pc.invert(bad)), tokenized.filter(bad)
+        scored = self.scorer(kept) if kept.num_rows else _with_null_scores(kept)
+        return pa.concat_tables([scored, _with_null_scores(rejects)])
+
+
+def _with_null_scores(table: pa.Table) -> pa.Table:
+    for field in SCORE_FIELDS:
+        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table

@@ -11,10 +11,14 @@ is a row's place in the reading order: the first occurrence of an id is the one 
 from __future__ import annotations
 
 import json
+import zlib
 from collections import Counter
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from mallows_ray.data.formats import (
     NORMALISED_SCHEMA, NormalisedRecord, Reject, SourceUnit, common_objectives, duplicate_reject, iter_unit_rows,
@@ -92,6 +96,57 @@ class SplitVerdicts:
             if order != first_order:
                 rejected = duplicate_reject(out, first_at)
         return rejected
+
+
+def read_slices(slices: pa.Table) -> Iterator[pa.Table]:
+    """Ray Data UDF: rows (file, start, rows) -> those rows of a staging parquet file, decoding only the row
+    groups that hold them."""
+    for piece in slices.to_pylist():
+        reader = pq.ParquetFile(piece["file"])
+        sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        first = int(np.searchsorted(starts, piece["start"], side="right")) - 1
+        last = int(np.searchsorted(starts, piece["start"] + piece["rows"], side="left"))  # exclusive
+        table = reader.read_row_groups(list(range(first, last)))
+        yield table.slice(piece["start"] - int(starts[first]), piece["rows"])
+
+
+def repeated_ids(files: list[str], partition: int, partitions: int, common_key: str | None) -> pa.Table:
+    """Ray task, one per partition of a hash group-by on id: the ids of this partition (crc32(id) % partitions)
+    that more than one surviving staged row uses, with the smallest `order` of each (its first use): columns
+    id, first. Reads the narrow columns of `files` a row group at a time and holds only its partition's ids.
+    Rows already rejected, and listwise rows not scoring `common_key` (the objective check rejects them), use
+    no id."""
+    columns = ["id", "order", "reject_reason", "kind", "objectives_key"]
+    kept = []
+    for file in files:
+        reader = pq.ParquetFile(file)
+        for group in range(reader.num_row_groups):
+            table = reader.read_row_group(group, columns=columns)
+            keep = pc.equal(table.column("reject_reason"), "")
+            if common_key is not None:
+                keep = pc.and_(keep, pc.or_(pc.not_equal(table.column("kind"), "listwise"),
+                                            pc.equal(table.column("objectives_key"), common_key)))
+            table = table.filter(keep).select(["id", "order"])
+            if partitions > 1:
+                mine = [zlib.crc32(i.encode()) % partitions == partition for i in table.column("id").to_pylist()]
+                table = table.filter(pa.array(mine, pa.bool_()))
+            kept.append(table)
+    ids = pa.concat_tables(kept) if kept else pa.table({"id": pa.array([], pa.string()),
+                                                         "order": pa.array([], pa.int64())})
+    uses = ids.group_by("id").aggregate([("order", "count"), ("order", "min")])
+    repeated = uses.filter(pc.greater(uses.column("order_count"), 1))
+    return pa.table({"id": repeated.column("id"), "first": repeated.column("order_min")})
+
+
+def split_verdicts(objective_counts, unit_sources: dict[int, str], *repeated: pa.Table) -> "SplitVerdicts":
+    """Ray task: the SplitVerdicts of a split from the objective counts and every partition's `repeated_ids`
+    (`unit_sources`: unit index -> its source, to name where an id was first used)."""
+    mask = (1 << ROW_BITS) - 1
+    duplicates = {i: (first, f"{unit_sources[first >> ROW_BITS]}:{first & mask}")
+                  for table in repeated for i, first in zip(table.column("id").to_pylist(),
+                                                             table.column("first").to_pylist())}
+    return SplitVerdicts(objective_counts, duplicates)
 
 
 def finalise_and_tokenize(table: pa.Table, *, verdicts: SplitVerdicts, tokenizer_path: str,

@@ -10,7 +10,9 @@ import pytest
 
 from mallows_ray.data.formats import read_normalised, source_units
 from mallows_ray.data.shards import ShardWriter
-from mallows_ray.data.stages import ROW_BITS, SplitVerdicts, finalise_and_tokenize, normalise_units
+from mallows_ray.data.stages import (
+    ROW_BITS, SplitVerdicts, finalise_and_tokenize, normalise_units, read_slices, repeated_ids, split_verdicts,
+)
 from mallows_ray.data.tokenize import LengthLimits
 
 
@@ -68,6 +70,36 @@ def test_split_verdicts_reject_later_uses_of_an_id_and_other_objective_sets(tmp_
     assert out[0]["prompt_tokens"] == len(out[0]["prompt_ids"]) > 0 and out[2]["prompt_ids"] == []
 
 
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_repeated_ids_is_a_hash_group_by_over_the_surviving_rows(tmp_path, partitions):
+    """The duplicate-id check of prepare: every id used by more than one surviving row, with its first use,
+    whatever the number of partitions; rejected rows and listwise rows of another objective set use no id."""
+    kinds = ["pairwise"] * 6 + ["listwise"] * 2
+    table = pa.table({"id": ["a", "b", "a", "c", "b", "a", "d", "d"], "order": [5, 1, 2, 3, 9, 7, 10, 11],
+                      "reject_reason": ["", "", "", "", "", "undecodable", "", ""], "kind": kinds,
+                      "objectives_key": [""] * 6 + ['["help"]', '["warmth"]']})
+    for i, piece in enumerate([table.slice(0, 3), table.slice(3)]):  # two staging files, row groups of 2
+        pq.write_table(piece, tmp_path / f"part-{i:05d}.parquet", row_group_size=2)
+    files = [str(p) for p in sorted(tmp_path.glob("*.parquet"))]
+    found = [repeated_ids(files, p, partitions, common_key='["help"]') for p in range(partitions)]
+    assert sorted((i, first) for t in found for i, first in zip(t.column("id").to_pylist(),
+                                                                 t.column("first").to_pylist())) == [("a", 2), ("b", 1)]
+    assert sum(t.num_rows for t in found) == 2  # each repeated id in exactly one partition
+    verdicts = split_verdicts(None, {0: "f.jsonl"}, *found)
+    assert verdicts.duplicates == {"a": (2, "f.jsonl:2"), "b": (1, "f.jsonl:1")}
+    without_key = repeated_ids(files, 0, 1, common_key=None)  # every listwise row counts: d too
+    assert sorted(without_key.column("id").to_pylist()) == ["a", "b", "d"]
+
+
+def test_read_slices_returns_exactly_the_rows_asked_for(tmp_path):
+    table = pa.table({"id": [f"r{i:02d}" for i in range(23)]})
+    pq.write_table(table, tmp_path / "s.parquet", row_group_size=5)
+    slices = pa.Table.from_pylist([{"file": str(tmp_path / "s.parquet"), "start": start, "rows": rows}
+                                   for start, rows in [(0, 5), (3, 9), (22, 1), (10, 13)]])
+    got = [t.column("id").to_pylist() for t in read_slices(slices)]
+    assert got == [table.column("id").to_pylist()[s:s + n] for s, n in [(0, 5), (3, 9), (22, 1), (10, 13)]]
+
+
 @pytest.mark.parametrize("chunks", [[100], [1, 99], [37, 37, 26]])
 def test_shards_depend_only_on_the_rows_and_their_order(tmp_path, chunks):
     table = pa.table({"id": [f"r{i:03d}" for i in range(100)], "tokens": [[i] * (i % 9) for i in range(100)]})
@@ -100,8 +132,7 @@ def test_the_progress_display_counts_rows_with_rate_and_eta():
     progress.add(scored=4)
     progress.end_stage()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 2 and all(line.startswith("[prepare] scoring train: read 0 | rejected 0 | tokenized 0 | "
-                                                   "scored 4 | ") for line in lines)
+    assert len(lines) == 2 and all(line.startswith("[prepare] scoring train: read 0 | rejected 0 | scored 4 | ") for line in lines)
     assert "| 4/10 | ETA " in lines[-1] and "rows/s" in lines[-1]
     progress.stage("reading and validating train")  # no total: no ETA
     progress.add(read=3, rejected=1)

@@ -10,7 +10,7 @@ in its own process (`python -m benchmarks.scale one <mode> ...`), so its peak RS
                per batch of 8, one parquet file; rows/s and peak RSS
   pipeline N A `prepare` with A scoring actors, timed after Ray is up: the driver's peak RSS, rows/s, and the
                object store's peak use (polled every 0.5 s)
-  front N      the read + validate + tokenise stages of `prepare` alone (stages 1-2; no scoring), driver peak RSS
+  front N      the read + validate + tokenise stages of `prepare` alone (no scoring), driver peak RSS
   reads N W    one epoch of the training workers' read path (`batches.epoch_order` + `ScoredSplit.take` of each
                rank's slices; no model) over the scored split of N rows for W ranks: rows read per rank, and
                the rows/s of those random reads
@@ -134,23 +134,30 @@ def run_pipeline(data: Path, work: Path, model: Path, actors: int) -> dict[str, 
 
 
 def run_front(data: Path, work: Path, model: Path) -> dict[str, Any]:
-    """Stages 1-2 of `prepare` (read + validate in a task per file, split-wide checks, tokenize)."""
+    """The stages of `prepare` before scoring: read + validate in a task per file (the driver writes the
+    staging rows), the duplicate-id group-by in tasks, then the verdicts and tokenization in Ray tasks over
+    the staged rows (what the scoring actors do before scoring), their output counted on the driver."""
+    import ray
+
     from mallows_ray.data import pipeline
     from mallows_ray.data.progress import PrepareProgress
-    from mallows_ray.data.rejects import RejectsFile
+    from mallows_ray.data.stages import finalise_and_tokenize
     from mallows_ray.data.tokenize import LengthLimits
 
     config = _config(data, work, model, 1)
     limits = LengthLimits(LENGTHS["data.max_prompt_length"], LENGTHS["data.max_response_length"])
     pipeline.ensure_ray()
-    progress, staging = PrepareProgress(), work / "front"
+    progress, staged = PrepareProgress(), work / "front" / "normalised"
     start = time.perf_counter()
-    with pipeline._ordered_ray_data(), RejectsFile(work / "rejects.jsonl") as rejects:
-        read = pipeline._read_split(str(data), None, config.data, staging / "normalised", progress)
-        verdicts = pipeline._verdicts(staging / "normalised", read, None)
-        pipeline._tokenize_split(staging / "normalised", staging / "tokenized", verdicts, read.rows_in, model,
-                                 limits, config.data.scoring, rejects, {}, progress)
+    with pipeline._ordered_ray_data():
+        read = pipeline._read_split(str(data), None, config.data, staged, progress)
+        verdicts = ray.get(pipeline._verdicts(staged, read, None))
+        tokenized = pipeline._staged(staged, pipeline._rows_per_block(read.rows_in, config.data.scoring)).map_batches(
+            finalise_and_tokenize, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"verdicts": verdicts, "tokenizer_path": str(model), "limits": limits})
+        rows = sum(block.num_rows for block in pipeline._blocks(tokenized))
     seconds = time.perf_counter() - start
+    assert rows == read.rows_in, (rows, read.rows_in)
     return {"seconds": seconds, "rows_per_second": read.rows_in / seconds}
 
 

@@ -25,6 +25,7 @@ import json
 import random
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -148,6 +149,7 @@ def run_front(data: Path, work: Path, model: Path) -> dict[str, Any]:
     limits = LengthLimits(LENGTHS["data.max_prompt_length"], LENGTHS["data.max_response_length"])
     pipeline.ensure_ray()
     progress, staged = PrepareProgress(), work / "front" / "normalised"
+    shutil.rmtree(work / "front", ignore_errors=True)  # an earlier size's staged rows
     start = time.perf_counter()
     with pipeline._ordered_ray_data():
         read = pipeline._read_split(str(data), None, config.data, staged, progress)

@@ -54,7 +54,7 @@ from mallows_ray.data.scoring import SCORE_FIELDS, TokenizeAndScore
 from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.data.shards import ShardWriter
 from mallows_ray.data.stages import (
-    REJECT_FIELDS, ROW_BITS, STAGED_SCHEMA, TOKENIZED_SCHEMA, normalise_units, read_slices, repeated_ids,
+    REJECT_FIELDS, TOKENIZED_SCHEMA, normalise_units, read_slices, repeated_ids,
     split_verdicts,
 )
 from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer
@@ -64,7 +64,6 @@ from mallows_ray.models import resolve_model_path
 # The scored split: tokenized rows (less the staging columns) + the reference's scores.
 SCORED_SCHEMA = pa.schema([f for f in TOKENIZED_SCHEMA if f.name not in {"order", *(r.name for r in REJECT_FIELDS)}]
                           + SCORE_FIELDS)
-STAGING_GROUP_ROWS = 256  # staging row groups: a block of the scoring stage decodes the few that hold it
 PERCENTILES = (5, 25, 50, 75, 95)
 READ_CPUS = 0.1  # the CPU share of a task reading staged rows
 READ_TASKS = 2  # staged-row read tasks at a time
@@ -222,33 +221,29 @@ class _SplitRead:
 
 
 def _read_split(src: str, split_name: str | None, data_cfg, out: Path, progress: PrepareProgress) -> _SplitRead:
-    """Stage 1: read + normalise every unit of `src` in Ray tasks, written in reading order to `out`."""
+    """Stage 1: read + normalise every unit of `src` in Ray tasks, which write the staged rows to `out`
+    (a file per unit: reading order is file name order); the driver sums their per-block summaries."""
     import ray.data
 
     units = source_units(src, split=split_name)
     items = [{"unit": i, **u._asdict()} for i, u in enumerate(units)]
+    out.mkdir(parents=True)
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         normalise_units, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"fmt": data_cfg.format, "objectives": data_cfg.objectives, "score_fill": data_cfg.score_fill})
-    read, writer = _SplitRead(), ShardWriter(out, STAGED_SCHEMA, row_group_rows=STAGING_GROUP_ROWS)
+        fn_kwargs={"fmt": data_cfg.format, "objectives": data_cfg.objectives, "score_fill": data_cfg.score_fill,
+                   "out_dir": str(out)})
+    read = _SplitRead()
     for block in _blocks(dataset):
-        writer.write(block)
-        units_seen = np.asarray(block.column("order")) >> ROW_BITS
-        for unit, source, fmt in zip(units_seen.tolist(), block.column("source").to_pylist(),
-                                     block.column("format").to_pylist()):
-            if unit not in read.unit_sources:
-                read.unit_sources[unit] = source
-                if fmt is not None:
-                    read.formats[source] = fmt
-        good = block.filter(pc.equal(block.column("reject_reason"), ""))
-        if data_cfg.objectives is None:  # listwise rows must agree on their objectives: count each set
-            listwise = good.filter(pc.equal(good.column("kind"), "listwise"))
-            for key, source, row in zip(*(listwise.column(c).to_pylist() for c in ("objectives_key", "source", "row"))):
-                read.objectives.setdefault(key, [0, f"{source}:{row}"])[0] += 1
-        read.rows_in += block.num_rows
-        read.kept += good.num_rows
-        progress.add(read=block.num_rows, rejected=block.num_rows - good.num_rows)
-    writer.close()
+        for summary in block.to_pylist():
+            read.unit_sources.setdefault(summary["unit"], summary["source"])
+            if summary["format"] is not None:
+                read.formats[summary["source"]] = summary["format"]
+            if data_cfg.objectives is None:  # listwise rows must agree on their objectives: count each set
+                for key, n, where in json.loads(summary["objectives"]):
+                    read.objectives.setdefault(key, [0, where])[0] += n
+            read.rows_in += summary["rows"]
+            read.kept += summary["kept"]
+            progress.add(read=summary["rows"], rejected=summary["rows"] - summary["kept"])
     return read
 
 

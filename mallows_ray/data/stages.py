@@ -43,7 +43,11 @@ TOKENIZED_SCHEMA = pa.schema(list(NORMALISED_SCHEMA) + [
     pa.field("response_truncated", pa.list_(pa.bool_())),
     pa.field("order", pa.int64()),
 ] + REJECT_FIELDS)
-STAGE_BLOCK_ROWS = 1024  # rows per block a unit's task yields: bounded task output, steady progress
+STAGE_BLOCK_ROWS = 1024  # rows per block a unit's task stages: bounded memory per block, steady progress
+STAGING_GROUP_ROWS = 256  # staging row groups: a block of the scoring stage decodes the few that hold it
+UNIT_SUMMARY_SCHEMA = pa.schema([pa.field("unit", pa.int64()), pa.field("source", pa.string()),
+                                 pa.field("format", pa.string()), pa.field("rows", pa.int64()),
+                                 pa.field("kept", pa.int64()), pa.field("objectives", pa.string())])
 
 
 def order_of(unit: int, row: int) -> int:
@@ -59,17 +63,42 @@ def _staged_row(out: NormalisedRecord | Reject, order: int, fmt: str | None) -> 
             "reject_reason": "", "reject_detail": "", "reject_raw": ""}
 
 
-def normalise_units(units: pa.Table, *, fmt: str, objectives: list[str] | None, score_fill: Any) -> Iterator[pa.Table]:
-    """Ray Data UDF: rows `unit` (index), `path`, `name`, `dataset`, `split` -> the staged rows of each unit,
-    in reading order, `STAGE_BLOCK_ROWS` at a time. One unit's rows are held by this task alone (the format
-    vote and the damaged-file rule need all of them), never by the driver."""
+def stage_unit(unit: dict[str, Any], *, fmt: str, objectives: list[str] | None,
+               score_fill: Any) -> Iterator[pa.Table]:
+    """The staged rows of one source unit (`unit`: index, path, name, dataset, split), in reading order,
+    `STAGE_BLOCK_ROWS` at a time. The unit's rows are held by the caller alone (the format vote and the
+    damaged-file rule need all of them)."""
+    rows = list(iter_unit_rows(SourceUnit(unit["path"], unit["name"], unit["dataset"], unit["split"])))
+    unit_fmt, outcomes = normalise_source(rows, fmt, objectives=objectives, score_fill=score_fill)
+    for start in range(0, len(rows), STAGE_BLOCK_ROWS):
+        chunk = zip(rows[start:start + STAGE_BLOCK_ROWS], outcomes[start:start + STAGE_BLOCK_ROWS])
+        yield pa.Table.from_pylist([_staged_row(out, order_of(unit["unit"], raw.row), unit_fmt)
+                                    for raw, out in chunk], schema=STAGED_SCHEMA)
+
+
+def normalise_units(units: pa.Table, *, fmt: str, objectives: list[str] | None, score_fill: Any,
+                    out_dir: str) -> Iterator[pa.Table]:
+    """Ray Data UDF, a task per source unit: its staged rows (`stage_unit`) written by this task to
+    `out_dir/unit-NNNNN.parquet` (row groups of `STAGING_GROUP_ROWS`), and one summary row per block of them
+    for the driver, which never holds the rows: unit, source, format, rows, kept, and `objectives`, the json
+    [[objectives_key, count, first "source:row"], ...] of the block's kept listwise rows in first-seen order."""
     for unit in units.to_pylist():
-        rows = list(iter_unit_rows(SourceUnit(unit["path"], unit["name"], unit["dataset"], unit["split"])))
-        unit_fmt, outcomes = normalise_source(rows, fmt, objectives=objectives, score_fill=score_fill)
-        for start in range(0, len(rows), STAGE_BLOCK_ROWS):
-            chunk = zip(rows[start:start + STAGE_BLOCK_ROWS], outcomes[start:start + STAGE_BLOCK_ROWS])
-            yield pa.Table.from_pylist([_staged_row(out, order_of(unit["unit"], raw.row), unit_fmt)
-                                        for raw, out in chunk], schema=STAGED_SCHEMA)
+        writer = None
+        for block in stage_unit(unit, fmt=fmt, objectives=objectives, score_fill=score_fill):
+            if writer is None:
+                writer = pq.ParquetWriter(f"{out_dir}/unit-{unit['unit']:05d}.parquet", STAGED_SCHEMA)
+            writer.write_table(block, row_group_size=STAGING_GROUP_ROWS)
+            good = block.filter(pc.equal(block.column("reject_reason"), ""))
+            listwise = good.filter(pc.equal(good.column("kind"), "listwise"))
+            counts: dict[str, list] = {}
+            for key, source, row in zip(*(listwise.column(c).to_pylist() for c in ("objectives_key", "source", "row"))):
+                counts.setdefault(key, [key, 0, f"{source}:{row}"])[1] += 1
+            yield pa.Table.from_pylist([{
+                "unit": unit["unit"], "source": block.column("source")[0].as_py(),
+                "format": block.column("format")[0].as_py(), "rows": block.num_rows, "kept": good.num_rows,
+                "objectives": json.dumps(list(counts.values()))}], schema=UNIT_SUMMARY_SCHEMA)
+        if writer is not None:
+            writer.close()
 
 
 class SplitVerdicts:

@@ -24,9 +24,12 @@ def _units(src):
     return pa.Table.from_pylist([{"unit": i, **u._asdict()} for i, u in enumerate(source_units(str(src)))])
 
 
-def _stage1(src, **kwargs):
-    blocks = list(normalise_units(_units(src), fmt="auto", objectives=None, score_fill=None, **kwargs))
-    return pa.concat_tables(blocks)
+def _stage1(src, out_dir):
+    """What stage 1's tasks stage for `src`, read back from the files they write; and their summaries."""
+    out_dir.mkdir()
+    summaries = pa.concat_tables(normalise_units(_units(src), fmt="auto", objectives=None, score_fill=None,
+                                                 out_dir=str(out_dir))).to_pylist()
+    return pa.concat_tables(pq.read_table(f) for f in sorted(out_dir.glob("unit-*.parquet"))), summaries
 
 
 def test_normalise_units_agrees_with_read_normalised_and_keeps_file_and_line(tmp_path):
@@ -34,7 +37,8 @@ def test_normalise_units_agrees_with_read_normalised_and_keeps_file_and_line(tmp
     (tmp_path / "data" / "a.jsonl").write_text("".join(json.dumps(_pair(i)) + "\n" for i in range(3)) + "{bad\n")
     (tmp_path / "data" / "b.jsonl").write_text(json.dumps(_pair(5, chosen="same", rejected="same")) + "\n\n"
                                                + json.dumps(_pair(6)) + "\n")
-    staged = _stage1(tmp_path / "data")
+    staged, summaries = _stage1(tmp_path / "data", tmp_path / "staged")
+    assert [(s["unit"], s["rows"], s["kept"]) for s in summaries] == [(0, 4, 3), (1, 2, 1)]  # a block a unit here
     records, rejects = read_normalised(str(tmp_path / "data"))  # no duplicates or objectives here
     good = staged.filter(pa.compute.equal(staged.column("reject_reason"), "")).to_pylist()
     assert [r["id"] for r in good] == [r["id"] for r in records] == ["a.jsonl:1", "a.jsonl:2", "a.jsonl:3",
@@ -55,8 +59,10 @@ def test_split_verdicts_reject_later_uses_of_an_id_and_other_objective_sets(tmp_
             {"id": "x", "prompt": "q", "responses": ["c", "d"], "scores": {"help": [1, 2]}},
             {"id": "z", "prompt": "q", "responses": ["c", "d"], "scores": {"warmth": [1, 2]}}]
     (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    staged = _stage1(tmp_path / "l.jsonl")
+    staged, summaries = _stage1(tmp_path / "l.jsonl", tmp_path / "staged")
     where = f"{tmp_path / 'l.jsonl'}"
+    # the objective sets of the kept listwise rows, counted with their first use, for the driver to merge
+    assert json.loads(summaries[0]["objectives"]) == [['["help"]', 3, f"{where}:1"], ['["warmth"]', 1, f"{where}:4"]]
     verdicts = SplitVerdicts([(["help"], 3, f"{where}:1"), (["warmth"], 1, f"{where}:4")],
                              {"x": (1, f"{where}:1")})  # what prepare's aggregates decide for this split
     out = finalise_and_tokenize(staged, verdicts=verdicts, tokenizer_path=str(tiny_model_dir),

@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
 # The scored split's layout, part of the cache key: 2 added the prompt_tokens column that training's length
-# grouping reads instead of every row's token ids.
-LAYOUT = 2
+# grouping reads instead of every row's token ids; 3 the Arrow IPC twins in _arrow/ and Hbar(x) in place of a
+# stored s(x) column.
+LAYOUT = 3
 REJECTS_FILE = "rejects.jsonl"
 _REQUIRED = ("files", "splits", "rejects", "kind", "dispersion_scale", "tokenizer")
 _SCORED_COLUMNS = {"prompt_ids", "ref_logps"}  # columns only a prepared (tokenized, scored) split has

@@ -65,6 +65,7 @@ from mallows_ray.models import resolve_model_path
 SCORED_SCHEMA = pa.schema([f for f in TOKENIZED_SCHEMA if f.name not in {"order", *(r.name for r in REJECT_FIELDS)}]
                           + SCORE_FIELDS)
 PERCENTILES = (5, 25, 50, 75, 95)
+REJECT_COLUMNS = ("source", "row", "reject_reason", "reject_detail", "reject_raw")  # a Reject's fields, in order
 READ_CPUS = 0.1  # the CPU share of a task reading staged rows
 READ_TASKS = 2  # staged-row read tasks at a time
 GROUP_BY_ROWS = 250_000  # ids per partition of the duplicate-id group-by
@@ -201,7 +202,8 @@ def _staged(folder: Path, rows_per_block: int):
     # below its size on a small node (Ray Data reserves each operator a share of the node's CPUs); two at a
     # time, which keep the pool fed, rather than a process per CPU share starting at once
     return ray.data.from_items(slices, override_num_blocks=len(slices)).map_batches(
-        read_slices, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, concurrency=min(READ_TASKS, len(slices)))
+        read_slices, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+        concurrency=min(READ_TASKS, len(slices)))
 
 
 def _rows_per_block(rows: int, scoring) -> int:
@@ -299,8 +301,8 @@ def _score_split(staged: Path, out: Path, verdicts, rows: int, config: Config, m
         bad = pc.not_equal(block.column("reject_reason"), "")
         kept = block.filter(pc.invert(bad))
         writer.write(kept)
-        for row in block.filter(bad).select(["source", "row", "reject_reason", "reject_detail", "reject_raw"]).to_pylist():
-            rejects.add(Reject(row["source"], row["row"], row["reject_reason"], row["reject_detail"], row["reject_raw"]))
+        for row in block.filter(bad).select(list(REJECT_COLUMNS)).to_pylist():
+            rejects.add(Reject(*(row[c] for c in REJECT_COLUMNS)))
             stats["rejected"] += 1
         for names, source, row in zip(*(kept.column(c).to_pylist() for c in ("objectives", "source", "row"))):
             objectives_at.setdefault(tuple(names), f"{source}:{row}")

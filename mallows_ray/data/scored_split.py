@@ -53,7 +53,8 @@ class ScoredSplit:
             reader = pa.ipc.open_file(pa.memory_map(str(path)))
             self._batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
         sizes = [batch.num_rows for batch in self._batches]
-        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # [G + 1]: first row of each batch, then N
+        # [G + 1]: the first row of each batch, then N
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         names = set(self._batches[0].schema.names) if self._batches else set()
         missing = [c for c in [*columns, *LENGTH_COLUMNS] if c not in names]
         if self._batches and missing:

@@ -117,7 +117,8 @@ def test_shards_depend_only_on_the_rows_and_their_order(tmp_path, chunks):
     files = writer.close()
     assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(len(files))] and len(files) > 1
     assert pa.concat_tables(pq.read_table(f) for f in files).equals(table)
-    groups = [pq.read_metadata(f).row_group(g).num_rows for f in files for g in range(pq.read_metadata(f).num_row_groups)]
+    groups = [pq.read_metadata(f).row_group(g).num_rows
+              for f in files for g in range(pq.read_metadata(f).num_row_groups)]
     assert groups == [16] * 6 + [4]
     reference = tmp_path / "reference"
     if not reference.exists():
@@ -138,7 +139,8 @@ def test_the_progress_display_counts_rows_with_rate_and_eta():
     progress.add(scored=4)
     progress.end_stage()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 2 and all(line.startswith("[prepare] scoring train: read 0 | rejected 0 | scored 4 | ") for line in lines)
+    assert len(lines) == 2
+    assert all(line.startswith("[prepare] scoring train: read 0 | rejected 0 | scored 4 | ") for line in lines)
     assert "| 4/10 | ETA " in lines[-1] and "rows/s" in lines[-1]
     progress.stage("reading and validating train")  # no total: no ETA
     progress.add(read=3, rejected=1)

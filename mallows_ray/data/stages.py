@@ -1,6 +1,7 @@
-"""The row-level stages of the prepare graph, run in Ray tasks: read + normalise one source unit, and the
-checks that need the whole split (objective sets, duplicate ids: decided from streamed aggregates) followed
-by tokenization.
+"""The row-level stages of the prepare graph: read + normalise one source unit (a Ray task each), the
+duplicate-id group-by (Ray tasks), reading staged rows back in slices, and the checks that need the whole
+split (objective sets, duplicate ids: decided from streamed aggregates) followed by tokenization (in the
+scoring actors, `scoring.TokenizeAndScore`).
 
 Every stage keeps one output row per input row: a rejected row stays in the stream as a row with
 `reject_reason` set (and its source, row, detail and raw excerpt), so rows in = rows kept + rejects holds at

@@ -6,8 +6,8 @@
 The model is `models.build_tiny_model` (2 layers, hidden 64, byte-level tokenizer), the pairs synthetic (four
 jsonl files, varied lengths), so the figures are about the data plane, not the model. Each measurement runs
 in its own process (`python -m benchmarks.scale one <mode> ...`), so its peak RSS (VmHWM) is its own:
-  plain N      the in-process loop without Ray: `read_normalised`, then `tokenize_batch` + `ReferenceScorer`
-               per batch of 8, one parquet file; rows/s and peak RSS
+  plain N      the in-process loop without Ray: `read_normalised`, then `tokenize_batch` + the
+               `ReferenceScorer`'s columns per batch of 8, one parquet file; rows/s and peak RSS
   pipeline N A `prepare` with A scoring actors, timed after Ray is up: the driver's peak RSS, rows/s, and the
                object store's peak use (polled every 0.5 s)
   front N      the read + validate + tokenise stages of `prepare` alone (no scoring), driver peak RSS
@@ -104,7 +104,7 @@ def run_plain(data: Path, work: Path, model: Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from mallows_ray.data.formats import read_normalised
-    from mallows_ray.data.scoring import ReferenceScorer
+    from mallows_ray.data.scoring import SCORE_FIELDS, ReferenceScorer
     from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer, tokenize_batch
 
     limits = LengthLimits(LENGTHS["data.max_prompt_length"], LENGTHS["data.max_response_length"])
@@ -115,7 +115,10 @@ def run_plain(data: Path, work: Path, model: Path) -> dict[str, Any]:
     for i in range(0, len(records), 8):
         rows = [r for r in tokenize_batch(records[i:i + 8], tokenizer_path=str(model), limits=limits)
                 if not r["reject_reason"]]
-        tables.append(scorer(pa.Table.from_pylist(rows)))
+        table = pa.Table.from_pylist(rows)
+        for field, column in zip(SCORE_FIELDS, scorer.score_columns(rows, 8)):
+            table = table.append_column(field, column)
+        tables.append(table)
     pq.write_table(pa.concat_tables(tables), work / "plain.parquet")
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "rows_per_second": (len(records) + len(rejects)) / seconds}
@@ -134,15 +137,26 @@ def run_pipeline(data: Path, work: Path, model: Path, actors: int) -> dict[str, 
             "folder": str(Path(manifest["rejects"]["file"]).parent)}
 
 
+def _tokenize_slices(pieces, *, verdicts, tokenizer_path: str, limits):
+    """Ray Data UDF of `front`: what a scoring actor does to a slice before scoring it."""
+    import pyarrow as pa
+
+    from mallows_ray.data.stages import TOKENIZED_SCHEMA, finalise_and_tokenize, read_slice
+
+    return pa.concat_tables(pa.Table.from_pylist(
+        finalise_and_tokenize(read_slice(**piece), verdicts=verdicts, tokenizer_path=tokenizer_path, limits=limits),
+        schema=TOKENIZED_SCHEMA) for piece in pieces.to_pylist())
+
+
 def run_front(data: Path, work: Path, model: Path) -> dict[str, Any]:
-    """The stages of `prepare` before scoring: read + validate in a task per file (the driver writes the
-    staging rows), the duplicate-id group-by in tasks, then the verdicts and tokenization in Ray tasks over
-    the staged rows (what the scoring actors do before scoring), their output counted on the driver."""
+    """The stages of `prepare` before scoring: read + validate in a task per file (which writes the staging
+    rows), the duplicate-id group-by in tasks, then the verdicts and tokenization of each slice of the staged
+    rows (what the scoring actors do before scoring) in Ray tasks, their output counted on the driver."""
     import ray
+    import ray.data
 
     from mallows_ray.data import pipeline
     from mallows_ray.data.progress import PrepareProgress
-    from mallows_ray.data.stages import finalise_and_tokenize
     from mallows_ray.data.tokenize import LengthLimits
 
     config = _config(data, work, model, 1)
@@ -154,8 +168,9 @@ def run_front(data: Path, work: Path, model: Path) -> dict[str, Any]:
     with pipeline._ordered_ray_data():
         read = pipeline._read_split(str(data), None, config.data, staged, progress)
         verdicts = ray.get(pipeline._verdicts(staged, read, None))
-        tokenized = pipeline._staged(staged, pipeline._rows_per_block(read.rows_in, config.data.scoring)).map_batches(
-            finalise_and_tokenize, batch_format="pyarrow", batch_size=None,
+        slices = pipeline._slices(staged, pipeline._rows_per_block(read.rows_in, config.data.scoring))
+        tokenized = ray.data.from_items(slices, override_num_blocks=len(slices)).map_batches(
+            _tokenize_slices, batch_size=1, batch_format="pyarrow",
             fn_kwargs={"verdicts": verdicts, "tokenizer_path": str(model), "limits": limits})
         rows = sum(block.num_rows for block in pipeline._blocks(tokenized))
     seconds = time.perf_counter() - start

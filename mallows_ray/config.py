@@ -90,7 +90,9 @@ class ScoringConfig:
     """The reference-model actor pool of the data pipeline."""
 
     num_actors: int = bounded(1, 1)
-    num_cpus_per_actor: float = bounded(0.5, 0.0)  # fractional on purpose: whole-CPU actors starve Ray Data's readers on 2 cores
+    # fractional on purpose: the actors start with prepare, before the read tasks, and start early only when
+    # they leave those a CPU (whole-CPU actors on a 2-core node would not: they then start after reading)
+    num_cpus_per_actor: float = bounded(0.5, 0.0)
     num_gpus_per_actor: float = bounded(0.0, 0.0)
     batch_size: int = bounded(8, 1)  # prompts per scoring batch (all responses of a prompt are scored together)
     max_chunk_mb: int = bounded(64, 1)  # bound on one float32 [tokens, vocab] logits chunk

@@ -7,8 +7,9 @@ the driver holds counts and small aggregates, never a split.
     source units (files; a HF dataset is one unit)
       --map_batches(normalise_units)        Ray task per unit --> staging/normalised (rows + rejects)
       objective sets, formats: counted on the driver as rows pass
-      duplicate ids: a hash group-by on id in Ray tasks (`stages.repeated_ids`), while the actors start
-      --map_batches(TokenizeAndScore)       actor pool: verdicts, tokenize, reference scores
+      duplicate ids: a hash group-by on id in Ray tasks (`stages.repeated_ids`)
+      slices of the staged rows -> ScoringPool  actors started with prepare (they load the model while
+                                            stage 1 runs): verdicts, tokenize, reference scores
                                             --> <split>/part-NNNNN.parquet (+ _arrow/ twins);
                                             every reject -> rejects.jsonl;
                                             sum and histogram of -log Hbar(x) -> c, percentiles
@@ -19,9 +20,9 @@ s(x) = -c log Hbar(x) is not written: c is in the manifest and readers compute s
 (`scored_split.py`), so calibrating c costs no second pass over the data.
 
 Every reject keeps its file and line (jsonl) or row (parquet, HF datasets); rows in = rows out + rejected,
-per split. Ray Data runs with `preserve_order`, so the output is the reading order (files in sorted path
-order, then their rows), cut into size-bounded files: the same content and files whatever the number of
-actors or the order they finish in. Nothing is dropped without a line in rejects.jsonl, which is always
+per split. Ray Data runs with `preserve_order` and the pool returns slices in order, so the output is the
+reading order (files in sorted path order, then their rows), cut into size-bounded files: the same content
+and files whatever the number of actors or the order they finish in. Nothing is dropped without a line in rejects.jsonl, which is always
 written (empty when no row is rejected), and `_gate` is the one place rejects are gated. A reused cache
 entry is checked against its manifest (sizes, SHA-256) and rebuilt when damaged, and its recorded counts go
 through the bad-row gate again: `max_bad_fraction` is not part of the cache key.
@@ -34,7 +35,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,14 +51,12 @@ from mallows_ray.data import manifest as mf
 from mallows_ray.data.formats import Reject, check_kinds, list_source_files, source_units
 from mallows_ray.data.progress import PrepareProgress
 from mallows_ray.data.rejects import RejectsFile, check_bad_fraction
-from mallows_ray.data.scoring import SCORE_FIELDS, TokenizeAndScore
 from mallows_ray.data.scored_split import ScoredSplit
+from mallows_ray.data.scoring import SCORE_FIELDS
+from mallows_ray.data.scoring_pool import ScoringPool
 from mallows_ray.data.shards import ShardWriter
-from mallows_ray.data.stages import (
-    REJECT_FIELDS, TOKENIZED_SCHEMA, normalise_units, read_slices, repeated_ids,
-    split_verdicts,
-)
-from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer
+from mallows_ray.data.stages import REJECT_FIELDS, TOKENIZED_SCHEMA, normalise_units, repeated_ids, split_verdicts
+from mallows_ray.data.tokenize import LengthLimits
 from mallows_ray.losses import EntropyAggregate
 from mallows_ray.models import resolve_model_path
 
@@ -66,10 +65,8 @@ SCORED_SCHEMA = pa.schema([f for f in TOKENIZED_SCHEMA if f.name not in {"order"
                           + SCORE_FIELDS)
 PERCENTILES = (5, 25, 50, 75, 95)
 REJECT_COLUMNS = ("source", "row", "reject_reason", "reject_detail", "reject_raw")  # a Reject's fields, in order
-READ_CPUS = 0.1  # the CPU share of a task reading staged rows
-READ_TASKS = 2  # staged-row read tasks at a time
 GROUP_BY_ROWS = 250_000  # ids per partition of the duplicate-id group-by
-# rows per block of the scoring stage, at most: the driver's memory grows with the blocks in flight (4096-row
+# rows per slice of the scoring stage, at most: the driver's memory grows with the slices in flight (4096-row
 # blocks took its peak from 0.56 GB at 10k rows to 0.79 GB at 100k; 1024-row blocks, 0.62 GB)
 MAX_BLOCK_ROWS = 1024
 
@@ -187,29 +184,17 @@ def _blocks(dataset) -> Iterator[pa.Table]:
     return dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
 
 
-def _staged(folder: Path, rows_per_block: int):
-    """The rows of a staging folder as a Ray Dataset of blocks of at most `rows_per_block` rows, in stored
-    order, a read task each: small blocks, so that every scoring actor gets work (Ray Data hands a task's
-    output to one actor) and progress moves block by block."""
-    import ray.data
-
-    slices = []
-    for file in sorted(folder.glob("*.parquet")):
-        rows = pq.read_metadata(file).num_rows
-        slices += [{"file": str(file), "start": start, "rows": min(rows_per_block, rows - start)}
-                   for start in range(0, rows, rows_per_block)]
-    # a small CPU share: a read task waits on disk and decodes, and whole-CPU readers would keep the actor pool
-    # below its size on a small node (Ray Data reserves each operator a share of the node's CPUs); two at a
-    # time, which keep the pool fed, rather than a process per CPU share starting at once
-    return ray.data.from_items(slices, override_num_blocks=len(slices)).map_batches(
-        read_slices, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-        concurrency=min(READ_TASKS, len(slices)))
+def _slices(folder: Path, rows_per_block: int) -> list[dict[str, Any]]:
+    """The rows of a staging folder as slices {file, start, rows} of at most `rows_per_block` rows, in stored
+    order: the scoring pool's units of work."""
+    return [{"file": str(file), "start": start, "rows": min(rows_per_block, rows - start)}
+            for file in sorted(folder.glob("*.parquet"))
+            for rows in [pq.read_metadata(file).num_rows] for start in range(0, rows, rows_per_block)]
 
 
 def _rows_per_block(rows: int, scoring) -> int:
-    """Rows per block of the scoring stage: about 8 blocks an actor, so that the pool stays balanced (each
-    read task's output goes to one actor) with few tasks (each costs a process's attention on a small node),
-    at least one scoring batch and at most `MAX_BLOCK_ROWS`, so a block's memory stays small."""
+    """Rows per slice of the scoring stage: about 8 slices an actor, so that the pool stays balanced to the end
+    with few calls, at least one scoring batch and at most `MAX_BLOCK_ROWS`, so a slice's memory stays small."""
     return max(scoring.batch_size, min(math.ceil(rows / (8 * scoring.num_actors)), MAX_BLOCK_ROWS))
 
 
@@ -253,8 +238,9 @@ def _read_split(src: str, split_name: str | None, data_cfg, out: Path, progress:
 
 def _verdicts(folder: Path, read: _SplitRead, configured_objectives: list[str] | None):
     """The split-wide checks' decisions (the objective set listwise rows must score, repeated ids) as an
-    ObjectRef of `SplitVerdicts`, computed in Ray tasks while the scoring actors start: a hash group-by on id
-    over the staged rows, `GROUP_BY_ROWS` ids a partition (never a dict of all ids on the driver)."""
+    ObjectRef of `SplitVerdicts`, computed in Ray tasks: a hash group-by on id over the staged rows,
+    `GROUP_BY_ROWS` ids a partition (never a dict of all ids on the driver). The tasks ask for no CPU: they
+    read narrow columns, and the scoring actors, which may hold every CPU, wait for them."""
     import ray
 
     counts, common_key = None, None
@@ -263,20 +249,17 @@ def _verdicts(folder: Path, read: _SplitRead, configured_objectives: list[str] |
         common_key = max(read.objectives, key=lambda key: read.objectives[key][0])  # first seen among equals
     files = [str(p) for p in sorted(folder.glob("*.parquet"))]
     partitions = max(1, math.ceil(read.kept / GROUP_BY_ROWS))
-    find = ray.remote(num_cpus=READ_CPUS)(repeated_ids)
+    find = ray.remote(num_cpus=0)(repeated_ids)
     repeated = [find.remote(files, p, partitions, common_key) for p in range(partitions)]
-    return ray.remote(num_cpus=READ_CPUS)(split_verdicts).remote(counts, read.unit_sources, *repeated)
+    return ray.remote(num_cpus=0)(split_verdicts).remote(counts, read.unit_sources, *repeated)
 
 
-def _score_split(staged: Path, out: Path, verdicts, rows: int, config: Config, model_path: Path,
-                 limits: LengthLimits, rejects: RejectsFile, objectives_at: dict,
-                 progress: PrepareProgress) -> dict[str, Any]:
-    """Stage 2: split-wide verdicts, tokenization and reference scoring in the actor pool (`TokenizeAndScore`);
-    kept rows to `out`, the split's final folder, every reject (of every stage so far) to `rejects`, both in
-    reading order. Returns the split's statistics: rows out, rejects, truncation and token counts, the
-    aggregate of its Hbar(x) (for c and the percentiles), its kind."""
-    from ray.data import ActorPoolStrategy
-
+def _score_split(staged: Path, out: Path, verdicts, rows: int, pool: ScoringPool, scoring,
+                 rejects: RejectsFile, objectives_at: dict, progress: PrepareProgress) -> dict[str, Any]:
+    """Stage 2: split-wide verdicts, tokenization and reference scoring in the actor pool; kept rows to `out`,
+    the split's final folder, every reject (of every stage so far) to `rejects`, both in reading order.
+    Returns the split's statistics: rows out, rejects, truncation and token counts, the aggregate of its
+    Hbar(x) (for c and the percentiles), its kind."""
     writer = ShardWriter(out, SCORED_SCHEMA, random_access=True)
     stats = dict.fromkeys(("rejected", "truncated_prompts", "truncated_responses", "prompt_tokens",
                            "response_tokens"), 0)
@@ -284,20 +267,7 @@ def _score_split(staged: Path, out: Path, verdicts, rows: int, config: Config, m
     if rows == 0:  # nothing read: the gate stops the run ("no usable rows")
         writer.close()
         return {"rows_out": 0, **stats, "kind": kind, "entropy": entropy}
-    scoring = config.data.scoring
-    dataset = _staged(staged, _rows_per_block(rows, scoring)).map_batches(
-        TokenizeAndScore, batch_format="pyarrow", batch_size=scoring.batch_size,
-        compute=ActorPoolStrategy(size=scoring.num_actors),
-        num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
-        fn_constructor_kwargs={
-            "verdicts": [verdicts], "tokenizer_path": str(model_path), "limits": limits,
-            "model_path": str(model_path), "pad_id": cached_tokenizer(str(model_path)).pad_token_id,
-            "dtype": config.model.dtype,
-            "max_chunk_mb": scoring.max_chunk_mb, "share_prompt": config.model.share_prompt,
-            "trust_remote_code": config.model.trust_remote_code,
-        },
-    )
-    for block in _blocks(dataset):
+    for block in pool.map(_slices(staged, _rows_per_block(rows, scoring)), verdicts):
         bad = pc.not_equal(block.column("reject_reason"), "")
         kept = block.filter(pc.invert(bad))
         writer.write(kept)
@@ -316,6 +286,23 @@ def _score_split(staged: Path, out: Path, verdicts, rows: int, config: Config, m
         progress.add(scored=kept.num_rows, rejected=block.num_rows - kept.num_rows)
     writer.close()
     return {"rows_out": writer.rows, **stats, "kind": kind, "entropy": entropy}
+
+
+def _leaves_a_cpu(scoring) -> bool:
+    """Whether the scoring actors leave the cluster a CPU for other tasks."""
+    import ray
+
+    return scoring.num_actors * scoring.num_cpus_per_actor + 1 <= ray.cluster_resources().get("CPU", 0)
+
+
+def _scoring_pool(config: Config, model_path: Path, limits: LengthLimits) -> ScoringPool:
+    scoring = config.data.scoring
+    return ScoringPool(
+        scoring.num_actors, num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
+        tokenizer_path=str(model_path), limits=limits, batch_size=scoring.batch_size, model_path=str(model_path),
+        dtype=config.model.dtype,
+        max_chunk_mb=scoring.max_chunk_mb, share_prompt=config.model.share_prompt,
+        trust_remote_code=config.model.trust_remote_code)
 
 
 def prepare(config: Config, *, address: str | None = None, force: bool = False) -> PreparedData:
@@ -353,7 +340,11 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
     limits = LengthLimits(data_cfg.max_prompt_length, data_cfg.max_response_length, data_cfg.max_length)
     staging, rejects_path = folder / "staging", folder / mf.REJECTS_FILE
     progress = PrepareProgress()
-    with _ordered_ray_data():
+    with _ordered_ray_data(), ExitStack() as stack:
+        # the scoring actors start now, to load the model while the data is read, when they leave a CPU for the
+        # read tasks (whole-CPU actors filling a small node would leave none: those start after stage 1)
+        start_pool = lambda: stack.enter_context(_scoring_pool(config, model_path, limits))  # noqa: E731
+        pool = start_pool() if _leaves_a_cpu(data_cfg.scoring) else None
         # 1. read + normalise (a Ray task per file)
         reads: dict[str, _SplitRead] = {}
         for split, src in sources.items():
@@ -364,6 +355,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
             check_kinds(reads[split].formats)
         # 2. split-wide checks, tokenize and score (the actor pool); every reject to rejects.jsonl
         scored, objectives_at = {}, {}
+        pool = pool or start_pool()
         with RejectsFile(rejects_path) as rejects:
             for split, read in reads.items():
                 progress.stage(f"tokenizing and scoring {split} on {data_cfg.scoring.num_actors} actor(s)",
@@ -371,7 +363,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
                 normalised = staging / "normalised" / split
                 scored[split] = _score_split(
                     normalised, folder / split, _verdicts(normalised, read, data_cfg.objectives), read.rows_in,
-                    config, model_path, limits, rejects, objectives_at, progress)
+                    pool, data_cfg.scoring, rejects, objectives_at, progress)
                 progress.end_stage()
                 if scored[split]["rows_out"] + scored[split]["rejected"] != read.rows_in:
                     raise RuntimeError(f"{split}: {read.rows_in} rows read, but {scored[split]['rows_out']} kept "

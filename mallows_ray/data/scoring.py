@@ -3,20 +3,18 @@
 Per response y it emits the reference log-prob sum ref(y), the sum ref_l(y) over its first l tokens (l = the
 token count of the prompt's shortest reply: LD-DPO's min(n(y_w), n(y_l)) for a pair), the token count n(y)
 and the mean normalised entropy Hbar(y); per prompt the mean Hbar(x) over its responses. These become dataset columns, so the
-reference model never sits in a training worker's memory.
+reference model never sits in a training worker's memory. `scoring_pool.py` runs it in prepare's actors.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from mallows_ray.data.collate import pack_responses
-from mallows_ray.data.stages import finalise_and_tokenize
 from mallows_ray.losses import prompt_mean_entropy
 from mallows_ray.models import load_model, response_stats
 
@@ -57,10 +55,7 @@ def score_responses(
 
 
 class ReferenceScorer:
-    """Ray Data class UDF: loads the reference model once per actor, then scores batches of prompts.
-
-    Used as `ds.map_batches(ReferenceScorer, batch_format="pyarrow", compute=ActorPoolStrategy(size=n), fn_constructor_kwargs=...)`.
-    """
+    """The frozen reference model of one process (a scoring actor, or a plain loop), scoring tokenized rows."""
 
     def __init__(self, model_path: str, *, pad_id: int, dtype: str = "auto", max_chunk_mb: int = 64,
                  share_prompt: bool = True, trust_remote_code: bool = False):
@@ -71,43 +66,19 @@ class ReferenceScorer:
         self.max_chunk_bytes = max_chunk_mb * 2**20
         self.share_prompt = share_prompt
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        # pyarrow batches keep the nested columns (messages, [N][len] token ids) exactly as they are
-        scored = score_responses(
-            self.model, batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist(),
-            pad_id=self.pad_id, max_chunk_bytes=self.max_chunk_bytes, share_prompt=self.share_prompt,
-        )
-        for field in SCORE_FIELDS:
-            batch = batch.append_column(field, pa.array(scored[field.name], field.type))
-        return batch
-
-
-class TokenizeAndScore:
-    """Ray Data class UDF of prepare's actor pool: the split-wide verdicts and tokenization
-    (`stages.finalise_and_tokenize`), then the reference scores of the rows that survive them
-    (`ReferenceScorer`), in one actor, so tokenized rows are never staged and the pool's processes, which
-    load transformers anyway, do the tokenizing too.
-
-    One output row per input row: the scored rows of the batch in their order, then its rejects in theirs,
-    with null score columns (the driver writes the two apart, each in reading order)."""
-
-    def __init__(self, *, verdicts: list, tokenizer_path: str, limits, **scorer_kwargs):
-        """`verdicts`: [ObjectRef of stages.SplitVerdicts], in a list so that Ray starts the actor without
-        waiting for it: the model loads while the split-wide checks finish, and only then is it fetched."""
-        import ray
-
-        self.scorer = ReferenceScorer(**scorer_kwargs)
-        self.finalise = dict(verdicts=ray.get(verdicts[0]), tokenizer_path=tokenizer_path, limits=limits)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tokenized = finalise_and_tokenize(batch, **self.finalise)
-        bad = pc.not_equal(tokenized.column("reject_reason"), "")
-        kept, rejects = tokenized.filter(pc.invert(bad)), tokenized.filter(bad)
-        scored = self.scorer(kept) if kept.num_rows else _with_null_scores(kept)
-        return pa.concat_tables([scored, _with_null_scores(rejects)])
-
-
-def _with_null_scores(table: pa.Table) -> pa.Table:
-    for field in SCORE_FIELDS:
-        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    return table
+    def score_columns(self, rows: Sequence[dict[str, Any]], batch_size: int) -> list[pa.Array]:
+        """The SCORE_FIELDS columns of tokenized `rows` (dicts with prompt_ids, response_ids, reject_reason),
+        in their order, scoring `batch_size` prompts per forward: null on the rows that are rejects. The token
+        ids are read from the Python rows tokenization made, never converted back from Arrow."""
+        kept = [i for i, row in enumerate(rows) if not row["reject_reason"]]
+        values: dict[str, list] = {f.name: [None] * len(rows) for f in SCORE_FIELDS}
+        for start in range(0, len(kept), batch_size):
+            batch = kept[start:start + batch_size]
+            scored = score_responses(
+                self.model, [rows[i]["prompt_ids"] for i in batch], [rows[i]["response_ids"] for i in batch],
+                pad_id=self.pad_id, max_chunk_bytes=self.max_chunk_bytes, share_prompt=self.share_prompt,
+            )
+            for name, column in scored.items():
+                for i, value in zip(batch, column):
+                    values[name][i] = value
+        return [pa.array(values[f.name], f.type) for f in SCORE_FIELDS]

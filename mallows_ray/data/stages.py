@@ -1,7 +1,7 @@
 """The row-level stages of the prepare graph: read + normalise one source unit (a Ray task each), the
 duplicate-id group-by (Ray tasks), reading staged rows back in slices, and the checks that need the whole
 split (objective sets, duplicate ids: decided from streamed aggregates) followed by tokenization (in the
-scoring actors, `scoring.TokenizeAndScore`).
+scoring actors, `scoring_pool.ScoringActor`).
 
 Every stage keeps one output row per input row: a rejected row stays in the stream as a row with
 `reject_reason` set (and its source, row, detail and raw excerpt), so rows in = rows kept + rejects holds at
@@ -128,17 +128,14 @@ class SplitVerdicts:
         return rejected
 
 
-def read_slices(slices: pa.Table) -> Iterator[pa.Table]:
-    """Ray Data UDF: rows (file, start, rows) -> those rows of a staging parquet file, decoding only the row
-    groups that hold them."""
-    for piece in slices.to_pylist():
-        reader = pq.ParquetFile(piece["file"])
-        sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        first = int(np.searchsorted(starts, piece["start"], side="right")) - 1
-        last = int(np.searchsorted(starts, piece["start"] + piece["rows"], side="left"))  # exclusive
-        table = reader.read_row_groups(list(range(first, last)))
-        yield table.slice(piece["start"] - int(starts[first]), piece["rows"])
+def read_slice(file: str, start: int, rows: int) -> pa.Table:
+    """Rows [start, start + rows) of a staging parquet file, decoding only the row groups that hold them."""
+    reader = pq.ParquetFile(file)
+    sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    first = int(np.searchsorted(starts, start, side="right")) - 1
+    last = int(np.searchsorted(starts, start + rows, side="left"))  # exclusive
+    return reader.read_row_groups(list(range(first, last))).slice(start - int(starts[first]), rows)
 
 
 def repeated_ids(files: list[str], partition: int, partitions: int, common_key: str | None) -> pa.Table:
@@ -180,9 +177,11 @@ def split_verdicts(objective_counts, unit_sources: dict[int, str], *repeated: pa
 
 
 def finalise_and_tokenize(table: pa.Table, *, verdicts: SplitVerdicts, tokenizer_path: str,
-                          limits: LengthLimits) -> pa.Table:
-    """Ray Data UDF: staged rows -> the split-wide verdicts applied, the surviving rows tokenized (a prompt
-    too long, or responses identical once truncated, become rejects too); one output row per input row."""
+                          limits: LengthLimits) -> list[dict[str, Any]]:
+    """Staged rows -> the split-wide verdicts applied, the surviving rows tokenized (a prompt too long, or
+    responses identical once truncated, become rejects too): one row (a dict of `TOKENIZED_SCHEMA`'s fields)
+    per input row, in order. Python rows, so that scoring reads the token ids without a round trip through
+    Arrow."""
     rows = table.to_pylist()
     verdict = verdicts.objective_verdict()
     kept = []
@@ -201,4 +200,4 @@ def finalise_and_tokenize(table: pa.Table, *, verdicts: SplitVerdicts, tokenizer
         if row["reject_reason"]:
             row.update(prompt_ids=[], response_ids=[], prompt_tokens=0, prompt_truncated=False,
                        response_truncated=[])
-    return pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
+    return rows

@@ -11,7 +11,7 @@ import pytest
 from mallows_ray.data.formats import read_normalised, source_units
 from mallows_ray.data.shards import ShardWriter
 from mallows_ray.data.stages import (
-    ROW_BITS, SplitVerdicts, finalise_and_tokenize, normalise_units, read_slices, repeated_ids, split_verdicts,
+    ROW_BITS, SplitVerdicts, finalise_and_tokenize, normalise_units, read_slice, repeated_ids, split_verdicts,
 )
 from mallows_ray.data.tokenize import LengthLimits
 
@@ -66,7 +66,7 @@ def test_split_verdicts_reject_later_uses_of_an_id_and_other_objective_sets(tmp_
     verdicts = SplitVerdicts([(["help"], 3, f"{where}:1"), (["warmth"], 1, f"{where}:4")],
                              {"x": (1, f"{where}:1")})  # what prepare's aggregates decide for this split
     out = finalise_and_tokenize(staged, verdicts=verdicts, tokenizer_path=str(tiny_model_dir),
-                                limits=LengthLimits(32, 16)).to_pylist()
+                                limits=LengthLimits(32, 16))
     assert [r["reject_reason"] for r in out] == ["", "", "duplicate_id", "missing_field"]
     assert out[2]["reject_detail"] == f"id 'x' is already used by {where}:1"
     assert "scores has no objective 'help'" in out[3]["reject_detail"]
@@ -97,12 +97,11 @@ def test_repeated_ids_is_a_hash_group_by_over_the_surviving_rows(tmp_path, parti
     assert sorted(without_key.column("id").to_pylist()) == ["a", "b", "d"]
 
 
-def test_read_slices_returns_exactly_the_rows_asked_for(tmp_path):
+def test_read_slice_returns_exactly_the_rows_asked_for(tmp_path):
     table = pa.table({"id": [f"r{i:02d}" for i in range(23)]})
     pq.write_table(table, tmp_path / "s.parquet", row_group_size=5)
-    slices = pa.Table.from_pylist([{"file": str(tmp_path / "s.parquet"), "start": start, "rows": rows}
-                                   for start, rows in [(0, 5), (3, 9), (22, 1), (10, 13)]])
-    got = [t.column("id").to_pylist() for t in read_slices(slices)]
+    got = [read_slice(str(tmp_path / "s.parquet"), start, rows).column("id").to_pylist()
+           for start, rows in [(0, 5), (3, 9), (22, 1), (10, 13)]]
     assert got == [table.column("id").to_pylist()[s:s + n] for s, n in [(0, 5), (3, 9), (22, 1), (10, 13)]]
 
 

@@ -15,7 +15,9 @@ in its own process (`python -m benchmarks.scale one <mode> ...`), so its peak RS
                rank's slices; no model) over the scored split of N rows for W ranks: rows read per rank, and
                the rows/s of those random reads
 Targets: driver peak RSS at 100k rows <= 1.25 x at 10k; rows read per rank per epoch <= 1.05 x rows / W; the
-pipeline at 10k rows >= 0.8 x the plain loop's rows/s.
+pipeline at 10k rows >= 0.8 x the plain loop's rows/s. That ratio is taken from the medians of `--repeats`
+alternating rounds (plain, then pipeline with 2 actors) at the smallest size: a single 10k-row plain loop varied
+from 14.8 to 18.2 s on the same idle machine.
 """
 
 from __future__ import annotations
@@ -226,9 +228,23 @@ def measure(work: Path, *flags: str) -> dict[str, Any]:
     return result
 
 
+def rounds(results: dict[str, dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Every round of a measurement: `key`, then `key`_r1, `key`_r2, ..."""
+    return [results[k] for k in [key, *sorted(k for k in results if k.startswith(f"{key}_r"))] if k in results]
+
+
+def median_round(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median rows/s (the lower middle of an even count), as the table shows it."""
+    return sorted(found, key=lambda r: r["rows_per_second"])[(len(found) - 1) // 2]
+
+
 def render(results: dict[str, dict[str, Any]], sizes: list[int], front: list[int], load: tuple[str, str],
            invocation: str) -> str:
     small, large = sizes[0], sizes[-1]
+    plain_rounds, pipe_rounds = rounds(results, f"plain{small}"), rounds(results, f"pipe2_{small}")
+    repeated = len(plain_rounds) > 1
+    results = {**results, **{key: median_round(found) for key, found in
+                             ((f"plain{small}", plain_rounds), (f"pipe2_{small}", pipe_rounds)) if found}}
     lines = ["## Scale (issue 18)", "", f"`{invocation}` — tiny model (`models.build_tiny_model`), synthetic pairs "
              f"in {FILES} jsonl files; load average before / after: {load[0]} / {load[1]}.", "",
              "| measurement | " + " | ".join(f"{n} rows" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
@@ -251,7 +267,13 @@ def render(results: dict[str, dict[str, Any]], sizes: list[int], front: list[int
         checks.append(f"driver peak RSS {large} / {small} rows = {ratio:.2f} (target <= 1.25)")
     if f"plain{small}" in results and f"pipe2_{small}" in results:
         ratio = results[f"pipe2_{small}"]["rows_per_second"] / results[f"plain{small}"]["rows_per_second"]
-        checks.append(f"pipeline (2 actors) / plain loop rows/s at {small} rows = {ratio:.2f} (target >= 0.8)")
+        checks.append(f"pipeline (2 actors) / plain loop rows/s at {small} rows = {ratio:.2f} (target >= 0.8)"
+                      + (" (medians)" if repeated else ""))
+    if repeated:
+        rates = lambda found: " / ".join(f"{r['rows_per_second']:.0f}" for r in found)  # noqa: E731
+        checks.append(f"rounds at {small} rows (plain, then pipeline, alternating): plain {rates(plain_rounds)} "
+                      f"rows/s; pipeline (2 actors) {rates(pipe_rounds)} rows/s; ratio per round " + " / ".join(
+                          f"{b['rows_per_second'] / a['rows_per_second']:.2f}" for a, b in zip(plain_rounds, pipe_rounds)))
     for n in sizes:
         if f"reads{n}" in results:
             r = results[f"reads{n}"]
@@ -282,6 +304,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--front-rows", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
                         help="sizes at which to time stages 1-2 (read, validate, tokenise) alone")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of plain + pipeline (2 actors) at the smallest --rows size (ratio of medians)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
     if args.command == "one":
@@ -303,6 +327,10 @@ def main() -> None:
             results[f"pipe2_{n}"] = measure(work, "pipeline", f"--rows={n}", "--actors=2")
             results[f"reads{n}"] = measure(work, "reads", f"--rows={n}", "--world=2",
                                            f"--folder={results[f'pipe2_{n}']['folder']}")
+        small = args.rows[0]
+        for r in range(1, args.repeats):
+            results[f"plain{small}_r{r}"] = measure(work, "plain", f"--rows={small}")
+            results[f"pipe2_{small}_r{r}"] = measure(work, "pipeline", f"--rows={small}", "--actors=2")
         for n in args.front_rows:
             results[f"front{n}"] = measure(work, "front", f"--rows={n}")
     invocation = "python -m benchmarks.scale " + shlex.join(sys.argv[1:])

@@ -23,9 +23,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_workload_args(parser)
     parser.add_argument("--share-prompt", type=int, choices=[0, 1], default=1, help="model.share_prompt")
+    parser.add_argument("--pack", type=int, choices=[0, 1], default=0, help="model.pack")
     args = parser.parse_args()
     workload = workload_from_args(args)
-    share = bool(args.share_prompt)
+    share, pack = bool(args.share_prompt), bool(args.pack)
     quiet_libraries()
     set_threads(workload.threads)
 
@@ -61,7 +62,7 @@ def main() -> None:
         start_row = (step * mb) % len(rows)
         batch_rows = (rows + rows)[start_row:start_row + mb]
         t0, c0 = time.perf_counter(), time.process_time()
-        batch = collate(batch_rows, tokenizer.pad_token_id, with_scores=False, share_prompt=share)
+        batch = collate(batch_rows, tokenizer.pad_token_id, with_scores=False, share_prompt=share, pack=pack)
         loss = forward_loss(policy, batch, loss_fn, listwise=False).losses.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -74,7 +75,7 @@ def main() -> None:
             tokens.append(batch.tokens)
             model_tokens.append(batch.packed.model_tokens)
     emit({
-        "framework": "mallows_ray", "mode": "reference precomputed" + (", shared prompt" if share else ""),
+        "framework": "mallows_ray", "mode": "reference precomputed" + (", shared prompt" if share else "") + (", packed" if pack else ""),
         "step_seconds": seconds, "step_cpu_seconds": cpu_seconds, "step_tokens": tokens,
         "step_model_tokens": model_tokens, "model_tokens_per_s": sum(model_tokens) / sum(seconds),
         "median_model_tokens_per_s": median([t / s for t, s in zip(model_tokens, seconds)]),

@@ -81,6 +81,9 @@ class ModelConfig:
     # Run each prompt once for all its responses (one row, attention masked per response; data/collate.py)
     # in scoring, training and evaluation; false: one row per response. Same log-probs within rounding.
     share_prompt: bool = True
+    # Lay a micro-batch's prompts (with their responses) end to end in one row, without the padding between
+    # rows; attention stays within each prompt's segments, positions restart per prompt (data/collate.py)
+    pack: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
 

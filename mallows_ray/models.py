@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from mallows_ray.config import CACHE_ROOT, EMBEDDED_MODEL
+from mallows_ray.data.collate import SEGMENT_BITS
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -118,16 +119,19 @@ def build_tiny_model(folder: str | Path, *, hidden_size: int = 64, layers: int =
 
 def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, attn_implementation: str,
                        dtype: torch.dtype) -> torch.Tensor:
-    """[rows, T] segments (data/collate.py: 0 shared prefix, i + 1 response i) -> the [rows, 1, T, T] mask in
-    the form the model's attention takes (sdpa: bool, True = attend; eager: additive float).
+    """[rows, T] segment ids (data/collate.py: group << SEGMENT_BITS | segment, segment 0 the shared prefix,
+    i + 1 response i) -> the [rows, 1, T, T] mask in the form the model's attention takes (sdpa: bool,
+    True = attend; eager: additive float).
 
-    Query q sees key k <= q when k is real and in the prefix or in q's own segment. Padding queries see
-    themselves, so no softmax row is empty: an all-masked row gives NaN, and NaN * 0 still poisons the
-    weight gradients through the padding positions.
+    Query q sees key k <= q when k is real, in q's group, and in the prefix or in q's own segment. Padding
+    queries see themselves, so no softmax row is empty: an all-masked row gives NaN, and NaN * 0 still
+    poisons the weight gradients through the padding positions.
     """
     t = segment_ids.shape[1]
+    group, segment = segment_ids >> SEGMENT_BITS, segment_ids & ((1 << SEGMENT_BITS) - 1)      # [rows, T]
     causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()            # [T, T]
-    same = (segment_ids[:, None, :] == 0) | (segment_ids[:, None, :] == segment_ids[:, :, None])  # [rows, Tq, Tk]
+    same = (group[:, None, :] == group[:, :, None]) & (
+        (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))           # [rows, Tq, Tk]
     allowed = causal & same & attention_mask.bool()[:, None, :]
     allowed |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
     if attn_implementation == "sdpa":
@@ -135,8 +139,8 @@ def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, 
     if attn_implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
             ~allowed, torch.finfo(dtype).min)[:, None]
-    raise ValueError(f"model.share_prompt needs the 'sdpa' or 'eager' attention implementation (a custom 4D "
-                     f"mask); this model uses {attn_implementation!r}: set model.share_prompt=false")
+    raise ValueError(f"model.share_prompt and model.pack need the 'sdpa' or 'eager' attention implementation (a "
+                     f"custom 4D mask); this model uses {attn_implementation!r}: set both to false")
 
 
 def response_stats(model, *, input_ids, attention_mask, labels, owner, num_responses: int, position_ids=None,

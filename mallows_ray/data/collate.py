@@ -17,7 +17,13 @@ Two layouts, the same log-probs (within float rounding; tests/unit/test_collate.
   instead of N times: for pairs with a prompt as long as a response, 1/4 fewer tokens; listwise N = 4,
   more. The model side turns `segment_ids` into the 4D attention mask (`models.shared_prompt_mask`).
 
-In both, `labels[row, t]` is the token that `hidden[row, t]` predicts (already shifted), IGNORE on prompt and
+Either layout can also be **packed** (`pack=True`): the rows of the micro-batch's prompts laid end to end in
+one row, without padding between them. A token attends only within its own row of the unpacked layout (a
+group): `segment_ids` carry the group in their high bits (`SEGMENT_BITS`) and the segment in the low ones, and
+positions restart in every group, so every hidden state is again the unpacked one's. Padding between rows
+is gone (a micro-batch's prompts differ in length); the price is a [T, T] attention mask over the whole row.
+
+In all, `labels[row, t]` is the token that `hidden[row, t]` predicts (already shifted), IGNORE on prompt and
 padding positions, so the first response token and the EOS are both scored (ALGORITHMS 2.3), and
 `owner[row, t]` says which response r in [0, R) a labelled position belongs to (prompt-major order).
 """
@@ -30,6 +36,7 @@ from typing import Sequence
 import torch
 
 IGNORE = -100
+SEGMENT_BITS = 16  # segment_ids = group << SEGMENT_BITS | segment (group: a row of the unpacked layout)
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,9 @@ class PackedResponses:
     attention_mask: torch.Tensor        # [rows, T] long: 1 on real tokens, 0 on padding
     labels: torch.Tensor                # [rows, T] long, IGNORE outside responses
     owner: torch.Tensor                 # [rows, T] long: response index r of each labelled position, -1 elsewhere
-    position_ids: torch.Tensor | None   # [rows, T] long (shared prompt); None: 0..T-1 per row
-    segment_ids: torch.Tensor | None    # [rows, T] long (shared prompt): 0 prefix, i + 1 response i, -1 padding
+    position_ids: torch.Tensor | None   # [rows, T] long (shared prompt, packed); None: 0..T-1 per row
+    segment_ids: torch.Tensor | None    # [rows, T] long (shared prompt, packed): group << SEGMENT_BITS | segment,
+                                        # segment 0 prefix (all of a per-response row), i + 1 response i; -1 padding
     prompt_index: torch.Tensor          # [R] long: which prompt of the batch each response belongs to
     response_counts: list[int]          # N_p per prompt; with a common N, response p * N + i is response i of p
     token_counts: torch.Tensor          # [R] long: n(y), labelled tokens per response
@@ -86,9 +94,10 @@ class PackedResponses:
 
 def pack_responses(
     prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[Sequence[int]]], pad_id: int, *,
-    share_prompt: bool = False,
+    share_prompt: bool = False, pack: bool = False,
 ) -> PackedResponses:
-    """Rows of B prompts and their responses in the per-response or the shared-prompt layout (module doc)."""
+    """Rows of B prompts and their responses in the per-response or the shared-prompt layout, packed into one
+    row with `pack` (module doc)."""
     if any(len(prompt) == 0 for prompt in prompt_ids):
         raise ValueError("an empty prompt cannot predict the first response token")
     # one entry per row: its tokens, labels, owners, and (shared layout) positions and segments
@@ -113,8 +122,11 @@ def pack_responses(
                 tokens = prompt + list(response)
                 labels = [IGNORE] * (len(prompt) - 1) + list(response) + [IGNORE]
                 owners = [-1] * (len(prompt) - 1) + [r] * len(response) + [-1]
-                rows.append((tokens, labels, owners, [], []))
+                rows.append((tokens, labels, owners, list(range(len(tokens))), [0] * len(tokens)))
                 r += 1
+    if pack:  # every row end to end, its segments tagged with its group
+        rows = [tuple([value for row in rows for value in row[column]] for column in range(4))
+                + ([g << SEGMENT_BITS | segment for g, row in enumerate(rows) for segment in row[4]],)]
     width = max(len(tokens) for tokens, *_ in rows)
 
     def padded(column: int, fill: int) -> torch.Tensor:
@@ -123,7 +135,8 @@ def pack_responses(
     attention_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t, *_ in rows], dtype=torch.long)
     return PackedResponses(
         input_ids=padded(0, pad_id), attention_mask=attention_mask, labels=padded(1, IGNORE), owner=padded(2, -1),
-        position_ids=padded(3, 0) if share_prompt else None, segment_ids=padded(4, -1) if share_prompt else None,
+        position_ids=padded(3, 0) if share_prompt or pack else None,
+        segment_ids=padded(4, -1) if share_prompt or pack else None,
         prompt_index=torch.tensor([p for p, resps in enumerate(response_ids) for _ in resps], dtype=torch.long),
         response_counts=[len(resps) for resps in response_ids],
         token_counts=torch.tensor([len(resp) for resps in response_ids for resp in resps], dtype=torch.long),

@@ -301,7 +301,7 @@ def _scoring_pool(config: Config, model_path: Path, limits: LengthLimits) -> Sco
         scoring.num_actors, num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
         tokenizer_path=str(model_path), limits=limits, batch_size=scoring.batch_size, model_path=str(model_path),
         dtype=config.model.dtype,
-        max_chunk_mb=scoring.max_chunk_mb, share_prompt=config.model.share_prompt,
+        max_chunk_mb=scoring.max_chunk_mb, share_prompt=config.model.share_prompt, pack=config.model.pack,
         trust_remote_code=config.model.trust_remote_code)
 
 

@@ -39,11 +39,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 @torch.no_grad()
 def score_responses(
     model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[Sequence[int]]], *,
-    pad_id: int, max_chunk_bytes: int, share_prompt: bool = False,
+    pad_id: int, max_chunk_bytes: int, share_prompt: bool = False, pack: bool = False,
 ) -> dict[str, list[np.ndarray] | np.ndarray]:
     """Reference statistics for a batch of prompts; per-prompt lists have one entry per response."""
     device = next(model.parameters()).device
-    packed = pack_responses(prompt_ids, response_ids, pad_id, share_prompt=share_prompt).to(device)
+    packed = pack_responses(prompt_ids, response_ids, pad_id, share_prompt=share_prompt, pack=pack).to(device)
     stats = response_stats(model, **packed.model_inputs(with_prefix=True), with_entropy=True,
                            max_chunk_bytes=max_chunk_bytes)
     logps = [t.float().cpu().numpy() for t in packed.split(stats.logp_sum)]
@@ -58,13 +58,13 @@ class ReferenceScorer:
     """The frozen reference model of one process (a scoring actor, or a plain loop), scoring tokenized rows."""
 
     def __init__(self, model_path: str, *, pad_id: int, dtype: str = "auto", max_chunk_mb: int = 64,
-                 share_prompt: bool = True, trust_remote_code: bool = False):
+                 share_prompt: bool = True, pack: bool = False, trust_remote_code: bool = False):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(model_path, pick_dtype(dtype, self.device), trust_remote_code=trust_remote_code)
         self.model = model.to(self.device).eval()
         self.pad_id = pad_id
         self.max_chunk_bytes = max_chunk_mb * 2**20
-        self.share_prompt = share_prompt
+        self.share_prompt, self.pack = share_prompt, pack
 
     def score_columns(self, rows: Sequence[dict[str, Any]], batch_size: int) -> list[pa.Array]:
         """The SCORE_FIELDS columns of tokenized `rows` (dicts with prompt_ids, response_ids, reject_reason),
@@ -77,6 +77,7 @@ class ReferenceScorer:
             scored = score_responses(
                 self.model, [rows[i]["prompt_ids"] for i in batch], [rows[i]["response_ids"] for i in batch],
                 pad_id=self.pad_id, max_chunk_bytes=self.max_chunk_bytes, share_prompt=self.share_prompt,
+                pack=self.pack,
             )
             for name, column in scored.items():
                 for i, value in zip(batch, column):

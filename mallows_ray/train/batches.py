@@ -163,11 +163,12 @@ class Batch:
                      self.reference_logps.to(device), self.dispersion.to(device), scores, lambdas, shared, groups)
 
 
-def collate(rows: list[Row], pad_id: int, *, with_scores: bool, share_prompt: bool = False) -> Batch:
+def collate(rows: list[Row], pad_id: int, *, with_scores: bool, share_prompt: bool = False,
+            pack: bool = False) -> Batch:
     """Tensors of one micro-batch from scored-data rows (columns id, prompt_ids, response_ids, ref_logps,
     dispersion; with `with_scores`, scores [K][N] the `lambda` [K] that `conditioning.Conditioner` gave, and the
     groups of rows with one id, a prompt's vertex copies).
-    `share_prompt`: pack each prompt once with all its responses (data/collate.py)."""
+    `share_prompt`: each prompt once with all its responses; `pack`: every prompt in one row (data/collate.py)."""
     counts = [len(row["response_ids"]) for row in rows]
     width = max(counts)
     mask = torch.tensor([[i < n for i in range(width)] for n in counts])                   # [B, N]
@@ -187,7 +188,7 @@ def collate(rows: list[Row], pad_id: int, *, with_scores: bool, share_prompt: bo
     return Batch(
         ids=[row["id"] for row in rows],
         packed=pack_responses([row["prompt_ids"] for row in rows], [row["response_ids"] for row in rows], pad_id,
-                              share_prompt=share_prompt),
+                              share_prompt=share_prompt, pack=pack),
         slots=mask.flatten().nonzero()[:, 0],  # prompt-major packing = row-major order of the mask's True cells
         response_mask=mask,
         reference_logps=reference,

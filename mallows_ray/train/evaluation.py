@@ -16,7 +16,7 @@ from mallows_ray.train.objective import forward_loss, policy_outputs
 
 
 def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[list[Row]], *, rank: int, world: int,
-                  pad_id: int, loss_fn, listwise: bool, target_tau: float = 1.0, share_prompt: bool = False,
+                  pad_id: int, loss_fn, listwise: bool, target_tau: float = 1.0, share_prompt: bool = False, pack: bool = False,
                   device: torch.device | None = None, with_ld: bool = False,
                   transform: Callable[[list[Row]], list[Row]] | None = None) -> dict[str, float]:
     """Metrics (as `MetricSums.reduce`) of `model` over every row of `global_batches`; rank r runs its
@@ -28,7 +28,7 @@ def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[l
             rows, count = eval_slice(global_rows, rank, world)  # every rank runs the same number of forwards
             if transform is not None:
                 rows = transform(rows)
-            batch = collate(rows, pad_id, with_scores=listwise, share_prompt=share_prompt)
+            batch = collate(rows, pad_id, with_scores=listwise, share_prompt=share_prompt, pack=pack)
             if device is not None:
                 batch = batch.to(device)
             out = forward_loss(model, batch, loss_fn, listwise, target_tau, with_ld)
@@ -75,7 +75,7 @@ def evaluate_export(config, model_dir: str, *, split: str = "validation", lambda
     batches = lambda: [rows[i:i + batch] for i in range(0, len(rows), batch)]  # noqa: E731
     common = dict(rank=0, world=1, pad_id=tokenizer.pad_token_id, loss_fn=config.loss.build(),
                   listwise=config.loss.listwise, target_tau=config.lambdas.target_tau,
-                  share_prompt=config.model.share_prompt, with_ld=config.loss.uses_ld)
+                  share_prompt=config.model.share_prompt, pack=config.model.pack, with_ld=config.loss.uses_ld)
     if not common["listwise"]:
         return {"pairwise": evaluate_rows(policy, batches(), **common)}
     objectives = prepared.manifest.get("objectives") or []

@@ -126,7 +126,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
               "params/local_fraction_min": local_min, "params/local_fraction_max": local_max}
     seed_everything(config.run.seed + 1 + rank)  # distinct dropout streams per rank from here on
     common = dict(rank=rank, world=world, pad_id=tokenizer.pad_token_id, loss_fn=loss_fn, listwise=listwise,
-                  target_tau=lambda_cfg.target_tau, share_prompt=config.model.share_prompt,
+                  target_tau=lambda_cfg.target_tau, share_prompt=config.model.share_prompt, pack=config.model.pack,
                   device=engine.device, with_ld=config.loss.uses_ld)  # evaluation settings
 
     # ---- data: each rank reads its rows of the scored parquet itself (data/scored_split.py; the driver
@@ -183,7 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                                      copies=lambda_cfg.vertex_copies)
             for micro_rows in micro_batches(rows, micro * copies):       # `accumulation` micro-batches
                 batch = collate(micro_rows, tokenizer.pad_token_id, with_scores=listwise,
-                                share_prompt=config.model.share_prompt).to(engine.device)
+                                share_prompt=config.model.share_prompt, pack=config.model.pack).to(engine.device)
                 out = forward_loss(engine, batch, loss_fn, listwise, lambda_cfg.target_tau,
                                    config.loss.uses_ld)  # out.losses [B]
                 engine.backward(out.losses.mean())  # DeepSpeed divides by `accumulation`; ranks are averaged

@@ -1,8 +1,9 @@
-"""The shared-prompt layout gives the per-response layout's log-probs, entropies and gradients.
+"""The shared-prompt and packed layouts give the per-response layout's log-probs, entropies and gradients.
 
-Each prompt runs once with all its responses behind it (data/collate.py); the attention mask keeps every
-response blind to the others, so a real (tiny) Llama must produce the same per-response statistics as one
-row per response, under both attention implementations the mask is built for.
+Each prompt runs once with all its responses behind it, and packing lays every prompt's rows end to end in one
+row (data/collate.py); the attention mask keeps every response blind to the others and every prompt blind to
+the others, so a real (tiny) Llama must produce the same per-response statistics as one padded row per
+response, under both attention implementations the mask is built for.
 """
 
 import pytest
@@ -33,29 +34,48 @@ def batch_of_prompts(seed: int = 0):
     return prompts, responses
 
 
+def statistics_and_gradients(model, prompts, responses, **layout):
+    model.zero_grad(set_to_none=True)
+    packed = pack_responses(prompts, responses, pad_id=0, **layout)
+    stats = response_stats(model, **packed.model_inputs(), with_entropy=True)
+    weights = torch.linspace(-1.0, 2.0, packed.num_responses)  # any downstream use of the sums
+    (stats.logp_sum * weights).sum().backward()
+    return stats, {name: p.grad.clone() for name, p in model.named_parameters()}, packed
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_same_statistics_and_gradients_as_one_row_per_response(attn_implementation):
+@pytest.mark.parametrize("share, pack", [(True, False), (False, True), (True, True)])
+def test_same_statistics_and_gradients_as_one_row_per_response(attn_implementation, share, pack):
     model = tiny_llama(attn_implementation)
     prompts, responses = batch_of_prompts()
-    results = {}
-    for share in (False, True):
-        model.zero_grad(set_to_none=True)
-        packed = pack_responses(prompts, responses, pad_id=0, share_prompt=share)
-        stats = response_stats(model, **packed.model_inputs(), with_entropy=True)
-        weights = torch.linspace(-1.0, 2.0, packed.num_responses)  # any downstream use of the sums
-        (stats.logp_sum * weights).sum().backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        results[share] = (stats, grads, packed)
-    (plain, plain_grads, plain_packed), (shared, shared_grads, shared_packed) = results[False], results[True]
-    assert shared_packed.input_ids.shape[0] == len(prompts) < plain_packed.input_ids.shape[0]
-    assert shared_packed.model_tokens < plain_packed.model_tokens
-    assert torch.equal(shared.token_count, plain.token_count)
-    assert torch.allclose(shared.logp_sum, plain.logp_sum, atol=TOLERANCE)
-    assert torch.allclose(shared.mean_entropy, plain.mean_entropy, atol=TOLERANCE)
+    plain, plain_grads, plain_packed = statistics_and_gradients(model, prompts, responses)
+    other, other_grads, other_packed = statistics_and_gradients(model, prompts, responses, share_prompt=share,
+                                                                pack=pack)
+    assert other_packed.input_ids.shape[0] == (1 if pack else len(prompts)) < plain_packed.input_ids.shape[0]
+    assert other_packed.model_tokens < plain_packed.model_tokens if share else \
+        other_packed.model_tokens == plain_packed.model_tokens
+    if pack:  # no padding at all
+        assert other_packed.input_ids.numel() == other_packed.model_tokens
+    assert torch.equal(other.token_count, plain.token_count)
+    assert torch.allclose(other.logp_sum, plain.logp_sum, atol=TOLERANCE)
+    assert torch.allclose(other.mean_entropy, plain.mean_entropy, atol=TOLERANCE)
     assert plain.logp_sum.std() > 1.0  # the responses really differ: a mix-up between them would show
     for name, grad in plain_grads.items():
-        assert torch.isfinite(shared_grads[name]).all(), name
-        assert torch.allclose(shared_grads[name], grad, atol=TOLERANCE), name
+        assert torch.isfinite(other_grads[name]).all(), name
+        assert torch.allclose(other_grads[name], grad, atol=TOLERANCE), name
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_packed_prompt_cannot_see_the_others(share):
+    """Changing one prompt of a packed row changes no other prompt's log-probs."""
+    model = tiny_llama("sdpa")
+    prompts, responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[[20, 21], [22]], [[23], [24, 25]], [[26], [27]]]
+    stats = lambda: response_stats(model, **pack_responses(prompts, responses, 0, share_prompt=share,  # noqa: E731
+                                                           pack=True).model_inputs(), with_entropy=False).logp_sum
+    before = stats()
+    prompts[1] = [30, 31, 32]
+    after = stats()
+    assert torch.equal(before[[0, 1, 4, 5]], after[[0, 1, 4, 5]]) and (before[2:4] != after[2:4]).all()
 
 
 def test_a_response_cannot_see_its_siblings():
@@ -74,5 +94,5 @@ def test_attention_without_a_custom_mask_is_refused_with_the_fix():
     model = tiny_llama("sdpa")
     model.config._attn_implementation = "flash_attention_2"
     packed = pack_responses([[5, 6]], [[[7], [8]]], pad_id=0, share_prompt=True)
-    with pytest.raises(ValueError, match="model.share_prompt=false"):
+    with pytest.raises(ValueError, match="model.share_prompt and model.pack need"):
         response_stats(model, **packed.model_inputs(), with_entropy=False)

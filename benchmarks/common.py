@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
-HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test-1800.jsonl.gz"
+HH_FILE = Path(os.environ.get("MALLOWS_RAY_HH_FILE")
+               or REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test-1800.jsonl.gz")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,33 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
 
 def workload_flags(workload: Workload) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in asdict(workload).items()]
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype` of a measurement: fp32 on the CPU (the tables), bf16 on a GPU (gpu_check.py)."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued kernels, so a wall-clock interval covers the work it times."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def peak_gpu_mib() -> float | None:
+    """The process's peak allocated GPU memory (MiB); None where no GPU was used."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
+
+
+def achieved_flops(result: dict[str, Any], tokens_key: str) -> float:
+    """A step measurement's achieved FLOP/s: (6 + 2 x reference forwards per step) x parameters x tokens/s
+    (forward + backward of the policy, a forward of the reference), on the tokens `tokens_key` counts."""
+    return (6 + 2 * result["reference_forwards_per_step"]) * result["parameters"] * result[tokens_key]
 
 
 def set_threads(n: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from benchmarks.common import Workload
+from benchmarks.common import Workload, achieved_flops
 
 # Why a row can miss its target, from what each side computes and from profiles of the step on an idle
 # 2-core machine (stage times in benchmarks/README.md). Printed only for rows that miss.
@@ -118,8 +118,7 @@ def rows(m: Measurements) -> list[Row]:
         result = m.results.get(name)
         achieved = None
         if result is not None and result.get(key) is not None:
-            flops_per_token = (6 + 2 * result["reference_forwards_per_step"]) * result["parameters"]
-            achieved = flops_per_token * result[key]
+            achieved = achieved_flops(result, key)
         gflops = lambda a, b: f"{a / 1e9:.1f} of {b / 1e9:.1f} GFLOP/s"  # noqa: E731
         row = _ratio_row(f"2. achieved / fp32 matmul peak, {label}", achieved, peak, target,
                          (lambda r: r >= 0.6) if target.startswith(">=") else None, CAUSES["mfu"], gflops)

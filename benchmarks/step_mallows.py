@@ -4,7 +4,9 @@ One step = collate a micro-batch of scored rows, `forward_loss` through `PolicyL
 chunked log-prob head), backward, grad-norm clipping at 1.0 (DeepSpeed's gradient_clipping), the training
 engine's AdamW step (`engine.build_optimizer`, fused). Reference log-probs are a column of the scored data,
 so here they are computed once beforehand with the same forward under no_grad, outside the timed region.
-`--share-prompt 0` packs one row per response instead of each prompt once (model.share_prompt=false).
+`--share-prompt 0` packs one row per response instead of each prompt once (model.share_prompt=false); `--pack 1`
+lays the micro-batch's prompts end to end in one row (model.pack). `--device cuda --dtype bfloat16`: the GPU step
+(gpu_check.py), with its peak GPU memory.
 
 Tokens per step are the pair sequences' tokens, a prompt counted once per response (the unit TRL's
 attention-mask count uses); `model_tokens` are those the model actually ran (fewer with a shared prompt).
@@ -15,8 +17,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import (add_workload_args, emit, median, model_path, peak_rss_mib, quiet_libraries,
-                               set_threads, untruncated_pairs, workload_from_args)
+from benchmarks.common import (add_device_args, add_workload_args, emit, median, model_path, peak_gpu_mib,
+                               peak_rss_mib, quiet_libraries, set_threads, synchronize, untruncated_pairs,
+                               workload_from_args)
 
 
 def main() -> None:
@@ -24,6 +27,7 @@ def main() -> None:
     add_workload_args(parser)
     parser.add_argument("--share-prompt", type=int, choices=[0, 1], default=1, help="model.share_prompt")
     parser.add_argument("--pack", type=int, choices=[0, 1], default=0, help="model.pack")
+    add_device_args(parser)
     args = parser.parse_args()
     workload = workload_from_args(args)
     share, pack = bool(args.share_prompt), bool(args.pack)
@@ -43,11 +47,12 @@ def main() -> None:
     path = model_path()
     tokenizer = load_tokenizer(path)
     rows = untruncated_pairs(tokenizer, workload)
-    lm = load_model(path, torch.float32)
+    device = torch.device(args.device)
+    lm = load_model(path, getattr(torch, args.dtype)).to(device)
     lm.config.use_cache = False
     with torch.no_grad():  # the scored data's ref_logps column, as prepare would write it
         for row in rows:
-            packed = pack_responses([row["prompt_ids"]], [row["response_ids"]], tokenizer.pad_token_id)
+            packed = pack_responses([row["prompt_ids"]], [row["response_ids"]], tokenizer.pad_token_id).to(device)
             stats = response_stats(lm, **packed.model_inputs(), with_entropy=False)
             row.update(ref_logps=stats.logp_sum.tolist(), dispersion=1.0)
 
@@ -61,13 +66,16 @@ def main() -> None:
     for step in range(workload.warmup_steps + workload.measured_steps):
         start_row = (step * mb) % len(rows)
         batch_rows = (rows + rows)[start_row:start_row + mb]
+        synchronize(args.device)
         t0, c0 = time.perf_counter(), time.process_time()
-        batch = collate(batch_rows, tokenizer.pad_token_id, with_scores=False, share_prompt=share, pack=pack)
+        batch = collate(batch_rows, tokenizer.pad_token_id, with_scores=False, share_prompt=share,
+                        pack=pack).to(device)
         loss = forward_loss(policy, batch, loss_fn, listwise=False).losses.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(args.device)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if step >= workload.warmup_steps:
             seconds.append(elapsed)
@@ -75,14 +83,16 @@ def main() -> None:
             tokens.append(batch.tokens)
             model_tokens.append(batch.packed.model_tokens)
     emit({
-        "framework": "mallows_ray", "mode": "reference precomputed" + (", shared prompt" if share else "") + (", packed" if pack else ""),
+        "framework": "mallows_ray", "device": args.device, "dtype": args.dtype,
+        "mode": "reference precomputed" + (", shared prompt" if share else "") + (", packed" if pack else ""),
         "step_seconds": seconds, "step_cpu_seconds": cpu_seconds, "step_tokens": tokens,
         "step_model_tokens": model_tokens, "model_tokens_per_s": sum(model_tokens) / sum(seconds),
         "median_model_tokens_per_s": median([t / s for t, s in zip(model_tokens, seconds)]),
         "median_step_s": median(seconds), "tokens_per_s": sum(tokens) / sum(seconds),
         "median_tokens_per_s": median([t / s for t, s in zip(tokens, seconds)]),
         "median_tokens_per_cpu_s": median([t / s for t, s in zip(tokens, cpu_seconds)]),
-        "peak_rss_mib": peak_rss_mib(), "parameters": n_params, "reference_forwards_per_step": 0,
+        "peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": peak_gpu_mib(), "parameters": n_params,
+        "reference_forwards_per_step": 0,
     })
 
 

@@ -1,4 +1,5 @@
-"""Row 1-2, TRL side: `trl.DPOTrainer` on the same HH pairs, lengths and micro-batch, fp32 on CPU.
+"""Row 1-2, TRL side: `trl.DPOTrainer` on the same HH pairs, lengths and micro-batch, fp32 on CPU
+(`--device cuda --dtype bfloat16`: on the GPU in bf16, for gpu_check.py).
 
 Modes: TRL's default (a reference model kept in memory and run forward every step) and
 `precompute_ref_log_probs=True` (one reference pass over the dataset before training, outside the timing).
@@ -16,8 +17,9 @@ import argparse
 import tempfile
 import time
 
-from benchmarks.common import (add_workload_args, emit, median, model_path, peak_rss_mib, quiet_libraries,
-                               set_threads, trl_rows, untruncated_pairs, workload_from_args)
+from benchmarks.common import (add_device_args, add_workload_args, emit, median, model_path, peak_gpu_mib,
+                               peak_rss_mib, quiet_libraries, set_threads, synchronize, trl_rows, untruncated_pairs,
+                               workload_from_args)
 
 
 def main() -> None:
@@ -25,6 +27,7 @@ def main() -> None:
     add_workload_args(parser)
     parser.add_argument("--precompute", action="store_true", help="precompute_ref_log_probs=True")
     parser.add_argument("--epoch", action="store_true", help="row 4: time construction + one epoch")
+    add_device_args(parser)
     args = parser.parse_args()
     workload = workload_from_args(args)
     quiet_libraries()
@@ -47,6 +50,7 @@ def main() -> None:
 
     class StepClock(TrainerCallback):
         def on_step_end(self, *_args, **_kwargs):
+            synchronize(args.device)  # a GPU step is over when its kernels are
             step_ends.append(time.perf_counter())
             step_cpu_ends.append(time.process_time())
 
@@ -63,13 +67,14 @@ def main() -> None:
             output_dir=out_dir, per_device_train_batch_size=workload.micro_batch, gradient_accumulation_steps=1,
             max_length=workload.max_length, max_steps=-1 if args.epoch else total_steps, num_train_epochs=1,
             learning_rate=1e-6, beta=0.1,
-            precompute_ref_log_probs=args.precompute, use_cpu=True, bf16=False, fp16=False, report_to=[],
+            precompute_ref_log_probs=args.precompute, use_cpu=args.device == "cpu",
+            bf16=args.dtype == "bfloat16", fp16=False, report_to=[],
             gradient_checkpointing=False,  # TRL defaults it on; mallows_ray's default is off: compare like with like
             logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0, train_sampling_strategy="sequential", seed=0,
         )
         trainer = CountingDPOTrainer(
-            model=load_model(path, torch.float32), args=config, processing_class=tokenizer,
+            model=load_model(path, getattr(torch, args.dtype)), args=config, processing_class=tokenizer,
             train_dataset=Dataset.from_list(trl_rows(rows)), callbacks=[StepClock()],
         )
         trainer.train()
@@ -89,6 +94,7 @@ def main() -> None:
         "median_step_s": median(seconds), "tokens_per_s": sum(tokens) / sum(seconds),
         "median_tokens_per_s": median([t / s for t, s in zip(tokens, seconds)]),
         "median_tokens_per_cpu_s": median([t / s for t, s in zip(tokens, cpu_seconds)]),
+        "device": args.device, "dtype": args.dtype, "peak_gpu_mib": peak_gpu_mib(),
         "peak_rss_mib": peak_rss_mib(), "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "reference_forwards_per_step": 0 if args.precompute else 1,
     })

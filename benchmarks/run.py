@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))  # `python benchmarks/run.py` from anywhere
 from benchmarks.common import REPO, Workload, workload_flags  # noqa: E402
 from benchmarks.report import Measurements, render  # noqa: E402
 from benchmarks.results import SECTION as HELDOUT  # noqa: E402
-from benchmarks.scale import SECTION as SCALE  # noqa: E402
+from benchmarks.scale import SECTIONS as SCALE  # noqa: E402
 from benchmarks.sections import get_section, replace_section  # noqa: E402
 
 
@@ -157,7 +157,7 @@ def main() -> None:
     found.total_seconds = time.perf_counter() - started
     text = render(found)
     previous = args.output.read_text() if args.output.exists() else ""
-    for other in (HELDOUT, SCALE):  # the sections results.py and scale.py write stay
+    for other in (HELDOUT, *SCALE.values()):  # the sections results.py and scale.py write stay
         kept = get_section(previous, other)
         text = replace_section(text, other, kept) if kept else text
     args.output.write_text(text)

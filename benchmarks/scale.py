@@ -2,9 +2,12 @@
 
     python -m benchmarks.scale          # 10k and 100k synthetic pairs (+ 1M for read/validate/tokenise)
     python -m benchmarks.scale --rows 1000 5000 --front-rows 10000 100000 --output /tmp/scale.md
+    python -m benchmarks.scale --model embedded --rows 2000 --front-rows --repeats 1   # the real small model
 
 The model is `models.build_tiny_model` (2 layers, hidden 64, byte-level tokenizer), the pairs synthetic (four
-jsonl files, varied lengths), so the figures are about the data plane, not the model. Each measurement runs
+jsonl files, varied lengths), so the figures are about the data plane, not the model; `--model embedded` scores
+with the embedded SmolLM2-135M-Instruct instead (its own RESULTS section, `scale-smollm2`), where the model's
+work outweighs the data plane's. Each measurement runs
 in its own process (`python -m benchmarks.scale one <mode> ...`), so its peak RSS (VmHWM) is its own:
   plain N      the in-process loop without Ray: `read_normalised`, then `tokenize_batch` + the
                `ReferenceScorer`'s columns per batch of 8, one parquet file; rows/s and peak RSS
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import emit, peak_rss_mib, quiet_libraries  # noqa: E402
 from benchmarks.sections import replace_section  # noqa: E402
 
-SECTION = "scale"
+SECTIONS = {"tiny": "scale", "embedded": "scale-smollm2"}  # the RESULTS.md section of each --model
 FILES = 4
 WORDS = "apple river stone cloud green paper light music north quiet amber table window garden".split()
 LENGTHS = {"data.max_prompt_length": 64, "data.max_response_length": 32, "data.scoring.batch_size": 8,
@@ -204,7 +207,7 @@ def one(args: argparse.Namespace) -> None:
     """A single measurement in this process; prints its JSON line."""
     quiet_libraries()
     work = Path(args.work)
-    model = work / "model"
+    model = Path(args.model)
     data = work / f"pairs{args.rows}"
     if args.mode == "plain":
         result = run_plain(data, work, model)
@@ -217,8 +220,8 @@ def one(args: argparse.Namespace) -> None:
     emit({"mode": args.mode, "rows": args.rows, "actors": args.actors, **result, "peak_rss_mib": peak_rss_mib()})
 
 
-def measure(work: Path, *flags: str) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.scale", "one", f"--work={work}", *flags]
+def measure(work: Path, model: Path, *flags: str) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.scale", "one", f"--work={work}", f"--model={model}", *flags]
     print(f"[scale] {shlex.join(command[1:])}", flush=True)
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
@@ -238,14 +241,19 @@ def median_round(found: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(found, key=lambda r: r["rows_per_second"])[(len(found) - 1) // 2]
 
 
+MODELS = {"tiny": ("Scale (issue 18)", "tiny model (`models.build_tiny_model`)"),
+          "embedded": ("Scale with SmolLM2-135M-Instruct (issues 18, 20)", "the embedded SmolLM2-135M-Instruct")}
+
+
 def render(results: dict[str, dict[str, Any]], sizes: list[int], front: list[int], load: tuple[str, str],
-           invocation: str) -> str:
+           invocation: str, model: str = "tiny") -> str:
     small, large = sizes[0], sizes[-1]
     plain_rounds, pipe_rounds = rounds(results, f"plain{small}"), rounds(results, f"pipe2_{small}")
     repeated = len(plain_rounds) > 1
     results = {**results, **{key: median_round(found) for key, found in
                              ((f"plain{small}", plain_rounds), (f"pipe2_{small}", pipe_rounds)) if found}}
-    lines = ["## Scale (issue 18)", "", f"`{invocation}` — tiny model (`models.build_tiny_model`), synthetic pairs "
+    title, label = MODELS[model]
+    lines = [f"## {title}", "", f"`{invocation}` — {label}, synthetic pairs "
              f"in {FILES} jsonl files; load average before / after: {load[0]} / {load[1]}.", "",
              "| measurement | " + " | ".join(f"{n} rows" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
 
@@ -301,6 +309,9 @@ def main() -> None:
     single.add_argument("--actors", type=int, default=2)
     single.add_argument("--world", type=int, default=2)
     single.add_argument("--folder", default="")
+    single.add_argument("--model", required=True, help="the model folder")
+    parser.add_argument("--model", choices=sorted(SECTIONS), default="tiny",
+                        help="tiny: models.build_tiny_model; embedded: SmolLM2-135M-Instruct")
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--front-rows", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
                         help="sizes at which to time stages 1-2 (read, validate, tokenise) alone")
@@ -312,33 +323,34 @@ def main() -> None:
         one(args)
         return
     from benchmarks.run import load_average
-    from mallows_ray.models import build_tiny_model
+    from mallows_ray.config import EMBEDDED_MODEL
+    from mallows_ray.models import build_tiny_model, resolve_model_path
 
     load_before = load_average()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         work = Path(tmp)
-        build_tiny_model(work / "model")
+        model = build_tiny_model(work / "model") if args.model == "tiny" else resolve_model_path(EMBEDDED_MODEL)
         for n in sorted(set(args.rows + args.front_rows)):
             write_pairs(n, work / f"pairs{n}")
         for n in args.rows:
-            results[f"plain{n}"] = measure(work, "plain", f"--rows={n}")
-            results[f"pipe1_{n}"] = measure(work, "pipeline", f"--rows={n}", "--actors=1")
-            results[f"pipe2_{n}"] = measure(work, "pipeline", f"--rows={n}", "--actors=2")
-            results[f"reads{n}"] = measure(work, "reads", f"--rows={n}", "--world=2",
+            results[f"plain{n}"] = measure(work, model, "plain", f"--rows={n}")
+            results[f"pipe1_{n}"] = measure(work, model, "pipeline", f"--rows={n}", "--actors=1")
+            results[f"pipe2_{n}"] = measure(work, model, "pipeline", f"--rows={n}", "--actors=2")
+            results[f"reads{n}"] = measure(work, model, "reads", f"--rows={n}", "--world=2",
                                            f"--folder={results[f'pipe2_{n}']['folder']}")
         small = args.rows[0]
         for r in range(1, args.repeats):
-            results[f"plain{small}_r{r}"] = measure(work, "plain", f"--rows={small}")
-            results[f"pipe2_{small}_r{r}"] = measure(work, "pipeline", f"--rows={small}", "--actors=2")
+            results[f"plain{small}_r{r}"] = measure(work, model, "plain", f"--rows={small}")
+            results[f"pipe2_{small}_r{r}"] = measure(work, model, "pipeline", f"--rows={small}", "--actors=2")
         for n in args.front_rows:
-            results[f"front{n}"] = measure(work, "front", f"--rows={n}")
+            results[f"front{n}"] = measure(work, model, "front", f"--rows={n}")
     invocation = "python -m benchmarks.scale " + shlex.join(sys.argv[1:])
-    block = render(results, args.rows, args.front_rows, (load_before, load_average()), invocation)
+    block = render(results, args.rows, args.front_rows, (load_before, load_average()), invocation, args.model)
     text = args.output.read_text() if args.output.exists() else ""
-    args.output.write_text(replace_section(text, SECTION, block))
+    args.output.write_text(replace_section(text, SECTIONS[args.model], block))
     (ROOT / "benchmarks" / "logs").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "logs" / "scale.json").write_text(json.dumps(results, indent=1))
+    (ROOT / "benchmarks" / "logs" / f"{SECTIONS[args.model]}.json").write_text(json.dumps(results, indent=1))
     print(block)
 
 

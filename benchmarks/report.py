@@ -107,10 +107,17 @@ def rows(m: Measurements) -> list[Row]:
         _ratio_row("1e. step tokens/s, mallows_ray shared prompt / one row per response (model.share_prompt)",
                    tps("mallows_step"), tps("mallows_step_per_response"), "(optimisation pays: > 1)",
                    lambda r: r > 1.0, "", tok),
+        _ratio_row("1f. step tokens/s, mallows_ray packed / shared prompt (model.pack)", tps("mallows_step_packed"),
+                   tps("mallows_step"), "(context: on by default once > 1)", None, "", tok),
+        _ratio_row("1f'. tokens per CPU-second (load-robust), packed / shared prompt",
+                   _get(m, "mallows_step_packed", "median_tokens_per_cpu_s"),
+                   _get(m, "mallows_step", "median_tokens_per_cpu_s"), "(context)", None, "", cpu_tok),
     ]
     peak = _get(m, "matmul", "peak_flops")
     # (measurement, label, tokens key, target): achieved = (6 + 2 x reference forwards) x parameters x tokens/s
     flop_rows = (("mallows_step", "mallows_ray (tokens the model ran)", "median_model_tokens_per_s", ">= 0.6"),
+                 ("mallows_step_packed", "mallows_ray packed (tokens the model ran)", "median_model_tokens_per_s",
+                  "(context)"),
                  ("mallows_step", "mallows_ray (pair-sequence tokens, 2')", "median_tokens_per_s", "(context)"),
                  ("trl_default", "TRL default", "median_tokens_per_s", "(none)"),
                  ("trl_precompute", "TRL precompute", "median_tokens_per_s", "(none)"))

@@ -137,6 +137,7 @@ def main() -> None:
         "matmul": ("matmul_peak", [f"--threads={workload.threads}", f"--repeats={5 if quick else 20}"]),
         "mallows_step": ("step_mallows", workload_flags(workload)),
         "mallows_step_per_response": ("step_mallows", [*workload_flags(workload), "--share-prompt=0"]),
+        "mallows_step_packed": ("step_mallows", [*workload_flags(workload), "--pack=1"]),
         "trl_default": ("step_trl", workload_flags(workload)),
         "trl_precompute": ("step_trl", [*workload_flags(workload), "--precompute"]),
         "scoring_loop": ("scoring", ["loop", f"--pairs={scoring_pairs}", f"--repeats={1 if quick else 3}", *lengths]),

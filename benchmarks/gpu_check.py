@@ -38,8 +38,9 @@ STEPS = {"warmup": 2, "measured": 6}  # per step measurement on the GPU
 DRY_STEPS = {"warmup": 1, "measured": 1}
 
 
-def run(name: str, argv: list[str], timeout: int) -> dict[str, Any] | None:
-    """One measurement in its own process: its last JSON line, or None (the failure is printed)."""
+def run(name: str, argv: list[str], timeout: int, *, json_result: bool = True) -> dict[str, Any] | None:
+    """One path in its own process: its last JSON line (`json_result`; else {}) with the wall `seconds`, or
+    None when it failed or timed out (what it printed is shown)."""
     print(f"[gpu_check] {name}: {shlex.join(argv)}", flush=True)
     start = time.perf_counter()
     try:
@@ -48,11 +49,12 @@ def run(name: str, argv: list[str], timeout: int) -> dict[str, Any] | None:
         print(f"[gpu_check] {name}: TIMED OUT after {timeout} s", flush=True)
         return None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        print(f"[gpu_check] {name}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+    if proc.returncode != 0 or (json_result and not lines):
+        print(f"[gpu_check] {name}: FAILED (exit {proc.returncode})\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}",
+              flush=True)
         return None
-    result = json.loads(lines[-1])
-    print(f"[gpu_check] {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    result = {**(json.loads(lines[-1]) if json_result else {}), "seconds": time.perf_counter() - start}
+    print(f"[gpu_check] {name}: ok in {result['seconds']:.0f} s", flush=True)
     return result
 
 
@@ -102,18 +104,11 @@ def main() -> None:
         for name, extra in [("ray_zero2_packed", ["deepspeed.zero_stage=2", "model.pack=true", *scoring_gpu]),
                             ("ray_zero3", ["deepspeed.zero_stage=3"]),
                             ("ray_lora", ["deepspeed.zero_stage=2", "model.lora.rank=16"])]:
-            started = time.perf_counter()
-            proc = subprocess.run([*cli, *extra, f"run.name={name}"], cwd=REPO, capture_output=True, text=True,
-                                  timeout=900)
-            ok = proc.returncode == 0
-            results[name] = {"ok": ok, "seconds": time.perf_counter() - started}
-            print(f"[gpu_check] {name}: {'ok' if ok else 'FAILED'} in {results[name]['seconds']:.0f} s", flush=True)
-            if not ok:
-                print(proc.stdout[-2000:] + proc.stderr[-3000:], flush=True)
+            results[name] = run(name, [*cli, *extra, f"run.name={name}"], 900, json_result=False)
     print(render(results, dry))
     if args.output:
         args.output.write_text(json.dumps(results, indent=1))
-    if any(r is None or r.get("ok") is False for r in results.values()):
+    if any(r is None for r in results.values()):
         raise SystemExit("[gpu_check] some paths failed (above)")
 
 
@@ -135,8 +130,8 @@ def render(results: dict[str, dict[str, Any] | None], dry: bool) -> str:
     if peak:
         lines.append(f"\nmatmul peak: {peak / 1e12:.1f} TFLOP/s")
     for name in ("ray_zero2_packed", "ray_zero3", "ray_lora"):
-        r = results.get(name) or {}
-        lines.append(f"- {name}: {'ok' if r.get('ok') else 'FAILED'} ({r.get('seconds', 0):.0f} s)")
+        r = results.get(name)
+        lines.append(f"- {name}: " + (f"ok ({r['seconds']:.0f} s)" if r else "FAILED"))
     return "\n".join(lines)
 
 

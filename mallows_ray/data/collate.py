@@ -122,7 +122,9 @@ def pack_responses(
                 tokens = prompt + list(response)
                 labels = [IGNORE] * (len(prompt) - 1) + list(response) + [IGNORE]
                 owners = [-1] * (len(prompt) - 1) + [r] * len(response) + [-1]
-                rows.append((tokens, labels, owners, list(range(len(tokens))), [0] * len(tokens)))
+                # positions and segments only where they are used: a packed row (one group per row here)
+                layout = (list(range(len(tokens))), [0] * len(tokens)) if pack else ([], [])
+                rows.append((tokens, labels, owners, *layout))
                 r += 1
     if pack:  # every row end to end, its segments tagged with its group
         rows = [tuple([value for row in rows for value in row[column]] for column in range(4))

@@ -22,8 +22,8 @@ s(x) = -c log Hbar(x) is not written: c is in the manifest and readers compute s
 Every reject keeps its file and line (jsonl) or row (parquet, HF datasets); rows in = rows out + rejected,
 per split. Ray Data runs with `preserve_order` and the pool returns slices in order, so the output is the
 reading order (files in sorted path order, then their rows), cut into size-bounded files: the same content
-and files whatever the number of actors or the order they finish in. Nothing is dropped without a line in rejects.jsonl, which is always
-written (empty when no row is rejected), and `_gate` is the one place rejects are gated. A reused cache
+and files whatever the number of actors or the order they finish in. Nothing is dropped without a line in
+rejects.jsonl, which is always written (empty when no row is rejected), and `_gate` is the one place rejects are gated. A reused cache
 entry is checked against its manifest (sizes, SHA-256) and rebuilt when damaged, and its recorded counts go
 through the bad-row gate again: `max_bad_fraction` is not part of the cache key.
 """
@@ -300,9 +300,8 @@ def _scoring_pool(config: Config, model_path: Path, limits: LengthLimits) -> Sco
     return ScoringPool(
         scoring.num_actors, num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
         tokenizer_path=str(model_path), limits=limits, batch_size=scoring.batch_size, model_path=str(model_path),
-        dtype=config.model.dtype,
-        max_chunk_mb=scoring.max_chunk_mb, share_prompt=config.model.share_prompt, pack=config.model.pack,
-        trust_remote_code=config.model.trust_remote_code)
+        dtype=config.model.dtype, max_chunk_mb=scoring.max_chunk_mb, share_prompt=config.model.share_prompt,
+        pack=config.model.pack, trust_remote_code=config.model.trust_remote_code)
 
 
 def prepare(config: Config, *, address: str | None = None, force: bool = False) -> PreparedData:

@@ -6,17 +6,21 @@
 Why styles: listwise lambda training can only teach the policy to read lambda when a prompt's replies differ
 along the objectives. So reply i of every record comes from STYLES[i]: the embedded model answers the prompt
 with a style instruction appended to the user turn (short; the requested format; warm and positive; plain),
-draws `samples` replies and keeps the one its target judge scores highest. The instruction is then removed:
-the record's prompt is the plain question, so a policy trained on it can reproduce a style only by reading
-the lambda rendered into its prompt.
+its reply opened for it where an instruction alone does not make a 135M model follow (the warm reply starts
+"Great question!", a bulleted one "- ", ...: `Style.opening`), draws `samples` replies and keeps the one its
+target judge scores highest; a short reply is cut after its first sentence and an ALL CAPS one upper-cased
+(`Style.finish`). The instruction is then removed: the record's prompt is the plain question, so a policy
+trained on it can reproduce a style only by reading the lambda rendered into its prompt. (Built from
+instructions alone, session 23's styles were too alike to teach it: the warm reply started "Great question!"
+in 9 of 160 training records, and 40 LoRA steps left SmolLM2's replies under the three vertex lambdas alike.)
 
 Steps (deterministic for a given torch build and thread count; re-running rewrites the folder):
   1. prompts: hand-written everyday questions (QUESTION_FAMILIES, each a template x subjects) crossed with
      the format requests of `mallows_ray.judges.FORMAT_PHRASES`; a seeded shuffle picks `--prompts` of them
      and the phrasing of each request;
   2. responses: for each style, `samples` sampled replies per prompt to the prompt + the style's instruction
-     (batched, left padding, the chat template with its generation prompt); the best under the style's
-     target judge is kept (ties: the first; the plain style draws one); an empty reply or a copy of another
+     (batched, left padding, the chat template with its generation prompt, then the style's opening for the
+     prompt's format request), each finished by the style's rule; the best under the style's target judge is kept (ties: the first; the plain style draws one); an empty reply or a copy of another
      reply of the same prompt is drawn again (new seed, up to MAX_RESAMPLES times), and a prompt still
      without 4 distinct replies is dropped;
   3. scores: `mallows_ray.judges.score_all` on every (plain prompt, response);
@@ -33,6 +37,7 @@ import gzip
 import hashlib
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -85,6 +90,20 @@ QUESTION_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 
 
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def first_sentence(text: str) -> str:
+    """`text` up to and including its first sentence end (".", "!" or "?" before a space or the end)."""
+    end = _SENTENCE_END.search(text)
+    return text[: end.end()] if end else text
+
+
+def upper_when_asked(text: str, kind: str) -> str:
+    """The reply upper-cased when the prompt asks for ALL CAPS (a 135M model does not write them when asked)."""
+    return text.upper() if kind == "all_caps" else text
+
+
 @dataclass(frozen=True)
 class Style:
     name: str
@@ -92,16 +111,31 @@ class Style:
     target: str | None       # the judge that picks the best of `samples` replies; None: keep the only one
     samples: int
     max_new_tokens: int
+    # the reply's first words, written for the model after the generation prompt and kept in the reply:
+    # {format request kind: opening}, "*" for every kind
+    opening: tuple[tuple[str, str], ...] = ()
+    finish: str = ""         # "first_sentence" | "upper_when_asked" | "" (the reply as generated)
     temperature: float = 0.8
     top_p: float = 0.95
+
+    def opening_for(self, kind: str) -> str:
+        openings = dict(self.opening)
+        return openings.get(kind, openings.get("*", ""))
+
+    def finished(self, text: str, kind: str) -> str:
+        if self.finish == "first_sentence":
+            return first_sentence(text)
+        return upper_when_asked(text, kind) if self.finish == "upper_when_asked" else text
 
 
 # Response i of every record comes from STYLES[i]: one style aimed at each objective, then the plain reply.
 STYLES = (
-    Style("short", "Answer in one short sentence.", "conciseness", 2, 24),
-    Style("format", "Follow the requested format exactly and write nothing else.", "format", 2, 40),
-    Style("warm", "Be warm and cheerful: start with 'Great question!' and use happy, encouraging words.",
-          "positivity", 2, 36),
+    Style("short", "Answer in one short sentence.", "conciseness", 2, 24, finish="first_sentence"),
+    Style("format", "Follow the requested format exactly and write nothing else.", "format", 2, 40,
+          opening=(("bullets", "- "), ("numbered_steps", "1. "), ("json", '{"answer": "')),
+          finish="upper_when_asked"),
+    Style("warm", "Be warm and cheerful and use happy, encouraging words.", "positivity", 2, 36,
+          opening=(("*", "Great question! "),)),
     Style("plain", "", None, 1, 36),
 )
 
@@ -134,13 +168,17 @@ class Generator:
 
     @torch.inference_mode()
     def sample(self, prompts: list[str], styles: Sequence[Style], seed: int) -> tuple[list[list[str]], int]:
-        """(replies[s][p]: prompt p answered in styles[s], the best of its samples under the style's target
-        judge on the plain prompt; generated tokens); `seed` + s seeds style s."""
+        """(replies[s][p]: prompt p answered in styles[s], its opening included and finished by its rule, the
+        best of its samples under the style's target judge on the plain prompt; generated tokens); `seed` + s
+        seeds style s."""
         replies, tokens = [], 0
+        kinds = [parse_format_request(p).kind for p in prompts]
         for s, style in enumerate(styles):
             asked = [f"{p}\n\n{style.instruction}" if style.instruction else p for p in prompts]
             chats = [[{"role": "user", "content": p}] for p in asked]
             texts = self.tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+            openings = [style.opening_for(kind) for kind in kinds]
+            texts = [text + opening for text, opening in zip(texts, openings)]
             batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             torch.manual_seed(seed + s)
             out = self.model.generate(
@@ -150,7 +188,9 @@ class Generator:
             )
             new = out[:, batch["input_ids"].shape[1]:]  # [B * samples, <= max_new_tokens], prompt-major
             tokens += int((new != self.tokenizer.pad_token_id).sum())
-            texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            texts = [style.finished((openings[i // style.samples] + t).strip(), kinds[i // style.samples])
+                     for i, t in enumerate(texts)]
             replies.append([pick(prompt, texts[p * style.samples:(p + 1) * style.samples], style)
                             for p, prompt in enumerate(prompts)])
         return replies, tokens
@@ -343,8 +383,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def render_readme(figures: dict, argv: list[str]) -> str:
-    styles = "\n".join(f"| {i} | `{s.name}` | {s.instruction or '(none)'} | {s.target or '-'} | {s.samples} | "
-                       f"{s.temperature} | {s.top_p} | {s.max_new_tokens} |" for i, s in enumerate(STYLES))
+    styles = "\n".join(f"| {i} | `{s.name}` | {s.instruction or '(none)'} | "
+                       f"{', '.join(f'{k}: `{v!r}`' for k, v in s.opening) or '-'} | {s.finish or '-'} | "
+                       f"{s.target or '-'} | {s.samples} | {s.temperature} | {s.top_p} | {s.max_new_tokens} |"
+                       for i, s in enumerate(STYLES))
     means = "\n".join(f"| `{name}` | " + " | ".join(f"{v[o]:.3f}" for o in OBJECTIVES) +
                       f" | {figures['mean_words_per_style'][name]} |"
                       for name, v in figures["mean_scores_per_style"].items())
@@ -379,12 +421,15 @@ Command: `{command}` (seed {SEED}).
    dequantized to fp32) answers each prompt once per style, on CPU ({figures['workers']} worker
    processes x {figures['torch_threads']} torch threads, batches of {figures['batch_size']} prompts, left padding,
    the chat template with its generation prompt). Response *i* of every record comes from style *i*: the
-   style's instruction is appended to the user turn (after a blank line), `samples` replies are drawn and the
-   one the style's target judge scores highest *on the plain prompt* is kept. The instruction is not in the
-   record: its prompt is the plain question, so a policy can reproduce a style only by reading the lambda.
+   style's instruction is appended to the user turn (after a blank line), the reply's opening (by the prompt's
+   format request; `*`: every prompt) is written after the generation prompt and kept in the reply, `samples`
+   replies are drawn, each finished by the style's rule (`first_sentence`: cut after the first sentence;
+   `upper_when_asked`: upper-cased when the prompt asks for ALL CAPS), and the one the style's target judge
+   scores highest *on the plain prompt* is kept. The instruction is not in the record: its prompt is the plain
+   question, so a policy can reproduce a style only by reading the lambda.
 
-   | i | style | instruction | target judge | samples | temperature | top_p | max_new_tokens |
-   |---|---|---|---|---|---|---|---|
+   | i | style | instruction | opening | finish | target judge | samples | temperature | top_p | max_new_tokens |
+   |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join('   ' + line for line in styles.splitlines())}
 
    An empty reply, or one equal to another reply of the same prompt (whitespace ignored), is sampled again

@@ -174,8 +174,9 @@ class LossConfig:
 
     @property
     def across_lambdas(self) -> bool:
-        """Whether a term compares a prompt's rows under different lambdas (lambda_contrast)."""
-        names = [t.name for t in self.terms] if self.terms is not None else [self.name]
+        """Whether a term compares a prompt's rows under different lambdas (lambda_contrast); a term of weight 0
+        (switched off, e.g. by an ablation's override) does not count."""
+        names = [t.name for t in self.terms if t.weight > 0] if self.terms is not None else [self.name]
         return any(loss_registry.loss_spec(name).across_lambdas for name in names)
 
     @property
@@ -210,13 +211,16 @@ class LambdaConfig:
     """Listwise lambda conditioning and the lambda scheduler (ALGORITHMS 3.1-3.2); ignored by pairwise losses.
 
     Each training example gets a lambda from the scheduler; with `condition` it is rendered into the policy's
-    prompt (system message, or first-user-turn prefix when `system_role` is false) while the reference stays
+    prompt (where `placement` says: a system message, the first user turn's prefix, or the last user turn's end)
+    while the reference stays
     scored on the plain prompt. `params` are the scheduler's own: fixed {lam}, dirichlet {alpha},
     table {lambdas, probs}, learned {candidates, num_candidates, seed, temperature, lr, exploration, signal}.
     """
 
     condition: bool = True
-    system_role: bool = True
+    # system (ALGORITHMS 3.1's default), user_prefix (templates without a system role), or user_suffix (the line
+    # right before the reply: small models learn to read it there; the demo's setting)
+    placement: Literal["system", "user_prefix", "user_suffix"] = "system"
     scheduler: Literal["fixed", "dirichlet", "table", "learned"] = "dirichlet"
     params: dict[str, Any] = field(default_factory=dict)
     target_tau: float = bounded(1.0, 1e-6)  # tau of the per-objective softmax targets
@@ -226,6 +230,7 @@ class LambdaConfig:
     # train every prompt under each objective's vertex lambda and its scheduler draw (K + 1 rows per prompt, in
     # one micro-batch of micro_batch_size x (K + 1) rows): the gradient contrasts lambdas on identical replies
     vertex_copies: bool = False
+    copy_draw: bool = True  # with vertex_copies: false trains the K vertices only (no draw; K rows per prompt)
 
     def check(self, where: str) -> None:
         """Scheduler parameter names (values need the data's objectives and are checked when training starts)."""

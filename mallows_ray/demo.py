@@ -1,12 +1,14 @@
 """`mallows-ray demo`: the main job on the embedded defaults, start to finish on a CPU.
 
     prepare   the bundled listwise demo data (resources/demo: everyday prompts, 4 SmolLM2 replies each, one per
-              style: short, the requested format, warm, plain; scored by three programmatic judges),
+              style: one short sentence, the requested format, warm ("Great question! ..."), plain; scored by
+              three programmatic judges),
               reference log-probs + entropy -> s(x)
     train     listwise lambda-DPO with MallowsPO's dispersion plug-in (r = beta s(x) (lp - ref), ALGORITHMS 2.4
-              and 3) plus the likelihood of the replies lambda prefers (listwise_nll), LoRA, lambda rendered
-              into the policy's prompt (3.1), each prompt trained under every vertex lambda and one Dirichlet
-              draw in the same step (lambdas.vertex_copies), 2 Ray Train workers with DeepSpeed ZeRO-2
+              and 3) plus the likelihood of the replies lambda prefers (listwise_nll) and lambda_contrast
+              (which lambda makes each reply likely), LoRA, lambda rendered at the end of the policy's user
+              turn (3.1, lambdas.placement), each prompt trained under every vertex lambda in the same step
+              (lambdas.vertex_copies), 2 Ray Train workers with DeepSpeed ZeRO-2
     evaluate  on the held-out test split, before the first step (the untrained policy = the base model) and
               after the last: per-vertex top-1 and pair ranking accuracy of the implicit rewards; greedy
               replies generated under each vertex lambda, the uniform one and by the base model, scored by
@@ -118,9 +120,10 @@ def start_fresh(run_folder: Path, fresh: bool) -> None:
 
 BASE = "base model"
 UNCONDITIONED = "any lambda (not conditioned)"
-# --ablations: the demo's training with one part switched off, same data, steps and seed
+# --ablations: the demo's training with one part switched off, same data, steps and seed. Without conditioning
+# the lambda_contrast term (loss.terms.2) is switched off too: with lambda hidden it is a constant, log K.
 ABLATIONS = {
-    "no conditioning": ["lambdas.condition=false"],
+    "no conditioning": ["lambdas.condition=false", "loss.terms.2.weight=0"],
     "no dispersion": ["loss.terms.0.params.dispersion=false"],
 }
 

@@ -1,7 +1,7 @@
 """Lambda-conditioned generation from an exported model (ALGORITHMS 3.1).
 
-A listwise run's export records how it conditioned prompts (`lambda_conditioning.json`: objectives, system
-message or user prefix). `generate` renders a user's lambda into the prompt with the same renderer, so a
+A listwise run's export records how it conditioned prompts (`lambda_conditioning.json`: objectives and
+where the weights line goes). `generate` renders a user's lambda into the prompt with the same renderer, so a
 different lambda steers the same weights without retraining.
 """
 
@@ -65,7 +65,7 @@ def prompt_ids(tokenizer, prompt: str | Messages, lam: Sequence[float] | None,
             raise ValueError("this model was not trained with lambda conditioning (its export has no "
                              "lambda_conditioning.json, or condition was off); generate without --lambda")
         messages = condition_messages(messages, lam, conditioning["objectives"],
-                                      system_role=conditioning.get("system_role", True))
+                                      placement=conditioning["placement"])
     return render_prompt_ids(tokenizer, messages)
 
 

@@ -5,9 +5,10 @@ Section 3.1 (lambda conditioning). The lambda used for an example is made visibl
     Preference weights: helpfulness=0.50, honesty=0.20, instruction_following=0.20, truthfulness=0.10
 
 (2 decimals, objective order fixed by the dataset config; an objective whose weight rounds to 0.00 is left
-out, so a vertex reads `Preference weights: honesty=1.00`), as a system message, or as a prefix of the first
-user turn for models whose chat template has no system role. `format_lambda` is the only place that knows this
-format; `condition_messages` places it, `parse_lambda_text` reads it back. Training, evaluation and generation
+out, so a vertex reads `Preference weights: honesty=1.00`), as a system message (the default), as a prefix of the
+first user turn for models whose chat template has no system role, or as the end of the last user turn
+(`PLACEMENTS`). `format_lambda` is the only place that knows this format; `condition_messages` places it,
+`parse_lambda_text` reads it back. Training, evaluation and generation
 all go through these functions.
 
 Section 3.2 (the scheduler). A `LambdaScheduler` draws the lambdas of a batch. Modes: `fixed` (one lambda),
@@ -36,6 +37,10 @@ import torch
 from torch import Tensor
 
 LAMBDA_PREFIX = "Preference weights: "
+# Where `condition_messages` puts the weights line. user_suffix (after the last user turn's text, right before
+# the reply) is the place small models read best: on the demo data SmolLM2-135M learned to follow lambda there
+# and not in the system message (issue 17's note).
+PLACEMENTS = ("system", "user_prefix", "user_suffix")
 DEFAULT_NUM_CANDIDATES = 16  # M of section 3.2
 SIGNALS = ("performance", "progress")
 
@@ -175,30 +180,36 @@ def parse_lambda_text(text: str) -> dict[str, float]:
 
 
 def condition_messages(messages: list[dict], lam: LambdaLike, objectives: Sequence[str], *,
-                       system_role: bool = True) -> list[dict]:
+                       placement: str = "system") -> list[dict]:
     """A NEW chat with lambda rendered in (section 3.1); `messages` and its dicts are left untouched.
 
-    system_role=True: the weights line becomes a system message. If the chat already starts with a system
-    message, the line is prepended to its content (`line + "\\n" + content`) rather than adding a second system
-    message: many chat templates accept only one, leading, system message, and keeping the line first puts it at
-    the same place in every prompt. system_role=False (templates without a system role): the line prefixes the
-    first user turn as `line + "\\n\\n" + content`.
+    placement (one of PLACEMENTS):
+      system       the weights line becomes a system message. If the chat already starts with a system message,
+                   the line is prepended to its content (`line + "\\n" + content`) rather than adding a second
+                   system message: many chat templates accept only one, leading, system message, and keeping the
+                   line first puts it at the same place in every prompt.
+      user_prefix  (templates without a system role) the line prefixes the first user turn: `line + "\\n\\n" + content`.
+      user_suffix  the line ends the last user turn, the one the reply answers: `content + "\\n\\n" + line`.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: valid placements are {', '.join(PLACEMENTS)}")
     line = format_lambda(lam, objectives)
     if not messages:
         raise ValueError("messages is empty; a chat needs at least one user message to condition")
     out = [dict(message) for message in messages]
-    if system_role:
+    if placement == "system":
         if out[0].get("role") == "system":
             out[0]["content"] = f"{line}\n{_content(out[0], 0)}"
         else:
             out.insert(0, {"role": "system", "content": line})
         return out
-    first_user = next((i for i, message in enumerate(out) if message.get("role") == "user"), None)
-    if first_user is None:
+    users = [i for i, message in enumerate(out) if message.get("role") == "user"]
+    if not users:
         roles = [message.get("role") for message in out]
-        raise ValueError(f"no user message to prefix with the preference weights; roles are {roles}")
-    out[first_user]["content"] = f"{line}\n\n{_content(out[first_user], first_user)}"
+        raise ValueError(f"no user message to hold the preference weights; roles are {roles}")
+    user = users[0] if placement == "user_prefix" else users[-1]
+    content = _content(out[user], user)
+    out[user]["content"] = f"{line}\n\n{content}" if placement == "user_prefix" else f"{content}\n\n{line}"
     return out
 
 

@@ -100,18 +100,21 @@ def tokenize_batch(rows: list[dict[str, Any]], *, tokenizer_path: str, limits: L
 
 
 def conditioned_prompt_ids(tokenizer, messages: list[dict[str, str]], prompt_ids: list[int], lam, objectives,
-                           *, system_role: bool = True) -> list[int]:
+                           *, placement: str = "system") -> list[int]:
     """The policy's prompt ids with lambda rendered in (ALGORITHMS 3.1), next to the reference's `prompt_ids`.
 
     `prompt_ids` is the tokenized, possibly keep-end-truncated, unconditioned prompt. The conditioned rendering
-    C and the unconditioned one U share a head H (the template's opening) and a tail (the conversation after
-    the system message or the user prefix); C = H + L + tail, where L carries the weights line. The result
-    keeps H + L and as much of the tail as `prompt_ids` kept of U, so a truncated prompt is truncated at the
-    same place and the weights line is never cut off. Its length is len(prompt_ids) + len(L) - len(U's middle).
+    C and the unconditioned one U share a head H and a tail T; C = H + L + T, where L carries the weights line
+    (U = H + M + T; M is e.g. a template's default system prompt, or nothing). The weights line is never cut off:
+    - the line before the conversation (`system`, `user_prefix`; H = the template's opening, T = the
+      conversation): the result keeps H + L and as much of T as `prompt_ids` kept of U, so a truncated prompt
+      is truncated at the same place; its length is len(prompt_ids) + len(L) - len(M) when untruncated;
+    - the line after it (`user_suffix`; H = the conversation, T = the end of the turn): `prompt_ids` with its
+      M + T replaced by C's L + T, so the policy sees what the reference saw plus the line.
     """
     from mallows_ray.lambdas import condition_messages
 
-    conditioned = render_prompt_ids(tokenizer, condition_messages(messages, lam, objectives, system_role=system_role))
+    conditioned = render_prompt_ids(tokenizer, condition_messages(messages, lam, objectives, placement=placement))
     plain = render_prompt_ids(tokenizer, messages)
     head = 0
     while head < min(len(conditioned), len(plain)) and conditioned[head] == plain[head]:
@@ -119,5 +122,8 @@ def conditioned_prompt_ids(tokenizer, messages: list[dict[str, str]], prompt_ids
     tail = 0
     while tail < min(len(conditioned), len(plain)) - head and conditioned[-1 - tail] == plain[-1 - tail]:
         tail += 1
+    after = len(plain) - head  # U's M + T: M is the last token(s) of the turn when the line's blank line merges with them
+    if placement == "user_suffix":  # the line and the turn's end whole, after what the reference kept before them
+        return prompt_ids[: max(0, len(prompt_ids) - after)] + conditioned[head:]
     kept_tail = min(tail, len(prompt_ids))  # how much of the shared tail survived the truncation
     return conditioned[: len(conditioned) - tail] + (conditioned[len(conditioned) - kept_tail:] if kept_tail else [])

@@ -6,7 +6,8 @@ by (run.seed, step), before the batch is sliced by rank. Every rank draws the sa
 restarted run draws the same ones again, and 1 worker x accumulation 2 trains on the lambdas of 2 workers x 1.
 
 Vertex copies (`lambdas.vertex_copies`): every prompt of the global batch is trained K + 1 times, under each
-objective's vertex lambda and under its scheduler draw, in the same micro-batch. The loss then compares the
+objective's vertex lambda and under its scheduler draw (K times, the vertices only, with `lambdas.copy_draw`
+false), in the same micro-batch. The loss then compares the
 same replies under different lambdas within one gradient, which is the signal that teaches the policy to read
 lambda (a single draw per prompt leaves lambda's effect confounded with the prompt's). The copies are made
 after the rank slice from the globally drawn lambdas, so determinism and world-size invariance are kept.
@@ -37,18 +38,18 @@ CONDITIONING_FILE = "lambda_conditioning.json"
 class Conditioner:
     """Gives rows their lambda [K] and, with `condition`, the policy prompt ids with lambda rendered in."""
 
-    def __init__(self, tokenizer, objectives: Sequence[str], *, condition: bool = True, system_role: bool = True):
+    def __init__(self, tokenizer, objectives: Sequence[str], *, condition: bool = True, placement: str = "system"):
         if not objectives:
             raise ValueError("lambda conditioning needs the data's objective names; the scored data has none "
                              "(listwise data carries scores: {objective: [N numbers]})")
         self.tokenizer = tokenizer
         self.objectives = list(objectives)
         self.condition = condition
-        self.system_role = system_role
+        self.placement = placement
 
     @classmethod
     def from_config(cls, tokenizer, objectives: Sequence[str], cfg: LambdaConfig) -> "Conditioner":
-        return cls(tokenizer, objectives, condition=cfg.condition, system_role=cfg.system_role)
+        return cls(tokenizer, objectives, condition=cfg.condition, placement=cfg.placement)
 
     def apply(self, rows: list[Row], lambdas: torch.Tensor | Sequence[Sequence[float]]) -> list[Row]:
         """New rows (inputs untouched): row i gets `lambda` = lambdas[i] [K] and, when conditioning, its
@@ -59,7 +60,7 @@ class Conditioner:
             new = dict(row, **{"lambda": lam})
             if self.condition:
                 new["prompt_ids"] = conditioned_prompt_ids(self.tokenizer, list(row["prompt"]), list(row["prompt_ids"]),
-                                                           lam, self.objectives, system_role=self.system_role)
+                                                           lam, self.objectives, placement=self.placement)
             out.append(new)
         return out
 
@@ -69,7 +70,7 @@ class Conditioner:
 
     def describe(self) -> dict[str, Any]:
         """The settings an export records in CONDITIONING_FILE."""
-        return {"objectives": self.objectives, "condition": self.condition, "system_role": self.system_role}
+        return {"objectives": self.objectives, "condition": self.condition, "placement": self.placement}
 
 
 def write_conditioning(folder: str, settings: dict[str, Any]) -> None:
@@ -78,12 +79,16 @@ def write_conditioning(folder: str, settings: dict[str, Any]) -> None:
 
 
 def read_conditioning(folder: str) -> dict[str, Any] | None:
-    """The export's conditioning settings, or None for a model not trained with lambda (pairwise)."""
+    """The export's conditioning settings, or None for a model not trained with lambda (pairwise). An export
+    written before `placement` records `system_role` (true: system, false: user_prefix) instead."""
     path = os.path.join(folder, CONDITIONING_FILE)
     if not os.path.isfile(path):
         return None
     with open(path) as fh:
-        return json.load(fh)
+        settings = json.load(fh)
+    if "system_role" in settings:
+        settings["placement"] = "system" if settings.pop("system_role") else "user_prefix"
+    return settings
 
 
 def build_lambda_scheduler(cfg: LambdaConfig, objectives: Sequence[str]) -> LambdaScheduler:
@@ -101,25 +106,31 @@ def step_lambdas(scheduler: LambdaScheduler, n: int, *, seed: int, step: int) ->
     return scheduler.sample(n, generator)
 
 
-def vertex_copies(rows: list[Row], draws: Sequence[Sequence[float]],
-                  num_objectives: int) -> tuple[list[Row], list[list[float]]]:
-    """(rows, lambdas) with each row repeated K + 1 times: under the K vertex lambdas (objective order), then
-    under its own draw [K]. Row i's copies are rows i * (K + 1) ... i * (K + 1) + K, so a micro-batch of
-    `micro_batch_size * (K + 1)` rows holds whole prompts."""
+def vertex_copies(rows: list[Row], draws: Sequence[Sequence[float]], num_objectives: int, *,
+                  with_draw: bool = True) -> tuple[list[Row], list[list[float]]]:
+    """(rows, lambdas) with each row repeated C = K + 1 times: under the K vertex lambdas (objective order), then
+    under its own draw [K] (C = K without `with_draw`). Row i's copies are rows i * C ... i * C + C - 1, so a
+    micro-batch of `micro_batch_size * C` rows holds whole prompts."""
     vertices = torch.eye(num_objectives).tolist()
     out_rows, out_lambdas = [], []
     for row, draw in zip(rows, draws, strict=True):
-        out_rows += [row] * (num_objectives + 1)
-        out_lambdas += [*vertices, list(map(float, draw))]
+        lambdas = [*vertices, list(map(float, draw))] if with_draw else vertices
+        out_rows += [row] * len(lambdas)
+        out_lambdas += lambdas
     return out_rows, out_lambdas
 
 
-def training_rows(conditioner: Conditioner, rows: list[Row], draws: Sequence[Sequence[float]], *,
-                  copies: bool) -> list[Row]:
-    """A rank's training rows of one step: each row under its drawn lambda [K], or with `copies` under every
-    vertex and its draw (`vertex_copies`)."""
-    if copies:
-        return conditioner.apply(*vertex_copies(rows, draws, len(conditioner.objectives)))
+def copies_per_prompt(cfg: LambdaConfig, num_objectives: int) -> int:
+    """Rows a prompt becomes in training: 1, or K (+ 1 with its draw) with `vertex_copies`."""
+    return num_objectives + cfg.copy_draw if cfg.vertex_copies else 1
+
+
+def training_rows(conditioner: Conditioner, rows: list[Row], draws: Sequence[Sequence[float]],
+                  cfg: LambdaConfig) -> list[Row]:
+    """A rank's training rows of one step: each row under its drawn lambda [K], or under every vertex and its
+    draw (`vertex_copies`, `copy_draw`)."""
+    if cfg.vertex_copies:
+        return conditioner.apply(*vertex_copies(rows, draws, len(conditioner.objectives), with_draw=cfg.copy_draw))
     return conditioner.apply(rows, draws)
 
 

@@ -80,8 +80,8 @@ def evaluate_export(config, model_dir: str, *, split: str = "validation", lambda
     if not common["listwise"]:
         return {"pairwise": evaluate_rows(policy, batches(), **common)}
     objectives = prepared.manifest.get("objectives") or []
-    settings = conditioning or {"objectives": objectives, "condition": False, "system_role": True}
+    settings = conditioning or {"objectives": objectives, "condition": False, "placement": "system"}
     if settings["objectives"] != objectives:
         raise ValueError(f"the model was trained on objectives {settings['objectives']}, the data scores {objectives}")
-    conditioner = Conditioner(tokenizer, objectives, condition=settings["condition"], system_role=settings["system_role"])
+    conditioner = Conditioner(tokenizer, objectives, condition=settings["condition"], placement=settings["placement"])
     return evaluate_under_lambdas(policy, batches, lambdas or evaluation_lambdas(objectives), conditioner, **common)

@@ -27,7 +27,7 @@ from mallows_ray.models import load_tokenizer
 from mallows_ray.train import checkpoint
 from mallows_ray.train.batches import collate, epoch_order, micro_batches, rank_slice
 from mallows_ray.train.conditioning import (
-    Conditioner, build_lambda_scheduler, evaluation_lambdas, step_lambdas, training_rows,
+    Conditioner, build_lambda_scheduler, copies_per_prompt, evaluation_lambdas, step_lambdas, training_rows,
 )
 from mallows_ray.train.engine import build_engine, build_policy, optimizer_step, parameter_counts
 from mallows_ray.train.evaluation import evaluate_rows, evaluate_under_lambdas
@@ -137,10 +137,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     # ---- listwise: the lambda scheduler, the conditioner, the learned scheduler's fixed validation batch
     scheduler = conditioner = None
     update_every, update_rows = 0, []
-    copies = 1  # rows per prompt in a micro-batch: K + 1 with lambdas.vertex_copies
+    copies = 1  # rows per prompt in a micro-batch: K (+ 1) with lambdas.vertex_copies
     if listwise:
         conditioner = Conditioner.from_config(tokenizer, plan.objectives, lambda_cfg)
-        copies = len(plan.objectives) + 1 if lambda_cfg.vertex_copies else 1
+        copies = copies_per_prompt(lambda_cfg, len(plan.objectives))
         scheduler = build_lambda_scheduler(lambda_cfg, plan.objectives)
         if scheduler.needs_eval:
             update_every = lambda_cfg.update_every or config.run.eval_every
@@ -179,8 +179,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
             ids = [row["id"] for row in rows]
             if listwise:  # lambdas [global batch, K], drawn for the whole global batch, then sliced
                 lambdas = step_lambdas(scheduler, len(global_indices), seed=config.run.seed, step=step)
-                rows = training_rows(conditioner, rows, rank_slice(lambdas.tolist(), rank, world),
-                                     copies=lambda_cfg.vertex_copies)
+                rows = training_rows(conditioner, rows, rank_slice(lambdas.tolist(), rank, world), lambda_cfg)
             for micro_rows in micro_batches(rows, micro * copies):       # `accumulation` micro-batches
                 batch = collate(micro_rows, tokenizer.pad_token_id, with_scores=listwise,
                                 share_prompt=config.model.share_prompt, pack=config.model.pack).to(engine.device)

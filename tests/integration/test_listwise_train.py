@@ -125,7 +125,7 @@ def test_conditioned_model_follows_each_vertex(trained):
     assert last["eval/loud/loss"] < 0.3 and last["eval/calm/loss"] < 0.3
     # the export records the conditioning that generate/eval reproduce
     settings = json.loads((Path(result.export_dir) / "lambda_conditioning.json").read_text())
-    assert settings == {"objectives": OBJECTIVES, "condition": True, "system_role": True}
+    assert settings == {"objectives": OBJECTIVES, "condition": True, "placement": "system"}
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ from mallows_ray.models import load_tokenizer
 from mallows_ray.lambdas import DirichletScheduler
 from mallows_ray.train.batches import micro_batches, rank_slice
 from mallows_ray.train.conditioning import (
-    Conditioner, build_lambda_scheduler, evaluation_lambdas, step_lambdas, training_rows, vertex_copies,
+    Conditioner, build_lambda_scheduler, copies_per_prompt, evaluation_lambdas, step_lambdas, training_rows,
+    vertex_copies,
 )
 
 OBJECTIVES = ["loud", "calm"]
@@ -28,8 +29,12 @@ def test_conditioned_prompt_is_the_plain_prompt_with_the_weights_line(tokenizer)
     text = tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system\nPreference weights: loud=0.25, calm=0.75<|im_end|>\n")
     assert text.endswith(tokenizer.decode(plain))  # the whole conversation follows the weights line
-    prefixed = tokenizer.decode(conditioned_prompt_ids(tokenizer, CHAT, plain, [1, 0], OBJECTIVES, system_role=False))
+    prefixed = tokenizer.decode(conditioned_prompt_ids(tokenizer, CHAT, plain, [1, 0], OBJECTIVES, placement="user_prefix"))
     assert prefixed.startswith("<|im_start|>user\n" + format_lambda([1, 0], OBJECTIVES) + "\n\nTell me")
+    suffixed = conditioned_prompt_ids(tokenizer, CHAT, plain, [1, 0], OBJECTIVES, placement="user_suffix")
+    expected = render_prompt_ids(tokenizer, [{"role": "user", "content": CHAT[0]["content"] + "\n\n"
+                                              + format_lambda([1, 0], OBJECTIVES)}])
+    assert suffixed == expected  # no truncation: exactly the chat rendered with the line at the turn's end
 
 
 def test_truncated_prompt_keeps_the_weights_line_and_the_same_tail(tokenizer):
@@ -40,6 +45,19 @@ def test_truncated_prompt_keeps_the_weights_line_and_the_same_tail(tokenizer):
     head = render_prompt_ids(tokenizer, [{"role": "system", "content": format_lambda([0.5, 0.5], OBJECTIVES)}])
     assert ids[-12:] == kept and "Preference weights: loud=0.50, calm=0.50" in tokenizer.decode(ids)
     assert len(ids) < len(head) + 12 + 2  # no other part of the prompt came back
+
+
+def test_truncated_prompt_with_the_line_at_the_end_keeps_what_the_reference_saw(tokenizer):
+    """user_suffix: the policy sees the reference's 30 kept tokens with the weights line before the turn's end;
+    a truncation that cut into the turn's end itself still leaves the line and the whole end."""
+    plain = render_prompt_ids(tokenizer, CHAT)
+    full = conditioned_prompt_ids(tokenizer, CHAT, plain, [1, 0], OBJECTIVES, placement="user_suffix")
+    line = len(full) - len(plain)  # tokens the weights line adds
+    end = format_lambda([1, 0], OBJECTIVES) + "<|im_end|>\n<|im_start|>assistant\n"
+    ids = conditioned_prompt_ids(tokenizer, CHAT, plain[-30:], [1, 0], OBJECTIVES, placement="user_suffix")
+    assert len(ids) == 30 + line and ids == full[-len(ids):] and tokenizer.decode(ids).endswith(end)
+    short = conditioned_prompt_ids(tokenizer, CHAT, plain[-3:], [1, 0], OBJECTIVES, placement="user_suffix")
+    assert tokenizer.decode(short).endswith(end) and "few words" not in tokenizer.decode(short)
 
 
 def test_conditioner_sets_lambda_and_leaves_rows_alone(tokenizer):
@@ -88,6 +106,12 @@ def test_vertex_copies_put_each_prompt_under_every_vertex_and_its_draw():
     assert lambdas == [[1.0, 0.0], [0.0, 1.0], [0.3, 0.7], [1.0, 0.0], [0.0, 1.0], [0.6, 0.4]]
     with pytest.raises(ValueError):
         vertex_copies(rows, [[0.5, 0.5]], 2)  # one draw per row
+    out, lambdas = vertex_copies(rows, [[0.3, 0.7], [0.6, 0.4]], 2, with_draw=False)
+    assert [row["id"] for row in out] == ["a", "a", "b", "b"]
+    assert lambdas == [[1.0, 0.0], [0.0, 1.0]] * 2
+    copies = load_config(None, ["lambdas.vertex_copies=true"]).lambdas
+    assert copies_per_prompt(copies, 2) == 3 and copies_per_prompt(load_config(None, []).lambdas, 2) == 1
+    assert copies_per_prompt(load_config(None, ["lambdas.vertex_copies=true", "lambdas.copy_draw=false"]).lambdas, 2) == 2
 
 
 def _step_micro_batches(conditioner, global_rows, *, world, accumulation, step, seed=7):
@@ -98,7 +122,7 @@ def _step_micro_batches(conditioner, global_rows, *, world, accumulation, step, 
     out = []
     for rank in range(world):
         rows = training_rows(conditioner, rank_slice(global_rows, rank, world), rank_slice(draws, rank, world),
-                             copies=True)
+                             load_config(None, ["lambdas.vertex_copies=true"]).lambdas)
         out += [[(row["id"], row["lambda"], row["prompt_ids"]) for row in batch]
                 for batch in micro_batches(rows, micro * 3)]
     return out

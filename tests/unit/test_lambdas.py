@@ -84,17 +84,23 @@ def test_condition_prepends_to_existing_system_message():
     assert parse_lambda_text(out[0]["content"].split("\n")[0]) == LAM
 
 
-def test_condition_without_system_role_prefixes_first_user_turn():
+def test_condition_user_prefix_and_user_suffix():
+    """user_prefix starts the first user turn; user_suffix ends the last one (the turn the reply answers)."""
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
                 {"role": "user", "content": "Again"}]
     before = copy.deepcopy(messages)
-    out = condition_messages(messages, LAM, OBJ, system_role=False)
+    out = condition_messages(messages, LAM, OBJ, placement="user_prefix")
     assert out == [{"role": "user", "content": LINE + "\n\nHi"}] + before[1:]
+    out = condition_messages(messages, LAM, OBJ, placement="user_suffix")
+    assert out == before[:2] + [{"role": "user", "content": "Again\n\n" + LINE}]
     assert messages == before
-    with pytest.raises(ValueError, match="no user message"):
-        condition_messages([{"role": "assistant", "content": "x"}], LAM, OBJ, system_role=False)
+    for placement in ("user_prefix", "user_suffix"):
+        with pytest.raises(ValueError, match="no user message"):
+            condition_messages([{"role": "assistant", "content": "x"}], LAM, OBJ, placement=placement)
     with pytest.raises(ValueError, match="messages is empty"):
         condition_messages([], LAM, OBJ)
+    with pytest.raises(ValueError, match="valid placements are system, user_prefix, user_suffix"):
+        condition_messages(messages, LAM, OBJ, placement="footer")
 
 
 # --- CLI parsing --------------------------------------------------------------------------------------------

@@ -260,6 +260,8 @@ def test_lambda_contrast_needs_vertex_copies_in_the_config():
         from_dict(Config, {"loss": {"terms": terms}})
     config = from_dict(Config, {"loss": {"terms": terms}, "lambdas": {"vertex_copies": True}})
     assert config.loss.across_lambdas and config.loss.name == "listwise"  # the composite reports listwise
+    off = [terms[0], {**terms[1], "weight": 0.0}]  # switched off (the demo's no-conditioning ablation)
+    assert not from_dict(Config, {"loss": {"terms": off}, "lambdas": {"condition": False}}).loss.across_lambdas
 
 
 def test_listwise_nll_in_a_composite_reports_the_preference_term():

@@ -87,14 +87,19 @@ def test_kuberay_ray_pods_admit_only_their_cluster_namespace_and_operator():
 
 
 def test_demo_ablations_switch_off_their_part_only():
-    """`mallows-ray demo --ablations`: each variant differs from the demo config in its one part."""
+    """`mallows-ray demo --ablations`: each variant differs from the demo config in its one part (without
+    conditioning, lambda_contrast goes too: with lambda hidden it is a constant)."""
+    from dataclasses import replace
+
     from mallows_ray.demo import ABLATIONS, DEMO_CONFIG
 
     demo = load_config(DEMO_CONFIG, [])
-    assert demo.lambdas.condition and demo.loss.uses_dispersion and demo.loss.listwise
-    assert [t.name for t in demo.loss.terms] == ["listwise", "listwise_nll"]
+    assert demo.lambdas.condition and demo.loss.uses_dispersion and demo.loss.listwise and demo.loss.across_lambdas
+    assert [t.name for t in demo.loss.terms] == ["listwise", "listwise_nll", "lambda_contrast"]
     no_conditioning = load_config(DEMO_CONFIG, ABLATIONS["no conditioning"])
-    assert not no_conditioning.lambdas.condition and no_conditioning.loss == demo.loss
+    assert not no_conditioning.lambdas.condition and not no_conditioning.loss.across_lambdas
+    assert no_conditioning.lambdas == replace(demo.lambdas, condition=False)
+    assert no_conditioning.loss.terms[:2] == demo.loss.terms[:2] and no_conditioning.loss.terms[2].weight == 0
     no_dispersion = load_config(DEMO_CONFIG, ABLATIONS["no dispersion"])
     assert not no_dispersion.loss.uses_dispersion and no_dispersion.lambdas == demo.lambdas
     assert [t.weight for t in no_dispersion.loss.terms] == [t.weight for t in demo.loss.terms]

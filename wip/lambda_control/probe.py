@@ -39,6 +39,8 @@ ap.add_argument("--xbeta", type=float, default=0.5)
 ap.add_argument("--omit_zero", action="store_true")
 ap.add_argument("--const", action="store_true")
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--placement", default="system", choices=["system", "prefix", "suffix"])
+ap.add_argument("--seed", type=int, default=0)
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 import mallows_ray.lambdas as L
@@ -47,8 +49,15 @@ if not args.omit_zero:  # the rendering before session 24: every objective liste
         values = L.lambda_vector(lam, objectives)
         return L.LAMBDA_PREFIX + ", ".join(f"{n}={v:.2f}" for n, v in zip(objectives, values))
     L.format_lambda = every_name
-torch.manual_seed(0)
-random.seed(0)
+torch.manual_seed(args.seed)
+random.seed(args.seed)
+
+def conditioned(prompt, lam):
+    """The chat with the weights line where --placement puts it (system: the library's condition_messages)."""
+    if args.placement == "system":
+        return condition_messages([{"role": "user", "content": prompt}], lam, objs)
+    line = L.format_lambda(lam, objs)
+    return [{"role": "user", "content": f"{line}\n\n{prompt}" if args.placement == "prefix" else f"{prompt}\n\n{line}"}]
 
 objs = list(OBJECTIVES)
 path = resolve_model_path("embedded:smollm2-135m-instruct")
@@ -94,11 +103,10 @@ def lr_at(step):
 def evaluate(step):
     model.eval()
     prompts = [r["prompt"] for r in test[: args.eval_prompts]]
-    cond = {"objectives": objs, "system_role": True}
     scores = {}
     t = time.time()
     for k, v in enumerate(vertices):
-        replies = generate(model, tok, prompts, lam=v, conditioning=cond, max_new_tokens=40, batch_size=len(prompts))
+        replies = generate(model, tok, [conditioned(p, v) for p in prompts], max_new_tokens=40, batch_size=len(prompts))
         per = [score_all(p, r) for p, r in zip(prompts, replies)]
         scores[objs[k]] = {j: [d[j] for d in per] for j in objs}
         print(f'   sample {objs[k]}: {replies[0][:100]!r} | {replies[1][:100]!r}', flush=True)
@@ -130,7 +138,7 @@ for step in range(args.steps):
         if args.mixed:
             lam_list.append(tuple(torch.distributions.Dirichlet(torch.ones(3)).sample().tolist()))
         for lam in lam_list:
-            msgs = condition_messages([{"role": "user", "content": rec["prompt"]}], lam, objs)
+            msgs = conditioned(rec["prompt"], lam)
             prompts.append(render_prompt_ids(tok, msgs)); responses.append(resp_ids(rec))
             lams.append(torch.tensor(lam)); refs.append(ref[i])
             S.append(torch.tensor([rec["scores"][k] for k in objs]))  # [K, N]

@@ -133,9 +133,9 @@ def lambda_contrast(inputs: ListwiseInputs, *, beta: float = 1.0) -> LossOutput:
     which is scored without lambda) cancels inside softmax_v, so the gradient only teaches the policy to read
     lambda. If the policy gave reply i the probability c p_v[i] under every lambda_v (one c for all v) and beta
     were 1, softmax_v would be p_v[i] / sum_u p_u[i], the loss's minimiser. Chance is log V; a row alone in
-    its group contributes 0 (evaluation rows, one lambda each). Not shown to help yet: in the demo
-    (SmolLM2-135M, LoRA, 40 steps, weight 3 beside listwise and listwise_nll 2) it stayed at chance, log 4,
-    and no objective came under lambda control (issue 17, session 24; wip/README.md). Rewards: log softmax_v,
+    its group contributes 0 (evaluation rows, one lambda each). In the demo (SmolLM2-135M, LoRA, 40 steps,
+    the 3 vertex rows of each prompt) it falls from chance, log 3 = 1.10, to 0.6-0.9; with a Dirichlet draw's
+    row in each group (session 24) it stayed at chance (wip/README.md). Rewards: log softmax_v,
     the reply's share of lambda_v (accuracy: the reply this row's lambda claims most is its target's top one).
     """
     valid = _valid(inputs)

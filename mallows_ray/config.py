@@ -212,9 +212,9 @@ class LambdaConfig:
 
     Each training example gets a lambda from the scheduler; with `condition` it is rendered into the policy's
     prompt (where `placement` says: a system message, the first user turn's prefix, or the last user turn's end)
-    while the reference stays
-    scored on the plain prompt. `params` are the scheduler's own: fixed {lam}, dirichlet {alpha},
-    table {lambdas, probs}, learned {candidates, num_candidates, seed, temperature, lr, exploration, signal}.
+    while the reference stays scored on the plain prompt. `params` are the scheduler's own: fixed {lam},
+    dirichlet {alpha}, table {lambdas, probs}, learned {candidates, num_candidates, seed, temperature, lr,
+    exploration, signal}.
     """
 
     condition: bool = True

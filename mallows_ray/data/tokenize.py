@@ -122,7 +122,7 @@ def conditioned_prompt_ids(tokenizer, messages: list[dict[str, str]], prompt_ids
     tail = 0
     while tail < min(len(conditioned), len(plain)) - head and conditioned[-1 - tail] == plain[-1 - tail]:
         tail += 1
-    after = len(plain) - head  # U's M + T: M is the last token(s) of the turn when the line's blank line merges with them
+    after = len(plain) - head  # U's M + T (M: the turn's last token(s) when the line's blank line merges with them)
     if placement == "user_suffix":  # the line and the turn's end whole, after what the reference kept before them
         return prompt_ids[: max(0, len(prompt_ids) - after)] + conditioned[head:]
     kept_tail = min(tail, len(prompt_ids))  # how much of the shared tail survived the truncation

@@ -147,3 +147,17 @@ def test_vertex_copies_are_world_size_invariant_and_resume_exact(tokenizer):
 def test_vertex_copies_is_a_lambdas_option():
     assert load_config(None, []).lambdas.vertex_copies is False
     assert load_config(None, ["lambdas.vertex_copies=true"]).lambdas.vertex_copies is True
+
+
+def test_conditioning_file_round_trip_and_an_older_export(tmp_path):
+    """An export records its placement; one written before `placement` existed recorded `system_role`."""
+    from mallows_ray.train.conditioning import CONDITIONING_FILE, read_conditioning, write_conditioning
+
+    assert read_conditioning(str(tmp_path)) is None  # no file: a model not trained with lambda
+    settings = {"objectives": OBJECTIVES, "condition": True, "placement": "user_suffix"}
+    write_conditioning(str(tmp_path), settings)
+    assert read_conditioning(str(tmp_path)) == settings
+    for system_role, placement in ((True, "system"), (False, "user_prefix")):
+        (tmp_path / CONDITIONING_FILE).write_text(
+            f'{{"objectives": ["loud", "calm"], "condition": true, "system_role": {str(system_role).lower()}}}')
+        assert read_conditioning(str(tmp_path)) == {"objectives": OBJECTIVES, "condition": True, "placement": placement}

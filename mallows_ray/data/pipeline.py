@@ -23,9 +23,9 @@ Every reject keeps its file and line (jsonl) or row (parquet, HF datasets); rows
 per split. Ray Data runs with `preserve_order` and the pool returns slices in order, so the output is the
 reading order (files in sorted path order, then their rows), cut into size-bounded files: the same content
 and files whatever the number of actors or the order they finish in. Nothing is dropped without a line in
-rejects.jsonl, which is always written (empty when no row is rejected), and `_gate` is the one place rejects are gated. A reused cache
-entry is checked against its manifest (sizes, SHA-256) and rebuilt when damaged, and its recorded counts go
-through the bad-row gate again: `max_bad_fraction` is not part of the cache key.
+rejects.jsonl, which is always written (empty when no row is rejected), and `_gate` is the one place rejects
+are gated. A reused cache entry is checked against its manifest (sizes, SHA-256) and rebuilt when damaged,
+and its recorded counts go through the bad-row gate again: `max_bad_fraction` is not part of the cache key.
 """
 
 from __future__ import annotations

@@ -17,8 +17,7 @@ from mallows_ray.train.objective import forward_loss, policy_outputs
 
 def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[list[Row]], *, rank: int, world: int,
                   pad_id: int, loss_fn, listwise: bool, target_tau: float = 1.0, share_prompt: bool = False,
-                  pack: bool = False,
-                  device: torch.device | None = None, with_ld: bool = False,
+                  pack: bool = False, device: torch.device | None = None, with_ld: bool = False,
                   transform: Callable[[list[Row]], list[Row]] | None = None) -> dict[str, float]:
     """Metrics (as `MetricSums.reduce`) of `model` over every row of `global_batches`; rank r runs its
     `eval_slice` of each batch. `transform` maps a rank's rows before collation (e.g. lambda conditioning).

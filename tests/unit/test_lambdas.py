@@ -103,6 +103,16 @@ def test_condition_user_prefix_and_user_suffix():
         condition_messages(messages, LAM, OBJ, placement="footer")
 
 
+def test_config_offers_exactly_the_renderer_placements():
+    """lambdas.placement's choices (a Literal, for the config's errors) and PLACEMENTS are one list."""
+    import typing
+
+    from mallows_ray.config import LambdaConfig
+    from mallows_ray.lambdas import PLACEMENTS
+
+    assert typing.get_args(typing.get_type_hints(LambdaConfig)["placement"]) == PLACEMENTS
+
+
 # --- CLI parsing --------------------------------------------------------------------------------------------
 
 

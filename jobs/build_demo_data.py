@@ -7,12 +7,16 @@ Why styles: listwise lambda training can only teach the policy to read lambda wh
 along the objectives. So reply i of every record comes from STYLES[i]: the embedded model answers the prompt
 with a style instruction appended to the user turn (short; the requested format; warm and positive; plain),
 its reply opened for it where an instruction alone does not make a 135M model follow (the warm reply starts
-"Great question!", a bulleted one "- ", ...: `Style.opening`), draws `samples` replies and keeps the one its
-target judge scores highest; a short reply is cut after its first sentence and an ALL CAPS one upper-cased
+"Great question!", a bulleted one "- ", ...: `Style.opening`), draws `samples` replies (never repeating a
+4-token sequence) and keeps the one its target judge scores highest among those that fit the style
+(`Style.fits`: a short reply is one whole prose sentence, no reply quotes its instruction or opens a line with
+two list markers); a short reply is cut after its first sentence and an ALL CAPS one upper-cased
 (`Style.finish`). The instruction is then removed: the record's prompt is the plain question, so a policy
 trained on it can reproduce a style only by reading the lambda rendered into its prompt. (Built from
 instructions alone, session 23's styles were too alike to teach it: the warm reply started "Great question!"
-in 9 of 160 training records, and 40 LoRA steps left SmolLM2's replies under the three vertex lambdas alike.)
+in 9 of 160 training records, and 40 LoRA steps left SmolLM2's replies under the three vertex lambdas alike.
+Session 27's replies, the best of 2 samples by their judge alone, held loops ("*   *   *", "1. 1. 1.") and
+fragments ("1." as a short reply), and the policy trained to reproduce them replied in numbering loops.)
 
 Steps (deterministic for a given torch build and thread count; re-running rewrites the folder):
   1. prompts: hand-written everyday questions (QUESTION_FAMILIES, each a template x subjects) crossed with
@@ -20,9 +24,10 @@ Steps (deterministic for a given torch build and thread count; re-running rewrit
      and the phrasing of each request;
   2. responses: for each style, `samples` sampled replies per prompt to the prompt + the style's instruction
      (batched, left padding, the chat template with its generation prompt, then the style's opening for the
-     prompt's format request), each finished by the style's rule; the best under the style's target judge is kept (ties: the first; the plain style draws one); an empty reply or a copy of another
-     reply of the same prompt is drawn again (new seed, up to MAX_RESAMPLES times), and a prompt still
-     without 4 distinct replies is dropped;
+     prompt's format request), each finished by the style's rule; the best under the style's target judge
+     among those that fit the style is kept (ties: the first; the plain style draws one); an empty reply, one
+     that does not fit, or a copy of another reply of the same prompt is drawn again (new seed, up to
+     MAX_RESAMPLES times), and a prompt still without 4 distinct replies is dropped;
   3. scores: `mallows_ray.judges.score_all` on every (plain prompt, response);
   4. output: train/validation/test .jsonl.gz (a seeded permutation; --test and --validation records, the
      rest train) in the `listwise` format, and README.md with the styles and the figures of the run.
@@ -90,7 +95,19 @@ QUESTION_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 
 
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+# a sentence ends at . ! ? before a space or the end, but not at a list number's point ("Steps:\n\n1.")
+_SENTENCE_END = re.compile(r"(?<!\d)[.!?](?=\s|$)|(?<=\d)[!?](?=\s|$)")
+LIST_MARKER = re.compile(r"\s*([-*\u2022]|\d+[.)])")
+# a line opened by two list markers ("1. 1. Boil", "- 1. Help", "- 1-4."): the opening written for the model
+# followed by its own marker
+DOUBLE_MARKER = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*(?:[-*\u2022]\s|\d+[.)\-])", re.M)
+
+
+def echoes(instruction: str, text: str, run: int = 3) -> bool:
+    """Whether `text` repeats `run` consecutive words of `instruction` (case and punctuation ignored)."""
+    said = re.findall(r"[a-z']+", instruction.lower())
+    reply = " " + " ".join(re.findall(r"[a-z']+", text.lower())) + " "
+    return any(f" {' '.join(said[i:i + run])} " in reply for i in range(len(said) - run + 1))
 
 
 def first_sentence(text: str) -> str:
@@ -115,8 +132,15 @@ class Style:
     # {format request kind: opening}, "*" for every kind
     opening: tuple[tuple[str, str], ...] = ()
     finish: str = ""         # "first_sentence" | "upper_when_asked" | "" (the reply as generated)
+    # what a kept reply must be (a candidate that is not loses to every one that is): a whole sentence of
+    # prose (no list marker first, ends in . ! or ?) of at least `min_words` words
+    prose_sentence: bool = False
+    min_words: int = 0
     temperature: float = 0.8
     top_p: float = 0.95
+    # sampling may not repeat a 4-token sequence: SmolLM2-135M otherwise loops ("*   *   *", "1. 1. 1."), and
+    # the policy trained to reproduce these replies learned the loops (issue 17, session 27)
+    no_repeat_ngram_size: int = 4
 
     def opening_for(self, kind: str) -> str:
         openings = dict(self.opening)
@@ -127,15 +151,28 @@ class Style:
             return first_sentence(text)
         return upper_when_asked(text, kind) if self.finish == "upper_when_asked" else text
 
+    def fits(self, text: str) -> bool:
+        """Whether `text` is a reply this style may keep: not empty, not echoing the instruction (three of its
+        words in a row: the warm reply often quoted "be warm and cheerful"), no line opened by two list
+        markers, and a whole prose sentence (one line) of `min_words` when the style asks for one."""
+        words = text.lower().split()
+        if not words or echoes(self.instruction, text) or DOUBLE_MARKER.search(text):
+            return False
+        end = _SENTENCE_END.search(text)
+        if self.prose_sentence and (LIST_MARKER.match(text) or "\n" in text or not end or end.end() != len(text)):
+            return False
+        return len(words) >= self.min_words
+
 
 # Response i of every record comes from STYLES[i]: one style aimed at each objective, then the plain reply.
 STYLES = (
-    Style("short", "Answer in one short sentence.", "conciseness", 2, 24, finish="first_sentence"),
-    Style("format", "Follow the requested format exactly and write nothing else.", "format", 2, 40,
-          opening=(("bullets", "- "), ("numbered_steps", "1. "), ("json", '{"answer": "')),
+    Style("short", "Answer in one short sentence.", "conciseness", 4, 32, finish="first_sentence",
+          prose_sentence=True, min_words=4),
+    Style("format", "Follow the requested format exactly and write nothing else.", "format", 4, 40,
+          opening=(("bullets", "- "), ("numbered_steps", "1."), ("json", '{"answer": "')),
           finish="upper_when_asked"),
-    Style("warm", "Be warm and cheerful and use happy, encouraging words.", "positivity", 2, 36,
-          opening=(("*", "Great question! "),)),
+    Style("warm", "Be warm and cheerful and use happy, encouraging words.", "positivity", 3, 36,
+          opening=(("*", "Great question! "),), min_words=6),
     Style("plain", "", None, 1, 36),
 )
 
@@ -184,6 +221,7 @@ class Generator:
             out = self.model.generate(
                 **batch, do_sample=True, temperature=style.temperature, top_p=style.top_p,
                 num_return_sequences=style.samples, max_new_tokens=style.max_new_tokens,
+                no_repeat_ngram_size=style.no_repeat_ngram_size,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
             new = out[:, batch["input_ids"].shape[1]:]  # [B * samples, <= max_new_tokens], prompt-major
@@ -197,11 +235,10 @@ class Generator:
 
 
 def pick(prompt: str, candidates: list[str], style: Style) -> str:
-    """The candidate the style's target judge scores highest on the plain prompt (the first on ties)."""
-    if style.target is None:
-        return candidates[0]
-    judge = JUDGES[style.target]
-    return max(candidates, key=lambda reply: (bool(reply.strip()), judge(prompt, reply)))
+    """The candidate the style's target judge scores highest on the plain prompt among those that fit the
+    style (`Style.fits`; all of them when none does; the first on ties)."""
+    judge = JUDGES[style.target] if style.target else (lambda prompt, reply: 0.0)
+    return max(candidates, key=lambda reply: (bool(reply.strip()), style.fits(reply), judge(prompt, reply)))
 
 
 _GENERATOR: Generator | None = None  # one per worker process
@@ -263,7 +300,7 @@ def generate_all(pool: ProcessPoolExecutor, prompts: list[dict], batch_size: int
         for i, style in enumerate(STYLES):
             for attempt in range(1, MAX_RESAMPLES + 1):
                 others = {_squash(r) for j, r in enumerate(replies) if j != i}
-                if replies[i] and _squash(replies[i]) not in others:
+                if replies[i] and style.fits(replies[i]) and _squash(replies[i]) not in others:
                     break
                 per_style, new_tokens = pool.submit(
                     _sample, [texts[p]], [style], SEED + 7 * p + 100_003 * attempt + i).result()
@@ -312,6 +349,8 @@ def summarise(records: list[dict]) -> dict:
                      for name in OBJECTIVES},
         "mean_words_per_style": {s.name: round(statistics.fmean(len(r["responses"][i].split()) for r in records), 1)
                                  for i, s in enumerate(STYLES)},
+        # replies kept although they do not fit their style (`Style.fits`) after every resample
+        "not_fitting_style": {s.name: sum(not s.fits(r["responses"][i]) for r in records) for i, s in enumerate(STYLES)},
         # how often the reply aimed at an objective is (one of) its best-scored replies
         "target_is_best": {s.target: round(statistics.fmean(i in x[s.target] for x in best), 3)
                            for i, s in enumerate(STYLES) if s.target},
@@ -432,9 +471,13 @@ Command: `{command}` (seed {SEED}).
    |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join('   ' + line for line in styles.splitlines())}
 
-   An empty reply, or one equal to another reply of the same prompt (whitespace ignored), is sampled again
-   with a new seed, up to {MAX_RESAMPLES} times ({figures['resampled_replies']} replies were); prompts still short
-   of 4 distinct replies are dropped ({figures['dropped']} were).
+   Sampling may not repeat a 4-token sequence (`no_repeat_ngram_size`: SmolLM2-135M loops otherwise). A
+   candidate that does not fit its style (empty; three words of the instruction in a row; for `short`, not a
+   whole prose sentence of at least 4 words; for `warm`, under 6 words) loses to every one that does. An empty
+   reply, one that does not fit, or one equal to another reply of the same prompt (whitespace ignored) is
+   sampled again with a new seed, up to {MAX_RESAMPLES} times ({figures['resampled_replies']} replies were);
+   prompts still short of 4 distinct replies are dropped ({figures['dropped']} were); replies kept without
+   fitting their style: {', '.join(f"{k} {v}" for k, v in figures['not_fitting_style'].items())}.
 3. **Scores.** `mallows_ray.judges` (each rule is in its docstring), all in [0, 1], higher is better:
    - `conciseness`: 30 / (30 + words); 0 for an empty reply; halved when the reply looks cut off (prose not
      ending in sentence punctuation), which the token limits make common.

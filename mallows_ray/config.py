@@ -226,14 +226,21 @@ class LambdaConfig:
     target_tau: float = bounded(1.0, 1e-6)  # tau of the per-objective softmax targets
     update_every: int = bounded(0, 0)  # learned: optimizer steps between candidate evaluations; 0: run.eval_every
     update_prompts: int = bounded(8, 1)  # learned: prompts of the fixed validation batch the candidates are scored on
-    eval_vertices: bool = True  # evaluate under each objective's vertex lambda too (K + 1 passes), else uniform only
+    eval_vertices: bool = True  # evaluate under each objective's vertex lambda (K passes)
+    # evaluate under the uniform lambda (one pass): the unprefixed eval metrics; without it they are the mean over
+    # the vertex passes (the demo: a quarter of its evaluation time, for figures its report does not show)
+    eval_uniform: bool = True
     # train every prompt under each objective's vertex lambda and its scheduler draw (K + 1 rows per prompt, in
     # one micro-batch of micro_batch_size x (K + 1) rows): the gradient contrasts lambdas on identical replies
     vertex_copies: bool = False
     copy_draw: bool = True  # with vertex_copies: false trains the K vertices only (no draw; K rows per prompt)
 
     def check(self, where: str) -> None:
-        """Scheduler parameter names (values need the data's objectives and are checked when training starts)."""
+        """Scheduler parameter names (values need the data's objectives and are checked when training starts)
+        and at least one evaluation lambda."""
+        if not (self.eval_vertices or self.eval_uniform):
+            raise ConfigError(f"{where}.eval_vertices and {where}.eval_uniform are both false: evaluation needs "
+                              "at least one of them (the vertex passes or the uniform one)")
         valid = lambda_schedulers.scheduler_parameters(self.scheduler)
         unknown = sorted(set(self.params) - set(valid))
         if unknown:

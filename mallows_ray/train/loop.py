@@ -20,7 +20,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from mallows_ray.config import Config, from_dict
+from mallows_ray.config import Config, LambdaConfig, from_dict
 from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.data.scoring import pick_dtype
 from mallows_ray.models import load_tokenizer
@@ -72,20 +72,21 @@ def read_counts(split: ScoredSplit) -> dict[str, float]:
 
 
 def evaluate(engine, batches: list[list[dict]], common: dict[str, Any], conditioner: Conditioner | None,
-             vertices: bool = True) -> dict[str, float]:
-    """Metrics of the validation split's global `batches`, keys prefixed `eval/`. Listwise: under the uniform
-    lambda (`eval/uniform/...`, also unprefixed) and, with `vertices`, each objective's vertex (`eval/<objective>/...`)."""
+             lambda_cfg: LambdaConfig) -> dict[str, float]:
+    """Metrics of the validation split's global `batches`, keys prefixed `eval/`. Listwise: with
+    `lambda_cfg.eval_vertices` under each objective's vertex (`eval/<objective>/...`), with `eval_uniform` under
+    the uniform lambda (`eval/uniform/...`); unprefixed: the uniform pass's, else the mean over the vertices."""
     engine.eval()
     if conditioner is None:
         metrics = evaluate_rows(engine, batches, **common)
     else:
-        lambdas = evaluation_lambdas(conditioner.objectives)
-        if not vertices:
-            lambdas = {"uniform": lambdas["uniform"]}
+        lambdas = {name: lam for name, lam in evaluation_lambdas(conditioner.objectives).items()
+                   if (lambda_cfg.eval_uniform if name == "uniform" else lambda_cfg.eval_vertices)}
         per_lambda = evaluate_under_lambdas(engine, lambda: batches, lambdas, conditioner, **common)
         metrics = {f"{name}/{key}": value for name, values in per_lambda.items()
                    for key, value in values.items() if key not in COUNTS}
-        metrics.update(per_lambda["uniform"])
+        passes = [per_lambda["uniform"]] if "uniform" in per_lambda else list(per_lambda.values())
+        metrics.update({key: sum(p[key] for p in passes) / len(passes) for key in passes[0]})
     engine.train()
     return {f"eval/{name}": value for name, value in metrics.items()}
 
@@ -162,7 +163,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     # ---- train: one optimizer step per global batch
     sums, history = MetricSums(), []
     if config.run.eval_at_start and step == 0 and plan.has_validation:  # the baseline: policy == initial weights
-        baseline = {"step": 0, **evaluate(engine, validation(), common, conditioner, lambda_cfg.eval_vertices)}
+        baseline = {"step": 0, **evaluate(engine, validation(), common, conditioner, lambda_cfg)}
         if rank == 0:
             log.info(f"[train] step 0 (before training) | eval loss {baseline['eval/loss']:.4f} "
                      f"acc {baseline['eval/rewards/accuracy']:.3f}")
@@ -208,7 +209,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                 if scheduler is not None:
                     metrics.update(scheduler.log_dict())
                 if run_eval:
-                    metrics.update(evaluate(engine, validation(), common, conditioner, lambda_cfg.eval_vertices))
+                    metrics.update(evaluate(engine, validation(), common, conditioner, lambda_cfg))
                 if rank == 0:
                     pace = (time.perf_counter() - attempt_start) / (step - first_step)  # s per step, evals included
                     log.info(progress_line(metrics, plan.total_steps, eta_s=pace * (plan.total_steps - step)))

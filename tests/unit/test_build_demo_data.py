@@ -29,6 +29,22 @@ def test_first_sentence_cuts_at_the_first_sentence_end(build):
     assert build.first_sentence("Use a map. Then walk on.") == "Use a map."
     assert build.first_sentence("Version 2.5 works! Really") == "Version 2.5 works!"  # a decimal point is no end
     assert build.first_sentence("no end here") == "no end here"
+    assert build.first_sentence("Steps:\n\n1. Boil water. Then") == "Steps:\n\n1. Boil water."  # a list number
+
+
+def test_a_style_keeps_only_replies_that_fit_it(build):
+    short, formatted, warm, plain = build.STYLES
+    assert short.fits("Use a map and water.")
+    assert not short.fits("Here is a guide: 1.")       # no sentence end: a list was about to start
+    assert not short.fits("- Use a map and water.")    # a list item, not prose
+    assert not short.fits("Use a map.")                # under 4 words
+    assert not short.fits("Use a map and water")       # cut off
+    assert formatted.fits("1. Boil water\n2. Steep")
+    assert not formatted.fits("1. 1. Boil water\n2. 2. Steep")  # two list markers open a line
+    assert not formatted.fits("- 1. Help\n- 2. Love")
+    assert not warm.fits("Great question! Be warm and cheerful, using happy words.")  # echoes its instruction
+    assert warm.fits("Great question! Tea is lovely with honey and friends.")
+    assert plain.fits("anything at all") and not plain.fits("  ")
 
 
 def test_styles_open_and_finish_by_format_request(build):
@@ -50,3 +66,15 @@ def test_bundled_data_has_each_style_best_on_its_own_judge():
         means = [statistics.fmean(r["scores"][objective][i] for r in records) for i in range(4)]
         assert means[style] > max(m for i, m in enumerate(means) if i != style) + 0.05, (objective, means)
     assert sum(r["responses"][2].startswith("Great question!") for r in records) == len(records)
+
+
+def test_bundled_short_and_warm_replies_fit_their_styles(build):
+    """Every short reply is one whole prose sentence and no warm reply quotes its instruction (session 27's data
+    had "1." as a short reply and "Be warm and cheerful" inside warm ones)."""
+    records = []
+    for split in ("train", "validation", "test"):
+        with gzip.open(demo_path(split), "rt") as fh:
+            records += [json.loads(line) for line in fh]
+    short, _, warm, _ = build.STYLES
+    assert [r["responses"][0] for r in records if not short.fits(r["responses"][0])] == []
+    assert [r["responses"][2] for r in records if not warm.fits(r["responses"][2])] == []

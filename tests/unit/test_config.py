@@ -124,3 +124,9 @@ def test_missing_or_malformed_config_file_and_bad_yaml_override_are_config_error
         load_config(None, ["model.lora={rank: 8"])
     with pytest.raises(ConfigError, match="cannot be read"):
         load_config(tmp_path)  # a folder
+
+
+def test_evaluation_needs_the_vertex_or_the_uniform_pass():
+    assert from_dict(Config, {"lambdas": {"eval_uniform": False}}).lambdas.eval_vertices
+    with pytest.raises(ConfigError, match="lambdas.eval_vertices and lambdas.eval_uniform are both false"):
+        from_dict(Config, {"lambdas": {"eval_vertices": False, "eval_uniform": False}})

@@ -350,7 +350,8 @@ def summarise(records: list[dict]) -> dict:
         "mean_words_per_style": {s.name: round(statistics.fmean(len(r["responses"][i].split()) for r in records), 1)
                                  for i, s in enumerate(STYLES)},
         # replies kept although they do not fit their style (`Style.fits`) after every resample
-        "not_fitting_style": {s.name: sum(not s.fits(r["responses"][i]) for r in records) for i, s in enumerate(STYLES)},
+        "not_fitting_style": {s.name: sum(not s.fits(r["responses"][i]) for r in records)
+                              for i, s in enumerate(STYLES)},
         # how often the reply aimed at an objective is (one of) its best-scored replies
         "target_is_best": {s.target: round(statistics.fmean(i in x[s.target] for x in best), 3)
                            for i, s in enumerate(STYLES) if s.target},

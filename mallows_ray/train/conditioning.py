@@ -8,8 +8,9 @@ restarted run draws the same ones again, and 1 worker x accumulation 2 trains on
 Vertex copies (`lambdas.vertex_copies`): every prompt of the global batch is trained K + 1 times, under each
 objective's vertex lambda and under its scheduler draw (K times, the vertices only, with `lambdas.copy_draw`
 false), in the same micro-batch. The loss then compares the same replies under different lambdas within one
-gradient, which is the signal that teaches the policy to read lambda (a single draw per prompt leaves lambda's effect confounded with the prompt's). The copies are made
-after the rank slice from the globally drawn lambdas, so determinism and world-size invariance are kept.
+gradient, which is the signal that teaches the policy to read lambda (a single draw per prompt leaves
+lambda's effect confounded with the prompt's). The copies are made after the rank slice from the globally
+drawn lambdas, so determinism and world-size invariance are kept.
 
 The reference log-probs in the rows were scored on the unconditioned prompt and stay as they are: the KL
 anchor is the base model's behaviour for every lambda (section 3.1), so conditioning only swaps the policy's

@@ -55,7 +55,7 @@ import torch
 
 from mallows_ray.config import CACHE_ROOT, EMBEDDED_MODEL
 from mallows_ray.demo_data import DEMO_DIR, SPLITS
-from mallows_ray.judges import FORMAT_PHRASES, JUDGES, OBJECTIVES, parse_format_request, score_all
+from mallows_ray.judges import FORMAT_PHRASES, JUDGES, OBJECTIVES, parse_format_request, score_all, words
 from mallows_ray.models import load_model, load_tokenizer, resolve_model_path
 
 SEED = 20260523
@@ -105,8 +105,8 @@ DOUBLE_MARKER = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*(?:[-*\u2022]\s|\d+[.)
 
 def echoes(instruction: str, text: str, run: int = 3) -> bool:
     """Whether `text` repeats `run` consecutive words of `instruction` (case and punctuation ignored)."""
-    said = re.findall(r"[a-z']+", instruction.lower())
-    reply = " " + " ".join(re.findall(r"[a-z']+", text.lower())) + " "
+    said = words(instruction)
+    reply = f" {' '.join(words(text))} "
     return any(f" {' '.join(said[i:i + run])} " in reply for i in range(len(said) - run + 1))
 
 
@@ -155,13 +155,13 @@ class Style:
         """Whether `text` is a reply this style may keep: not empty, not echoing the instruction (three of its
         words in a row: the warm reply often quoted "be warm and cheerful"), no line opened by two list
         markers, and a whole prose sentence (one line) of `min_words` when the style asks for one."""
-        words = text.lower().split()
-        if not words or echoes(self.instruction, text) or DOUBLE_MARKER.search(text):
+        tokens = text.split()  # whitespace-separated, as the bundled data was built (an emoji counts)
+        if not tokens or echoes(self.instruction, text) or DOUBLE_MARKER.search(text):
             return False
         end = _SENTENCE_END.search(text)
         if self.prose_sentence and (LIST_MARKER.match(text) or "\n" in text or not end or end.end() != len(text)):
             return False
-        return len(words) >= self.min_words
+        return len(tokens) >= self.min_words
 
 
 # Response i of every record comes from STYLES[i]: one style aimed at each objective, then the plain reply.

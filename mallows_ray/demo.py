@@ -17,8 +17,8 @@
     ablations with --ablations: the same training without conditioning (lambdas.condition=false) and without
               the dispersion plug-in (loss.terms.0.params.dispersion=false), same data, steps and seed, in
               the same report
-    report    <out>/report: summary.md (headline table first), metrics.json, PNG plots; the exported model
-              under <out>/<run name>/export
+    report    <out>/report: summary.md (headline table first), metrics.json, PNG plots, generations.jsonl
+              (every judged reply with its scores); the exported model under <out>/<run name>/export
 
 A second run reuses the converted model and the scoring cache. The report shows one whole training run, so
 an earlier run folder <out>/<run.name> stops the demo with a message; --fresh replaces it (deleting that one
@@ -218,8 +218,27 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
                          generation_lambdas=list(main["summary"]["lambda_control"]),
                          extra={"export": result.export_dir, "total_s": time.time() - started, "timings_s": timings,
                                 "config": to_dict(config), "samples": samples})
+    runs_by_result = {"conditioned policy": main, **{f"{name} (ablation)": run for name, run in runs.items()
+                                                      if name != "demo"}}
+    paths["generations"] = write_generations(out_dir / "report" / "generations.jsonl", prompts, base_replies,
+                                             {name: run["replies"] for name, run in runs_by_result.items()})
     _print_headline(results, time.time() - started, paths["summary"])
     return paths
+
+
+def write_generations(path: Path, prompts: list[str], base_replies: list[str],
+                      replies: dict[str, dict[str, list[str]]]) -> Path:
+    """Every judged reply, one JSON line per run and test prompt: {"run", "prompt", "replies": {lambda name:
+    reply}, "scores": {lambda name: {judge: score}}}, the base model's reply under BASE in each. `replies`:
+    {run: {lambda name: [reply to prompt i]}}. The lambda-control means are means of these scores."""
+    with path.open("w") as out:
+        for run, by_lambda in replies.items():
+            for i, prompt in enumerate(prompts):
+                texts = {**{name: texts[i] for name, texts in by_lambda.items()}, BASE: base_replies[i]}
+                out.write(json.dumps({"run": run, "prompt": prompt, "replies": texts,
+                                      "scores": {name: score_all(prompt, text) for name, text in texts.items()}})
+                          + "\n")
+    return path
 
 
 def _print_headline(results: dict, seconds: float, summary: Path) -> None:

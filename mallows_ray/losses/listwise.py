@@ -133,11 +133,12 @@ def lambda_contrast(inputs: ListwiseInputs, *, beta: float = 1.0) -> LossOutput:
     which is scored without lambda) cancels inside softmax_v, so the gradient only teaches the policy to read
     lambda. If the policy gave reply i the probability c p_v[i] under every lambda_v (one c for all v) and beta
     were 1, softmax_v would be p_v[i] / sum_u p_u[i], the loss's minimiser. Chance is log V; a row alone in
-    its group contributes 0 (evaluation rows, one lambda each). In the demo (SmolLM2-135M, LoRA, 36 steps,
-    the 3 vertex rows of each prompt, session 28's data) its logged 2-step means average 0.91 over the first
-    10 steps and 0.75 over the last 10 (chance: log 3 = 1.10), noisy (0.46-1.21); with a Dirichlet draw's row
-    in each group (session 24) it stayed at chance. Its own effect on lambda control is not measured apart
-    (wip/README.md).
+    its group contributes 0 (evaluation rows, one lambda each). In the demo (SmolLM2-135M, LoRA, 34 steps,
+    the 3 vertex rows of each prompt, weight 8) its logged 2-step means average 0.88 over the first 10 steps
+    and 0.67 over the last 10 (chance: log 3 = 1.10), noisy (0.40-1.07); with a Dirichlet draw's row in each
+    group (session 24) it stayed at chance. Its weight shows in the greedy replies: 8 instead of 3 beside
+    listwise 1 + listwise_nll 20 put 3 of the 3 objectives under lambda control instead of 2 (34 and 36 steps;
+    wip/README.md, session 29).
     Rewards: log softmax_v,
     the reply's share of lambda_v (accuracy: the reply this row's lambda claims most is its target's top one).
     """

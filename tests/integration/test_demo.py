@@ -49,6 +49,12 @@ def test_demo_pipeline_writes_a_complete_report(ray_local, tiny_model_dir, tmp_p
         "eval/format/rewards/pair_accuracy"]
     assert set(trained["control_differences"]["format"]) == set(OBJECTIVES) - {"format"}
     assert metrics["dispersion"]["count"] == 8
+    # every judged reply with its scores, one line per test prompt: the matrix's means are their means
+    lines = [json.loads(line) for line in paths["generations"].read_text().splitlines()]
+    assert [line["run"] for line in lines] == ["conditioned policy"] * 4
+    assert all(list(line["replies"]) == list(line["scores"]) == list(control) for line in lines)
+    assert control["format"]["positivity"]["mean"] == pytest.approx(
+        sum(line["scores"]["format"]["positivity"] for line in lines) / 4)
     summary = paths["summary"].read_text()
     assert "reward_accuracy" in summary and "positivity" in summary
     assert summary.index("## Headline") < summary.index("## Lambda control") < summary.index("### config")
@@ -80,6 +86,8 @@ def test_demo_ablations_report_every_run(ray_local, tiny_model_dir, tmp_path):
     assert list(results["no dispersion (ablation)"]["lambda_control"])[:3] == ["conciseness", "format", "positivity"]
     for run in ("demo", "demo-no-conditioning", "demo-no-dispersion"):
         assert (tmp_path / "demo" / run / "export" / "adapter_model.safetensors").is_file(), run
+    runs = [json.loads(line)["run"] for line in paths["generations"].read_text().splitlines()]
+    assert runs == [name for name in list(results)[1:] for _ in range(4)]
     summary = paths["summary"].read_text()
     # the runs are the headline's columns, the base model first
     assert "|  | base model | conditioned policy | no conditioning (ablation) | no dispersion (ablation) |" in summary

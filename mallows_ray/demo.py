@@ -206,9 +206,9 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
                     for name, key in (("reward_accuracy", "rewards/accuracy"), ("pair_accuracy", "rewards/pair_accuracy"),
                                       ("loss", "loss"), ("reward_margin", "rewards/margin"))}
     eval_metrics["test/prompts"] = trained["eval/examples"]
-    results = {BASE: {"ranking": ranking(untrained)},
-               "conditioned policy": main["summary"],
-               **{f"{name} (ablation)": run["summary"] for name, run in runs.items() if name != "demo"}}
+    labelled = {"conditioned policy": main, **{f"{name} (ablation)": run for name, run in runs.items()
+                                                if name != "demo"}}  # the report's name for each run
+    results = {BASE: {"ranking": ranking(untrained)}, **{label: run["summary"] for label, run in labelled.items()}}
     ours = main["replies"].get("uniform") or main["replies"][UNCONDITIONED]  # lambdas.condition=false: no lambda
     samples = [{"prompt": p, "base": b, **{name: texts[i] for name, texts in main["replies"].items()}}
                for i, (p, b) in enumerate(list(zip(prompts, base_replies))[:4])]
@@ -218,10 +218,8 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
                          generation_lambdas=list(main["summary"]["lambda_control"]),
                          extra={"export": result.export_dir, "total_s": time.time() - started, "timings_s": timings,
                                 "config": to_dict(config), "samples": samples})
-    runs_by_result = {"conditioned policy": main, **{f"{name} (ablation)": run for name, run in runs.items()
-                                                      if name != "demo"}}
     paths["generations"] = write_generations(out_dir / "report" / "generations.jsonl", prompts, base_replies,
-                                             {name: run["replies"] for name, run in runs_by_result.items()})
+                                             {label: run["replies"] for label, run in labelled.items()})
     _print_headline(results, time.time() - started, paths["summary"])
     return paths
 
@@ -234,9 +232,9 @@ def write_generations(path: Path, prompts: list[str], base_replies: list[str],
     with path.open("w") as out:
         for run, by_lambda in replies.items():
             for i, prompt in enumerate(prompts):
-                texts = {**{name: texts[i] for name, texts in by_lambda.items()}, BASE: base_replies[i]}
-                out.write(json.dumps({"run": run, "prompt": prompt, "replies": texts,
-                                      "scores": {name: score_all(prompt, text) for name, text in texts.items()}})
+                row = {**{name: texts[i] for name, texts in by_lambda.items()}, BASE: base_replies[i]}
+                out.write(json.dumps({"run": run, "prompt": prompt, "replies": row,
+                                      "scores": {name: score_all(prompt, text) for name, text in row.items()}})
                           + "\n")
     return path
 

@@ -161,7 +161,7 @@ def _judged_run(config: Config, address: str | None, prompts: list[str], base_sc
     scores = {name: judge_scores(prompts, texts) for name, texts in replies.items()}
     scores[BASE] = base_scores
     differences = control_differences(scores, OBJECTIVES)
-    return {"result": result, "untrained": untrained, "trained": trained, "replies": replies,
+    return {"result": result, "untrained": untrained, "trained": trained, "replies": replies, "scores": scores,
             "summary": {"ranking": ranking(trained), "lambda_control": control_matrix(scores),
                         "control_differences": differences, "controlled": controlled(differences) or None}}
 
@@ -203,8 +203,9 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
     dispersion = result.plan.open_split("train").dispersion()
     eval_metrics = {f"test/{name}{suffix}": evaluation[f"eval/{key}"]
                     for suffix, evaluation in (("", trained), ("_base", untrained))
-                    for name, key in (("reward_accuracy", "rewards/accuracy"), ("pair_accuracy", "rewards/pair_accuracy"),
-                                      ("loss", "loss"), ("reward_margin", "rewards/margin"))}
+                    for name, key in (("reward_accuracy", "rewards/accuracy"),
+                                      ("pair_accuracy", "rewards/pair_accuracy"), ("loss", "loss"),
+                                      ("reward_margin", "rewards/margin"))}
     eval_metrics["test/prompts"] = trained["eval/examples"]
     labelled = {"conditioned policy": main, **{f"{name} (ablation)": run for name, run in runs.items()
                                                 if name != "demo"}}  # the report's name for each run
@@ -219,23 +220,23 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
                          extra={"export": result.export_dir, "total_s": time.time() - started, "timings_s": timings,
                                 "config": to_dict(config), "samples": samples})
     paths["generations"] = write_generations(out_dir / "report" / "generations.jsonl", prompts, base_replies,
-                                             {label: run["replies"] for label, run in labelled.items()})
+                                             labelled)
     _print_headline(results, time.time() - started, paths["summary"])
     return paths
 
 
-def write_generations(path: Path, prompts: list[str], base_replies: list[str],
-                      replies: dict[str, dict[str, list[str]]]) -> Path:
+def write_generations(path: Path, prompts: list[str], base_replies: list[str], runs: dict[str, dict]) -> Path:
     """Every judged reply, one JSON line per run and test prompt: {"run", "prompt", "replies": {lambda name:
-    reply}, "scores": {lambda name: {judge: score}}}, the base model's reply under BASE in each. `replies`:
-    {run: {lambda name: [reply to prompt i]}}. The lambda-control means are means of these scores."""
+    reply}, "scores": {lambda name: {judge: score}}}, the base model's reply under BASE in each. `runs`:
+    {report name: `_judged_run`'s result}, whose scores (BASE's included) the lambda-control means average."""
     with path.open("w") as out:
-        for run, by_lambda in replies.items():
+        for label, run in runs.items():
+            replies = {**run["replies"], BASE: base_replies}
             for i, prompt in enumerate(prompts):
-                row = {**{name: texts[i] for name, texts in by_lambda.items()}, BASE: base_replies[i]}
-                out.write(json.dumps({"run": run, "prompt": prompt, "replies": row,
-                                      "scores": {name: score_all(prompt, text) for name, text in row.items()}})
-                          + "\n")
+                out.write(json.dumps({"run": label, "prompt": prompt,
+                                      "replies": {name: texts[i] for name, texts in replies.items()},
+                                      "scores": {name: {judge: run["scores"][name][judge][i] for judge in OBJECTIVES}
+                                                 for name in replies}}) + "\n")
     return path
 
 

@@ -51,7 +51,8 @@ def main() -> None:
     import ray
 
     from mallows_ray.config import load_config
-    from mallows_ray.data.pipeline import ensure_ray, prepare
+    from mallows_ray.data.pipeline import prepare
+    from mallows_ray.runtime import ensure_ray
     from mallows_ray.models import load_tokenizer
 
     workload = Workload(pairs=args.pairs, micro_batch=args.micro_batch, threads=args.threads,

@@ -130,7 +130,8 @@ def run_plain(data: Path, work: Path, model: Path) -> dict[str, Any]:
 
 
 def run_pipeline(data: Path, work: Path, model: Path, actors: int) -> dict[str, Any]:
-    from mallows_ray.data.pipeline import ensure_ray, prepare
+    from mallows_ray.data.pipeline import prepare
+    from mallows_ray.runtime import ensure_ray
 
     ensure_ray()
     with StorePeak() as store:
@@ -163,10 +164,11 @@ def run_front(data: Path, work: Path, model: Path) -> dict[str, Any]:
     from mallows_ray.data import pipeline
     from mallows_ray.data.progress import PrepareProgress
     from mallows_ray.data.tokenize import LengthLimits
+    from mallows_ray.runtime import ensure_ray
 
     config = _config(data, work, model, 1)
     limits = LengthLimits(LENGTHS["data.max_prompt_length"], LENGTHS["data.max_response_length"])
-    pipeline.ensure_ray()
+    ensure_ray()
     progress, staged = PrepareProgress(), work / "front" / "normalised"
     shutil.rmtree(work / "front", ignore_errors=True)  # an earlier size's staged rows
     start = time.perf_counter()

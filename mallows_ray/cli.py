@@ -33,7 +33,7 @@ def _quiet_console(log_file: Path, verbose: bool, address: str | None) -> None:
     joins Ray between quieting its loggers (before: the start messages) and its worker-output printer
     (after: it exists only then)."""
     from mallows_ray import console
-    from mallows_ray.data.pipeline import ensure_ray
+    from mallows_ray.runtime import ensure_ray
 
     path = console.configure(log_file, verbose=verbose)
     console.quiet_ray_logs()

@@ -504,6 +504,27 @@ def read_yaml_file(path: str | Path) -> Any:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
 
 
+# The settings the scored data depends on: the data section but these keys, and the model's dtype (the
+# model's weights and tokenizer enter the cache key as fingerprints). The pipeline's cache key and the sweep's
+# "prepared once per value" rule both read them here.
+_NOT_SCORED = ("data.cache_dir", "data.scoring", "data.max_bad_fraction")
+_SCORED_MODEL_KEYS = ("model", "model.name_or_path", "model.dtype", "model.trust_remote_code")
+
+
+def changes_scored_data(key: str) -> bool:
+    """Whether a dotted config key (e.g. `data.max_length`, `model.dtype`) changes the scored data."""
+    if any(key == k or key.startswith(k + ".") for k in _NOT_SCORED):
+        return False
+    return key.split(".")[0] == "data" or key in _SCORED_MODEL_KEYS
+
+
+def scored_data_settings(config: "Config") -> dict[str, Any]:
+    """Every setting the scores depend on but the model files (part of the cache key and of the manifest)."""
+    data = {key: value for key, value in to_dict(config.data).items() if changes_scored_data(f"data.{key}")}
+    data["model_dtype"] = config.model.dtype
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate, return a `Config`."""
     data: dict[str, Any] = {}

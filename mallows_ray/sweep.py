@@ -52,12 +52,11 @@ from typing import Any, Iterator, Literal
 import yaml
 
 from mallows_ray.config import (
-    Config, ConfigError, apply_override, bounded, from_dict, load_yaml, read_yaml_file, set_key, to_dict,
+    Config, ConfigError, apply_override, bounded, changes_scored_data, from_dict, load_yaml, read_yaml_file, set_key,
+    to_dict,
 )
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-# keys whose value changes the scored data (pipeline cache key): swept only over listed values, each prepared once
-_PREPARATION_KEYS = ("model", "model.name_or_path", "model.dtype", "model.trust_remote_code")
 _PER_TRIAL_KEYS = ("run", "run.name", "run.storage_path")  # set by the sweep for every trial
 # final metrics shown in the results table besides the sweep's own metric (when the run reports them)
 _TABLE_METRICS = ("step", "loss", "eval/loss", "eval/rewards/accuracy", "eval/rewards/margin")
@@ -115,7 +114,8 @@ class Dimension:
 
     @property
     def affects_preparation(self) -> bool:
-        return self.key.split(".")[0] == "data" or self.key in _PREPARATION_KEYS
+        """Whether the key changes the scored data: swept only over listed values, each prepared once."""
+        return changes_scored_data(self.key)
 
     def tune_domain(self) -> Any:
         from ray import tune
@@ -529,7 +529,7 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None) -> SweepResult:
     import ray
     from ray import tune
 
-    from mallows_ray.data.pipeline import ensure_ray
+    from mallows_ray.runtime import ensure_ray
 
     ensure_ray(address)
     configs = list(sample_configs(sweep))

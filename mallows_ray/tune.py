@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mallows_ray import bandit
-from mallows_ray.data.pipeline import ensure_ray
+from mallows_ray.runtime import ensure_ray
 
 
 def _bandit_trainable(config: dict[str, Any]) -> None:

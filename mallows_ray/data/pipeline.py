@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mallows_ray import __version__
-from mallows_ray.config import Config, to_dict
+from mallows_ray.config import Config, scored_data_settings
 from mallows_ray.data import manifest as mf
 from mallows_ray.data.formats import Reject, check_kinds, list_source_files, source_units
 from mallows_ray.data.progress import PrepareProgress
@@ -59,6 +59,7 @@ from mallows_ray.data.stages import REJECT_FIELDS, TOKENIZED_SCHEMA, normalise_u
 from mallows_ray.data.tokenize import LengthLimits
 from mallows_ray.losses import EntropyAggregate
 from mallows_ray.models import resolve_model_path
+from mallows_ray.runtime import ensure_ray
 
 # The scored split: tokenized rows (less the staging columns) + the reference's scores.
 SCORED_SCHEMA = pa.schema([f for f in TOKENIZED_SCHEMA if f.name not in {"order", *(r.name for r in REJECT_FIELDS)}]
@@ -81,24 +82,6 @@ class PreparedData:
     def split(self, name: str) -> ScoredSplit:
         """A scored split ("train", "validation") for reading rows by index, s(x) included."""
         return ScoredSplit(self.folder / name, self.manifest["dispersion_scale"])
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Join `address` / $RAY_ADDRESS (as under `ray job submit`), else start a local instance."""
-    import ray
-
-    if not ray.is_initialized():
-        # "local" explicitly: a stale ray_current_cluster file would make a bare ray.init() join a dead head
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
-
-
-def _settings(config: Config) -> dict[str, Any]:
-    """Every preparation setting the scores depend on (part of the cache key and of the manifest)."""
-    data = to_dict(config.data)
-    for key in ("cache_dir", "scoring", "max_bad_fraction"):
-        data.pop(key)
-    data["model_dtype"] = config.model.dtype
-    return data
 
 
 def _entropy_summary(entropy: EntropyAggregate, c: float) -> dict[str, dict[str, float]]:
@@ -317,7 +300,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         "data": {s: mf.data_fingerprint(list_source_files(src), src) for s, src in sources.items()},
         "model": mf.model_fingerprint(model_path),
         "tokenizer": mf.tokenizer_fingerprint(model_path),
-        "settings": _settings(config),
+        "settings": scored_data_settings(config),
         "version": __version__,
         "scored_columns": [str(f) for f in SCORE_FIELDS],  # a new or changed score column invalidates the cache
         "layout": mf.LAYOUT,

@@ -17,6 +17,7 @@ import torch
 from mallows_ray.data.collate import pack_responses
 from mallows_ray.losses import prompt_mean_entropy
 from mallows_ray.models import load_model, response_stats
+from mallows_ray.runtime import pick_dtype
 
 # The columns scoring adds, one value per response (lists of N) or per prompt.
 SCORE_FIELDS = [
@@ -27,13 +28,6 @@ SCORE_FIELDS = [
     pa.field("ref_entropy", pa.list_(pa.float32())),     # Hbar(y): mean normalised entropy
     pa.field("hbar", pa.float64()),                      # Hbar(x): mean over the prompt's responses
 ]
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on a GPU, fp32 on CPU (CPU bf16 matmuls are slow and lose precision)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ import torch
 
 from mallows_ray.config import Config, LambdaConfig, from_dict
 from mallows_ray.data.scored_split import ScoredSplit
-from mallows_ray.data.scoring import pick_dtype
 from mallows_ray.models import load_tokenizer
+from mallows_ray.runtime import pick_dtype
 from mallows_ray.train import checkpoint
 from mallows_ray.train.batches import collate, epoch_order, micro_batches, rank_slice
 from mallows_ray.train.conditioning import (

@@ -11,9 +11,10 @@ from typing import Any, Sequence
 
 from mallows_ray.config import Config, to_dict
 from mallows_ray.data import manifest as mf
-from mallows_ray.data.pipeline import PreparedData, ensure_ray, open_cache, prepare
+from mallows_ray.data.pipeline import PreparedData, open_cache, prepare
 from mallows_ray.losses import is_listwise
 from mallows_ray.models import resolve_model_path
+from mallows_ray.runtime import ensure_ray
 from mallows_ray.train.plan import TrainPlan
 
 

@@ -100,7 +100,7 @@ def untruncated_pairs(tokenizer, workload: Workload, n: int | None = None) -> li
     keep-start at max_length, mallows_ray the prompt keep-end and the response keep-start, which would
     otherwise feed them different tokens.
     """
-    from mallows_ray.data.formats import read_normalised
+    from mallows_ray.data.normalise import read_normalised
     from mallows_ray.data.tokenize import LengthLimits, tokenize_record
 
     want = workload.pairs if n is None else n

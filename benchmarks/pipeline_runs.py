@@ -76,7 +76,7 @@ def main() -> None:
                       "manifest_seconds": manifest.get("seconds"),
                       "manifest_rows_per_second": manifest.get("rows_per_second")}
         else:
-            from mallows_ray.train.trainer import run_training
+            from mallows_ray.drivers.train import run_training
 
             t0 = time.perf_counter()
             trained = run_training(config)

@@ -4,7 +4,7 @@
     python -m benchmarks.scale --rows 1000 5000 --front-rows 10000 100000 --output /tmp/scale.md
     python -m benchmarks.scale --model embedded --rows 2000 --front-rows --repeats 1   # the real small model
 
-The model is `models.build_tiny_model` (2 layers, hidden 64, byte-level tokenizer), the pairs synthetic (four
+The model is `tests/tiny_model.py` (2 layers, hidden 64, byte-level tokenizer), the pairs synthetic (four
 jsonl files, varied lengths), so the figures are about the data plane, not the model; `--model embedded` scores
 with the embedded SmolLM2-135M-Instruct instead (its own RESULTS section, `scale-smollm2`), where the model's
 work outweighs the data plane's. Each measurement runs
@@ -108,7 +108,7 @@ def run_plain(data: Path, work: Path, model: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mallows_ray.data.formats import read_normalised
+    from mallows_ray.data.normalise import read_normalised
     from mallows_ray.data.scoring import SCORE_FIELDS, ReferenceScorer
     from mallows_ray.data.tokenize import LengthLimits, cached_tokenizer, tokenize_batch
 
@@ -243,7 +243,7 @@ def median_round(found: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(found, key=lambda r: r["rows_per_second"])[(len(found) - 1) // 2]
 
 
-MODELS = {"tiny": ("Scale (issue 18)", "tiny model (`models.build_tiny_model`)"),
+MODELS = {"tiny": ("Scale (issue 18)", "tiny model (`tests/tiny_model.py`)"),
           "embedded": ("Scale with SmolLM2-135M-Instruct (issues 18, 20)", "the embedded SmolLM2-135M-Instruct")}
 
 
@@ -313,7 +313,7 @@ def main() -> None:
     single.add_argument("--folder", default="")
     single.add_argument("--model", required=True, help="the model folder")
     parser.add_argument("--model", choices=sorted(SECTIONS), default="tiny",
-                        help="tiny: models.build_tiny_model; embedded: SmolLM2-135M-Instruct")
+                        help="tiny: tests/tiny_model.py; embedded: SmolLM2-135M-Instruct")
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--front-rows", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
                         help="sizes at which to time stages 1-2 (read, validate, tokenise) alone")
@@ -326,7 +326,8 @@ def main() -> None:
         return
     from benchmarks.run import load_average
     from mallows_ray.config import EMBEDDED_MODEL
-    from mallows_ray.models import build_tiny_model, resolve_model_path
+    from mallows_ray.models import resolve_model_path
+    from tests.tiny_model import build_tiny_model
 
     load_before = load_average()
     results: dict[str, dict[str, Any]] = {}

@@ -70,7 +70,7 @@ def main() -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         batch = collate(batch_rows, tokenizer.pad_token_id, with_scores=False, share_prompt=share,
                         pack=pack).to(device)
-        loss = forward_loss(policy, batch, loss_fn, listwise=False).losses.mean()
+        loss = forward_loss(policy, batch, loss_fn).losses.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()

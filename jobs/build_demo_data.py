@@ -1,6 +1,6 @@
 """Build the bundled demo data: everyday prompts x 4 SmolLM2 replies each, one per style, scored by the judges.
 
-    python jobs/build_demo_data.py [--out mallows_ray/resources/demo] [--prompts 256] [--test 64]
+    python jobs/build_demo_data.py [--out mallows_ray/demo/resources/listwise] [--prompts 256] [--test 64]
                                    [--validation 16] [--batch-size 32] [--workers N] [--threads N]
 
 Why styles: listwise lambda training can only teach the policy to read lambda when a prompt's replies differ
@@ -20,7 +20,7 @@ fragments ("1." as a short reply), and the policy trained to reproduce them repl
 
 Steps (deterministic for a given torch build and thread count; re-running rewrites the folder):
   1. prompts: hand-written everyday questions (QUESTION_FAMILIES, each a template x subjects) crossed with
-     the format requests of `mallows_ray.judges.FORMAT_PHRASES`; a seeded shuffle picks `--prompts` of them
+     the format requests of `mallows_ray.demo.judges.FORMAT_PHRASES`; a seeded shuffle picks `--prompts` of them
      and the phrasing of each request;
   2. responses: for each style, `samples` sampled replies per prompt to the prompt + the style's instruction
      (batched, left padding, the chat template with its generation prompt, then the style's opening for the
@@ -28,11 +28,12 @@ Steps (deterministic for a given torch build and thread count; re-running rewrit
      among those that fit the style is kept (ties: the first; the plain style draws one); an empty reply, one
      that does not fit, or a copy of another reply of the same prompt is drawn again (new seed, up to
      MAX_RESAMPLES times), and a prompt still without 4 distinct replies is dropped;
-  3. scores: `mallows_ray.judges.score_all` on every (plain prompt, response);
+  3. scores: `mallows_ray.demo.judges.score_all` on every (plain prompt, response);
   4. output: train/validation/test .jsonl.gz (a seeded permutation; --test and --validation records, the
      rest train) in the `listwise` format, and README.md with the styles and the figures of the run.
 
-A script, not part of the package: it needs the embedded model and minutes of CPU. See resources/demo/README.md.
+A script, not part of the package: it needs the embedded model and minutes of CPU. See
+mallows_ray/demo/resources/listwise/README.md.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ from pathlib import Path
 import torch
 
 from mallows_ray.config import CACHE_ROOT, EMBEDDED_MODEL
-from mallows_ray.demo_data import DEMO_DIR, SPLITS
-from mallows_ray.judges import FORMAT_PHRASES, JUDGES, OBJECTIVES, parse_format_request, score_all, words
+from mallows_ray.demo.data import DEMO_DIR, SPLITS
+from mallows_ray.demo.judges import FORMAT_PHRASES, JUDGES, OBJECTIVES, parse_format_request, score_all, words
 from mallows_ray.models import load_model, load_tokenizer, resolve_model_path
 
 SEED = 20260523
@@ -446,9 +447,8 @@ object per line:
 | validation | {figures['splits']['validation']} |
 | test | {figures['splits']['test']} |
 
-{figures['bytes_on_disk'] / 1024:.0f} KiB on disk (gzip). Load with `mallows_ray.data.formats.read_normalised(path)`
-(format `listwise`, detected); `mallows_ray.demo_data.to_pair(record, weights)` turns a record into a
-chosen/rejected pair under a weight vector over the objectives.
+{figures['bytes_on_disk'] / 1024:.0f} KiB on disk (gzip). Load with `mallows_ray.data.normalise.read_normalised(path)`
+(format `listwise`, detected).
 
 ## How it was built
 
@@ -479,7 +479,7 @@ Command: `{command}` (seed {SEED}).
    sampled again with a new seed, up to {MAX_RESAMPLES} times ({figures['resampled_replies']} replies were);
    prompts still short of 4 distinct replies are dropped ({figures['dropped']} were); replies kept without
    fitting their style: {', '.join(f"{k} {v}" for k, v in figures['not_fitting_style'].items())}.
-3. **Scores.** `mallows_ray.judges` (each rule is in its docstring), all in [0, 1], higher is better:
+3. **Scores.** `mallows_ray.demo.judges` (each rule is in its docstring), all in [0, 1], higher is better:
    - `conciseness`: 30 / (30 + words); 0 for an empty reply; halved when the reply looks cut off (prose not
      ending in sentence punctuation), which the token limits make common.
    - `format`: how well the reply follows the format the prompt asks for (bulleted list, one sentence,

@@ -1,5 +1,5 @@
-"""Job entry point for `mallows-ray tune`: a Ray Tune sweep over training (a config with a top-level
-`sweep` section).
+"""Job entry point for `mallows-ray tune` (mallows_ray/tune/): a Ray Tune sweep over training (a config with a
+top-level `sweep` section).
 
 Submit from the repository root; the driver joins the cluster through $RAY_ADDRESS, which the job server sets:
 

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from mallows_ray.config import CACHE_ROOT, ConfigError, load_config
+from mallows_ray.config import CACHE_ROOT, load_config
+from mallows_ray.typed_config import ConfigError
 
 _EPILOG = """\
 Configuration: a YAML file (--config) with sections model, data, loss, then `section.key=value`
@@ -52,13 +53,14 @@ def _add_lambda_args(parser: argparse.ArgumentParser) -> None:
 
 def _parse_lambdas(texts: list[str] | None, objectives: list[str], normalize: bool) -> dict[str, tuple[float, ...]]:
     """{the text as given: lambda [K]}; errors name the bad entry and the model's objectives."""
-    from mallows_ray.lambdas import parse_lambda_arg
+    from mallows_ray.lambdas.vectors import parse_lambda_arg
 
     return {text: parse_lambda_arg(text, objectives, normalize=normalize) for text in texts or []}
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from mallows_ray.generate import generate, load_export, read_prompts
+    from mallows_ray.drivers.generate import generate, read_prompts
+    from mallows_ray.export_format import load_export
 
     model, tokenizer, conditioning = load_export(args.model)
     objectives = (conditioning or {}).get("objectives", [])
@@ -113,11 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         "command again resumes an interrupted sweep without rerunning ended trials. See jobs/configs/sweep_*.yaml.",
     )
     _add_config_args(tune)
-    from mallows_ray import demo as demo_module
+    from mallows_ray.demo import run as demo_run
 
     demo = sub.add_parser(
         "demo", help="the main job on the embedded model and bundled data: prepare -> train -> evaluate -> report",
-        description=demo_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=demo_run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--out", type=Path, default=Path("mallows_ray_demo"),
                       help="folder for the data subsets, the run (checkpoints, export) and the report "
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(that folder only, and only if mallows-ray made it); without it an earlier run stops the demo")
     _add_verbose_arg(demo)
     demo.add_argument("overrides", nargs="*", metavar="section.key=value",
-                      help="overrides of the demo config (mallows_ray/resources/demo_config.yaml)")
+                      help="overrides of the demo config (mallows_ray/demo/resources/config.yaml)")
     evaluate = sub.add_parser(
         "eval", help="score an exported model on a split of the config's data (listwise: under given lambdas)",
         description="Prepares (or reuses) the config's data, loads the export (full weights or a LoRA adapter) "
@@ -164,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=8)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--output", type=Path, help="JSON lines file (default: stdout)")
-    from mallows_ray import bandit
+    from mallows_ray.bandit import cli as bandit_cli
 
-    bandit.add_arguments(sub.add_parser(
+    bandit_cli.add_arguments(sub.add_parser(
         "bandit", help="the Mallows bandit experiment: DPO vs MallowsPO on the reward-KL trade-off (CPU, seconds)",
-        description=bandit.__doc__.split("\n\n")[0],
+        description=bandit_cli.DESCRIPTION,
     ))
     return parser
 
@@ -176,13 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bandit":
-        from mallows_ray import bandit
+        from mallows_ray.bandit import cli as bandit_cli
 
-        return bandit.run_cli(args)
+        return bandit_cli.run_cli(args)
     if args.command == "tune":
-        from mallows_ray import sweep
+        from mallows_ray.tune.run import run_cli
 
-        return sweep.run_cli(args)
+        return run_cli(args)
     if args.command == "generate":
         try:
             return _generate(args)
@@ -222,7 +224,7 @@ def _run_stage(args: argparse.Namespace) -> int:
     """prepare, train, eval or demo; their errors of configuration, data and run state are ValueErrors."""
     overrides = list(args.overrides)
     if args.command == "demo":
-        from mallows_ray.demo import run_demo
+        from mallows_ray.demo.run import run_demo
 
         paths = run_demo(overrides, out_dir=args.out, address=args.address, train_rows=args.train_rows,
                          test_rows=args.test_rows, max_new_tokens=args.max_new_tokens, fresh=args.fresh,
@@ -235,8 +237,8 @@ def _run_stage(args: argparse.Namespace) -> int:
         # a local file (run.storage_path may be remote), outside the run folder (which only train creates, marked)
         _quiet_console(CACHE_ROOT / "logs" / f"{args.command}-{config.run.name}.log", args.verbose, args.address)
     if args.command == "eval":
-        from mallows_ray.train.conditioning import read_conditioning
-        from mallows_ray.train.evaluation import evaluate_export
+        from mallows_ray.export_format import read_conditioning
+        from mallows_ray.drivers.evaluate import evaluate_export
 
         objectives = (read_conditioning(args.model) or {}).get("objectives", [])
         lambdas = _parse_lambdas(args.lambdas, objectives, args.normalize)
@@ -244,7 +246,7 @@ def _run_stage(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2))
         return 0
     if args.command == "train":
-        from mallows_ray.train import run_training
+        from mallows_ray.drivers.train import run_training
 
         result = run_training(config, address=args.address)
         print(json.dumps({"metrics": result.metrics, "checkpoint": result.checkpoint, "export": result.export_dir},

@@ -1,8 +1,8 @@
 """Typed configuration: one `Config` object flows from YAML and `key=value` overrides to every stage.
 
 Each section is a dataclass. `load_config(path, overrides)` reads YAML, applies dotted overrides such as
-`loss.beta=0.2` or `data.max_prompt_length=256`, and validates: an unknown key, a value of the wrong type or
-a value outside its allowed set raises `ConfigError` naming the key and what would be valid.
+`loss.beta=0.2` or `data.max_prompt_length=256`, and validates (`typed_config.py`): an unknown key, a value of
+the wrong type or a value outside its allowed set raises `ConfigError` naming the key and what would be valid.
 
 Workers receive the config as a plain dict (`to_dict`) in `train_loop_config` and rebuild it with
 `from_dict`; nothing is read from module globals.
@@ -10,47 +10,21 @@ Workers receive the config as a plain dict (`to_dict`) in `train_loop_config` an
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-
-from mallows_ray import lambdas as lambda_schedulers
+from mallows_ray.lambdas import schedulers as lambda_schedulers
 from mallows_ray.losses import composite as loss_composite
 from mallows_ray.losses import registry as loss_registry
+from mallows_ray.losses.types import Loss
+from mallows_ray.typed_config import ConfigError, apply_override, bounded, from_dict, read_yaml_file, to_dict
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 # Converted models and scored datasets live here unless configured otherwise.
 CACHE_ROOT = Path(os.environ.get("MALLOWS_RAY_CACHE", "~/.cache/mallows_ray")).expanduser()
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the key and the valid choices."""
-
-
-def bounded(default: Any, low: float | None = None, high: float | None = None, *,
-            open_low: bool = False, open_high: bool = False) -> Any:
-    """A numeric field whose value `from_dict` checks against [low, high] (None: unbounded; `open_low` /
-    `open_high`: that end excluded, e.g. (0, inf) for a scale). None values (an unset optional) pass."""
-    return field(default=default, metadata={"range": (low, high, open_low, open_high)})
-
-
-def _interval(low: float | None, high: float | None, open_low: bool, open_high: bool) -> str:
-    return (f"{'(' if open_low or low is None else '['}{'-inf' if low is None else low}, "
-            f"{'inf' if high is None else high}{')' if open_high or high is None else ']'}")
-
-
-def _in_range(value: float, low: float | None, high: float | None, open_low: bool, open_high: bool) -> bool:
-    above = low is None or (value > low if open_low else value >= low)
-    below = high is None or (value < high if open_high else value <= high)
-    return above and below
 
 
 # a plain single folder name: run folders are created, resumed and (by the demo, on request) deleted by name,
@@ -126,8 +100,7 @@ class DataConfig:
 class LossConfig:
     """One registered loss with its keyword parameters, written flat: `{name: simpo, beta: 2.0, gamma: 0.5}`;
     or a weighted sum of terms (losses/composite.py): `{terms: [{name: dpo, weight: 1.0, params: {beta: 0.1}},
-    {name: nll, weight: 0.2}]}`. With terms, `name` is the lead term's (composite.lead_term), so code that asks
-    a loss name for the run's kind (pairwise / listwise) gets the terms' common kind, and `params` is empty.
+    {name: nll, weight: 0.2}]}`. With terms, `name` is the lead term's (composite.lead_term) and `params` is empty.
     Every value is checked at load (names, kinds, ranges: beta > 0 and finite, label smoothing in its loss's
     range, ...), before Ray starts."""
 
@@ -168,39 +141,9 @@ class LossConfig:
             return {"terms": [t.to_mapping() for t in self.terms]}
         return {"name": self.name, **self.params}
 
-    @property
-    def listwise(self) -> bool:
-        return loss_registry.is_listwise(self.name)
-
-    @property
-    def across_lambdas(self) -> bool:
-        """Whether a term compares a prompt's rows under different lambdas (lambda_contrast); a term of weight 0
-        (switched off, e.g. by an ablation's override) does not count."""
-        names = [t.name for t in self.terms if t.weight > 0] if self.terms is not None else [self.name]
-        return any(loss_registry.loss_spec(name).across_lambdas for name in names)
-
-    @property
-    def uses_dispersion(self) -> bool:
-        if self.terms is not None:
-            return loss_composite.terms_use_dispersion(self.terms)
-        return loss_registry.uses_dispersion(self.name, self.params)
-
-    @property
-    def uses_wpo(self) -> bool:
-        """Whether a term weights its loss by WPO, so the policy forward must return a(y)."""
-        if self.terms is not None:
-            return loss_composite.terms_use_wpo(self.terms)
-        return loss_registry.uses_wpo(self.name, self.params)
-
-    @property
-    def uses_ld(self) -> bool:
-        """Whether a term sets ld_alpha < 1, so the policy forward must return the shared-length sums."""
-        if self.terms is not None:
-            return loss_composite.terms_use_ld(self.terms)
-        return loss_registry.uses_ld(self.name, self.params)
-
-    def build(self):
-        """The loss function of this config; training and evaluation both build it here."""
+    def build(self) -> Loss:
+        """The loss of this config, which says what it needs (kind, reference, dispersion, WPO, LD); training
+        and evaluation both build it here."""
         if self.terms is not None:
             return loss_composite.build_composite(self.terms)
         return loss_registry.build_loss(self.name, **self.params)
@@ -332,176 +275,10 @@ class Config:
     lambdas: LambdaConfig = field(default_factory=LambdaConfig)
 
     def check(self, where: str) -> None:
-        if self.loss.across_lambdas and not (self.lambdas.vertex_copies and self.lambdas.condition):
+        if self.loss.build().across_lambdas and not (self.lambdas.vertex_copies and self.lambdas.condition):
             raise ConfigError("loss: lambda_contrast compares each prompt's replies under several lambdas, so it "
                               "needs lambdas.vertex_copies=true and lambdas.condition=true (with one lambda per "
                               "prompt, or lambda not shown to the policy, it would be 0)")
-
-
-# ----------------------------------------------------------------------------------------------
-# dict <-> dataclass with validation
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and gently coerce, e.g. int -> float) `value` against the annotation `tp`."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            if dataclasses.is_dataclass(option) and isinstance(value, dict):  # a section: its own error is clearer
-                return _coerce(value, option, where)
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                errors.append(_type_name(option))
-        raise ConfigError(f"{where}: {value!r} is not valid; expected {' or '.join(errors)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{where}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{where}: {value!r} is not allowed; expected {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):  # YAML reads .nan and .inf: a NaN learning rate trains NaN, silently
-            raise ConfigError(f"{where}: {value!r} is not a finite number")
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (str, bool) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values."""
-    if hasattr(cls, "from_mapping"):
-        return cls.from_mapping(data, where or cls.__name__)
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]}; valid keys{' of ' + where if where else ''}: {', '.join(names)}"
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    for f in dataclasses.fields(cls):
-        bounds = f.metadata.get("range")
-        value = kwargs.get(f.name, f.default)
-        if bounds and isinstance(value, (int, float)) and not isinstance(value, bool) and not _in_range(value, *bounds):
-            key = f"{where}.{f.name}" if where else f.name
-            raise ConfigError(f"{key}: {value!r} is out of range; expected a value in {_interval(*bounds)}")
-    obj = cls(**kwargs)
-    if hasattr(obj, "check"):  # a section's checks across its own fields
-        obj.check(where or cls.__name__)
-    return obj
-
-
-def to_dict(obj: Any) -> Any:
-    """The inverse of `from_dict`: plain dicts/lists ready for YAML or `train_loop_config`."""
-    if hasattr(obj, "to_mapping"):
-        return obj.to_mapping()
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, list):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 floats: plain YAML 1.1 reads `5e-4` and `1e5` as strings (it wants a
-    dot in the mantissa and a signed exponent), and configs and command lines write learning rates that way."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                  |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def load_yaml(text: str) -> Any:
-    """YAML text as Python values (safe loading, YAML 1.2 floats); every config and sweep file is read here."""
-    return yaml.load(text, Loader=_Loader)
-
-
-def set_key(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set dotted `key` (e.g. `loss.beta`) in the nested mapping `data`, creating sections on the way; a
-    number indexes into an existing list (`loss.terms.1.weight`)."""
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        node = node[_list_index(node, part, key)] if isinstance(node, list) else node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"{key}: {part} is not a section")
-    node[_list_index(node, leaf, key) if isinstance(node, list) else leaf] = value
-
-
-def _list_index(items: list, part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(f"{key}: {part!r} is not an index of a list of {len(items)} items (0 to {len(items) - 1})")
-    return int(part)
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's error in one line: what is wrong and where (line and column, 1-based)."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (`0.2`, `true`, `[a, b]`)."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} is not of the form section.key=value")
-    try:
-        value = load_yaml(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(err)}); "
-                          "quote a whole mapping or list, e.g. \"model.lora={rank: 8, alpha: 16}\"") from None
-    set_key(data, key.strip(), value)
-
-
-def read_yaml_file(path: str | Path) -> Any:
-    """A YAML config file's values; a missing, unreadable or malformed file is a `ConfigError` naming it."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} cannot be read: {err}") from None
-    try:
-        return load_yaml(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
 
 
 # The settings the scored data depends on: the data section but these keys, and the model's dtype (the

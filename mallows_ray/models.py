@@ -1,4 +1,5 @@
-"""Model and tokenizer resolution: local HF folders, the embedded SmolLM2-135M-Instruct, tiny test models.
+"""Model and tokenizer resolution (local HF folders, the embedded SmolLM2-135M-Instruct), loading, and the
+per-response forward (`response_stats`).
 
 Loading is deliberately strict: safetensors weights only, `trust_remote_code` only when the config asks.
 """
@@ -15,12 +16,6 @@ from mallows_ray.config import CACHE_ROOT, EMBEDDED_MODEL
 from mallows_ray.data.collate import SEGMENT_BITS
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# ChatML, as used by SmolLM2; the tiny test tokenizer gets the same template.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def resolve_model_path(name_or_path: str, cache_dir: Path = CACHE_ROOT) -> Path:
@@ -83,38 +78,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remot
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
-
-
-def build_tiny_model(folder: str | Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """Write a tiny random Llama with a byte-level ChatML tokenizer to `folder` (tests and smoke runs).
-
-    The tokenizer needs no download: its vocabulary is the 256 byte symbols plus the special tokens.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + byte_symbols)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(specials)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
-        chat_template=CHATML_TEMPLATE,
-    )
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"], bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, attn_implementation: str,

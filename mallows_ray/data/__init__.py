@@ -1,1 +1,2 @@
-"""Preference data: readers and normalisers, tokenization, reference scoring, the Ray Data pipeline."""
+"""Preference data: readers, format detection and normalisers, rejects, tokenization, reference scoring, the
+prepare pipeline and its cache, and the reader of a scored split."""

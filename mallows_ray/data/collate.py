@@ -23,9 +23,10 @@ group): `segment_ids` carry the group in their high bits (`SEGMENT_BITS`) and th
 positions restart in every group, so every hidden state is again the unpacked one's. Padding between rows
 is gone (a micro-batch's prompts differ in length); the price is a [T, T] attention mask over the whole row.
 
-In all, `labels[row, t]` is the token that `hidden[row, t]` predicts (already shifted), IGNORE on prompt and
-padding positions, so the first response token and the EOS are both scored (ALGORITHMS 2.3), and
-`owner[row, t]` says which response r in [0, R) a labelled position belongs to (prompt-major order).
+In all, `labels[row, t]` is the token that `hidden[row, t]` predicts (already shifted), IGNORE_INDEX
+(`losses.logprobs`) on prompt and padding positions, so the first response token and the EOS are both scored
+(ALGORITHMS 2.3), and `owner[row, t]` says which response r in [0, R) a labelled position belongs to
+(prompt-major order).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from typing import Sequence
 
 import torch
 
-IGNORE = -100
+from mallows_ray.losses import IGNORE_INDEX
+
 SEGMENT_BITS = 16  # segment_ids = group << SEGMENT_BITS | segment (group: a row of the unpacked layout)
 
 
@@ -43,7 +45,7 @@ SEGMENT_BITS = 16  # segment_ids = group << SEGMENT_BITS | segment (group: a row
 class PackedResponses:
     input_ids: torch.Tensor             # [rows, T] long
     attention_mask: torch.Tensor        # [rows, T] long: 1 on real tokens, 0 on padding
-    labels: torch.Tensor                # [rows, T] long, IGNORE outside responses
+    labels: torch.Tensor                # [rows, T] long, IGNORE_INDEX outside responses
     owner: torch.Tensor                 # [rows, T] long: response index r of each labelled position, -1 elsewhere
     position_ids: torch.Tensor | None   # [rows, T] long (shared prompt, packed); None: 0..T-1 per row
     segment_ids: torch.Tensor | None    # [rows, T] long (shared prompt, packed): group << SEGMENT_BITS | segment,
@@ -107,12 +109,12 @@ def pack_responses(
         prompt = list(prompt)
         if share_prompt:
             tokens, positions = prompt[:-1], list(range(len(prompt) - 1))
-            labels, owners, segments = [IGNORE] * len(tokens), [-1] * len(tokens), [0] * len(tokens)
+            labels, owners, segments = [IGNORE_INDEX] * len(tokens), [-1] * len(tokens), [0] * len(tokens)
             for i, response in enumerate(responses):
                 segment = [prompt[-1], *response]
                 tokens += segment
                 positions += range(len(prompt) - 1, len(prompt) + len(response))
-                labels += [*response, IGNORE]  # x_{P-1} predicts y_0, ..., y_{L-2} predicts y_{L-1}
+                labels += [*response, IGNORE_INDEX]  # x_{P-1} predicts y_0, ..., y_{L-2} predicts y_{L-1}
                 owners += [r] * len(response) + [-1]
                 segments += [i + 1] * len(segment)
                 r += 1
@@ -120,7 +122,7 @@ def pack_responses(
         else:
             for response in responses:
                 tokens = prompt + list(response)
-                labels = [IGNORE] * (len(prompt) - 1) + list(response) + [IGNORE]
+                labels = [IGNORE_INDEX] * (len(prompt) - 1) + list(response) + [IGNORE_INDEX]
                 owners = [-1] * (len(prompt) - 1) + [r] * len(response) + [-1]
                 # positions and segments only where they are used: a packed row (one group per row here)
                 layout = (list(range(len(tokens))), [0] * len(tokens)) if pack else ([], [])
@@ -136,7 +138,7 @@ def pack_responses(
 
     attention_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t, *_ in rows], dtype=torch.long)
     return PackedResponses(
-        input_ids=padded(0, pad_id), attention_mask=attention_mask, labels=padded(1, IGNORE), owner=padded(2, -1),
+        input_ids=padded(0, pad_id), attention_mask=attention_mask, labels=padded(1, IGNORE_INDEX), owner=padded(2, -1),
         position_ids=padded(3, 0) if share_prompt or pack else None,
         segment_ids=padded(4, -1) if share_prompt or pack else None,
         prompt_index=torch.tensor([p for p, resps in enumerate(response_ids) for _ in resps], dtype=torch.long),

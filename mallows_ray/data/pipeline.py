@@ -23,16 +23,15 @@ Every reject keeps its file and line (jsonl) or row (parquet, HF datasets); rows
 per split. Ray Data runs with `preserve_order` and the pool returns slices in order, so the output is the
 reading order (files in sorted path order, then their rows), cut into size-bounded files: the same content
 and files whatever the number of actors or the order they finish in. Nothing is dropped without a line in
-rejects.jsonl, which is always written (empty when no row is rejected), and `_gate` is the one place rejects
-are gated. A reused cache entry is checked against its manifest (sizes, SHA-256) and rebuilt when damaged,
-and its recorded counts go through the bad-row gate again: `max_bad_fraction` is not part of the cache key.
+rejects.jsonl, which is always written (empty when no row is rejected), and `cache.gate` is the one place
+the rejects of a new entry are gated. The cache entry itself (its key, reusing one, the gate, the summary in
+its manifest) is `cache.py`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import ExitStack, contextmanager
@@ -40,21 +39,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mallows_ray import __version__
-from mallows_ray.config import Config, scored_data_settings
+from mallows_ray.config import Config
 from mallows_ray.data import manifest as mf
-from mallows_ray.data.formats import Reject, check_kinds, list_source_files, source_units
+from mallows_ray.data.cache import (
+    PreparedData,
+    check_raw_source,
+    entropy_summary,
+    format_summary,
+    gate,
+    key_parts,
+    reuse,
+)
+from mallows_ray.data.detect import check_kinds
 from mallows_ray.data.progress import PrepareProgress
-from mallows_ray.data.rejects import RejectsFile, check_bad_fraction
-from mallows_ray.data.scored_split import ScoredSplit
+from mallows_ray.data.rejects import Reject, RejectsFile
 from mallows_ray.data.scoring import SCORE_FIELDS
 from mallows_ray.data.scoring_pool import ScoringPool
 from mallows_ray.data.shards import ShardWriter
+from mallows_ray.data.sources import source_units
 from mallows_ray.data.stages import REJECT_FIELDS, TOKENIZED_SCHEMA, normalise_units, repeated_ids, split_verdicts
 from mallows_ray.data.tokenize import LengthLimits
 from mallows_ray.losses import EntropyAggregate
@@ -64,64 +70,11 @@ from mallows_ray.runtime import ensure_ray
 # The scored split: tokenized rows (less the staging columns) + the reference's scores.
 SCORED_SCHEMA = pa.schema([f for f in TOKENIZED_SCHEMA if f.name not in {"order", *(r.name for r in REJECT_FIELDS)}]
                           + SCORE_FIELDS)
-PERCENTILES = (5, 25, 50, 75, 95)
 REJECT_COLUMNS = ("source", "row", "reject_reason", "reject_detail", "reject_raw")  # a Reject's fields, in order
 GROUP_BY_ROWS = 250_000  # ids per partition of the duplicate-id group-by
 # rows per slice of the scoring stage, at most: the driver's memory grows with the slices in flight (4096-row
 # blocks took its peak from 0.56 GB at 10k rows to 0.79 GB at 100k; 1024-row blocks, 0.62 GB)
 MAX_BLOCK_ROWS = 1024
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """Where the scored dataset lives; `manifest` holds c, counts and fingerprints."""
-
-    folder: Path
-    manifest: dict[str, Any]
-
-    def split(self, name: str) -> ScoredSplit:
-        """A scored split ("train", "validation") for reading rows by index, s(x) included."""
-        return ScoredSplit(self.folder / name, self.manifest["dispersion_scale"])
-
-
-def _entropy_summary(entropy: EntropyAggregate, c: float) -> dict[str, dict[str, float]]:
-    """Mean and percentiles of Hbar(x) and of s(x) = c (-log Hbar(x)) from the streamed aggregate (percentiles
-    to within one histogram bin); {} each when the split has no rows."""
-    if entropy.count == 0:
-        return {"hbar": {}, "dispersion": {}}
-    neg_log = entropy.neg_log_percentiles(PERCENTILES)
-    # Hbar falls as -log Hbar rises: its q-th percentile is exp(-(the (100 - q)-th of -log Hbar))
-    hbar = {f"p{q}": float(np.exp(-v)) for q, v in zip(PERCENTILES, neg_log[::-1])}
-    dispersion = {f"p{q}": float(c * v) for q, v in zip(PERCENTILES, neg_log)}
-    return {"hbar": {"mean": entropy.hbar_sum / entropy.count, **hbar},
-            "dispersion": {"mean": c * entropy.neg_log_sum / entropy.count, **dispersion}}
-
-
-def open_cache(folder: str | Path, max_bad_fraction: float) -> PreparedData | None:
-    """The complete scored cache entry at `folder` (None when it has no manifest: an interrupted run), after
-    the bad-row gate on its recorded counts. CacheError naming the path when the entry is damaged
-    (`manifest.read_manifest`); DataValidationError when its rejects exceed `max_bad_fraction`."""
-    folder = Path(folder).expanduser()
-    manifest = mf.read_manifest(folder)
-    if manifest is None:
-        return None
-    rows_in = sum(split["rows_in"] for split in manifest["splits"].values())
-    check_bad_fraction(manifest["rejects"]["count"], rows_in, max_bad_fraction, folder / mf.REJECTS_FILE)
-    return PreparedData(folder, manifest)
-
-
-def _check_raw_source(split: str, src: str) -> None:
-    """A scored cache folder (or one of its splits) is not raw data: say so instead of reading it as rows."""
-    signs = mf.scored_folder_signs(src)
-    if not signs:
-        return
-    if (Path(src).expanduser() / mf.MANIFEST).is_file():
-        advice = f"train on it as it is (mallows-ray train data.train={src}); prepare reads raw data"
-    else:
-        advice = (f"it has no {mf.MANIFEST}: an interrupted or damaged prepare, or a split folder of a cache entry "
-                  f"(train on the entry folder that holds {mf.MANIFEST}). Point data.{split} at the raw data to "
-                  "prepare it again")
-    raise mf.CacheError(f"data.{split}={src} is a scored cache folder, not raw data ({'; '.join(signs)}): {advice}")
 
 
 def _shared_objectives(first_at: dict[tuple[str, ...], str]) -> list[str]:
@@ -133,18 +86,6 @@ def _shared_objectives(first_at: dict[tuple[str, ...], str]) -> list[str]:
         raise ValueError(f"rows score different objectives: {listed}. Set data.objectives to the names every "
                          "row must have, in the order lambda lists them")
     return list(next(iter(first_at), ()))
-
-
-def _gate(rejects_path: Path, rejected: dict[str, int], rows_in: dict[str, int], sources: dict[str, str],
-          max_bad_fraction: float) -> None:
-    """The one place rejects are gated (rejects.jsonl is written by then): stop the run when they exceed
-    max_bad_fraction of the rows read, or when a split keeps no row. Every reject is one row read, so
-    rows_in = rows kept + rejects."""
-    check_bad_fraction(sum(rejected.values()), sum(rows_in.values()), max_bad_fraction, rejects_path)
-    for split, src in sources.items():
-        if rejected[split] >= rows_in[split]:
-            raise ValueError(f"{split} data {src!r}: no usable rows ({rejected[split]} of {rows_in[split]} "
-                             f"rejected; see {rejects_path})")
 
 
 @contextmanager
@@ -295,26 +236,11 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
     model_path = resolve_model_path(config.model.name_or_path)
     sources = {split: src for split, src in (("train", data_cfg.train), ("validation", data_cfg.validation)) if src}
     for split, src in sources.items():
-        _check_raw_source(split, src)
-    key_parts = {
-        "data": {s: mf.data_fingerprint(list_source_files(src), src) for s, src in sources.items()},
-        "model": mf.model_fingerprint(model_path),
-        "tokenizer": mf.tokenizer_fingerprint(model_path),
-        "settings": scored_data_settings(config),
-        "version": __version__,
-        "scored_columns": [str(f) for f in SCORE_FIELDS],  # a new or changed score column invalidates the cache
-        "layout": mf.LAYOUT,
-    }
-    folder = Path(data_cfg.cache_dir).expanduser() / mf.cache_key(key_parts)
-    if not force:
-        try:
-            cached = open_cache(folder, data_cfg.max_bad_fraction)
-        except mf.CacheError as err:
-            print(f"[prepare] rebuilding the damaged scored cache: {err}")
-            cached = None
-        if cached is not None:
-            print(f"[prepare] nothing changed: reusing the scored cache {folder}")
-            return cached
+        check_raw_source(split, src)
+    key = key_parts(config, sources, model_path)
+    folder = Path(data_cfg.cache_dir).expanduser() / mf.cache_key(key)
+    if not force and (cached := reuse(folder, data_cfg.max_bad_fraction)) is not None:
+        return cached
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     started = time.time()
@@ -353,7 +279,7 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         # 3. the bad-row gate, from the counts
         rejected = {split: stats.pop("rejected") for split, stats in scored.items()}
         rows_in = {split: read.rows_in for split, read in reads.items()}
-        _gate(rejects_path, rejected, rows_in, sources, data_cfg.max_bad_fraction)
+        gate(rejects_path, rejected, rows_in, sources, data_cfg.max_bad_fraction)
         objectives = _shared_objectives(objectives_at)
 
     # 4. c from train's Hbar(x) (ALGORITHMS 2.3): readers compute s(x) = -c log Hbar(x) from it
@@ -365,13 +291,13 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
         entropy = stats.pop("entropy")
         kind = stats.pop("kind")
         splits[split] = {"rows_in": rows_in[split], "rejected": rejected[split], **stats,
-                         **_entropy_summary(entropy, c)}
+                         **entropy_summary(entropy, c)}
         train_kind = kind if split == "train" else train_kind
     shutil.rmtree(staging)
 
     seconds = time.time() - started
     manifest = {
-        **key_parts,
+        **key,
         "dispersion_scale": c,
         "tokenizer_path": str(model_path),
         "kind": train_kind,
@@ -386,20 +312,3 @@ def prepare(config: Config, *, address: str | None = None, force: bool = False) 
     print(format_summary(manifest))
     return PreparedData(folder, manifest)
 
-def format_summary(manifest: dict[str, Any]) -> str:
-    """The final table: rows in/out, rejects by reason, truncation, tokens, Hbar and s(x) distributions."""
-    lines = [f"{'split':<11}{'rows in':>9}{'rows out':>10}{'rejected':>10}{'trunc p/r':>12}{'tokens':>11}"
-             f"{'Hbar mean':>11}{'s p5':>8}{'s p50':>8}{'s p95':>8}"]
-    for split, s in manifest["splits"].items():
-        d = s["dispersion"]
-        lines.append(
-            f"{split:<11}{s['rows_in']:>9}{s['rows_out']:>10}{s['rejected']:>10}"
-            f"{str(s['truncated_prompts']) + '/' + str(s['truncated_responses']):>12}"
-            f"{s['prompt_tokens'] + s['response_tokens']:>11}{s['hbar'].get('mean', float('nan')):>11.4f}"
-            f"{d.get('p5', float('nan')):>8.3f}{d.get('p50', float('nan')):>8.3f}{d.get('p95', float('nan')):>8.3f}"
-        )
-    by_reason = ", ".join(f"{k}={v}" for k, v in sorted(manifest["rejects"]["by_reason"].items())) or "none"
-    lines.append(f"rejects: {manifest['rejects']['count']} ({by_reason}) -> {manifest['rejects']['file']}")
-    lines.append(f"dispersion scale c = {manifest['dispersion_scale']:.4f}; "
-                 f"{manifest['rows_per_second']} rows/s; {manifest['seconds']} s")
-    return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Rejected rows: the fixed set of reason codes, the rejects file, its summary and the bad-fraction gate.
 
 Every row that does not become a normalised record becomes a `Reject` with one reason code from `REASONS`;
-nothing is dropped silently. `write_rejects` writes them to a jsonl file (one object per reject:
+nothing is dropped silently. `RejectsFile` writes them to a jsonl file (one object per reject:
 source, row, reason, detail, raw), and `check_bad_fraction` stops a run whose share of rejects exceeds the
 configured `max_bad_fraction`, with a message that says why and where to look.
 
@@ -149,21 +149,13 @@ class RejectsFile:
         self.close()
 
 
-def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> Path:
-    """Write one JSON object per reject ({source, row, reason, detail, raw}); an empty file when none."""
-    with RejectsFile(path) as out:
-        for reject in rejects:
-            out.add(reject)
-    return out.path
-
-
 def summarise_rejects(rejects: Iterable[Reject]) -> dict[str, int]:
     """Counts by reason code, sorted by code."""
     return dict(sorted(Counter(r.reason for r in rejects).items()))
 
 
 def read_rejects(path: str | Path) -> list[Reject]:
-    """The rejects written by `write_rejects`."""
+    """The rejects a `RejectsFile` wrote."""
     with open(path, encoding="utf-8") as fh:
         return [Reject(**json.loads(line)) for line in fh if line.strip()]
 
@@ -181,7 +173,7 @@ def check_bad_fraction(n_bad: int, n_total: int, max_bad_fraction: float, reject
     """Raise DataValidationError when n_bad / n_total exceeds max_bad_fraction (default policy: 0.0).
 
     The message gives the fraction against the allowed one, the counts by reason and three example rejects
-    (of different reasons where there are), both read back from `rejects_path` (written by `write_rejects`
+    (of different reasons where there are), both read back from `rejects_path` (written by a `RejectsFile`
     first), and that file's path.
     """
     if not 0.0 <= max_bad_fraction <= 1.0:

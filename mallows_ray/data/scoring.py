@@ -2,8 +2,9 @@
 
 Per response y it emits the reference log-prob sum ref(y), the sum ref_l(y) over its first l tokens (l = the
 token count of the prompt's shortest reply: LD-DPO's min(n(y_w), n(y_l)) for a pair), the token count n(y)
-and the mean normalised entropy Hbar(y); per prompt the mean Hbar(x) over its responses. These become dataset columns, so the
-reference model never sits in a training worker's memory. `scoring_pool.py` runs it in prepare's actors.
+and the mean normalised entropy Hbar(y); per prompt the mean Hbar(x) over its responses. These become dataset
+columns, so the reference model never sits in a training worker's memory. `scoring_pool.py` runs it in
+prepare's actors.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def score_responses(
     counts = [t.cpu().numpy().astype(np.int32) for t in packed.split(stats.token_count)]
     entropy = [t.float().cpu().numpy() for t in packed.split(stats.mean_entropy)]
     hbar = np.array([float(prompt_mean_entropy(torch.as_tensor(e)[None])[0]) for e in entropy], dtype=np.float64)
-    return {"ref_logps": logps, "ref_shared_logps": shared, "ref_token_counts": counts, "ref_entropy": entropy, "hbar": hbar}
+    return {"ref_logps": logps, "ref_shared_logps": shared, "ref_token_counts": counts, "ref_entropy": entropy,
+            "hbar": hbar}
 
 
 class ReferenceScorer:

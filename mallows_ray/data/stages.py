@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mallows_ray.data.formats import (
-    NORMALISED_SCHEMA, NormalisedRecord, Reject, SourceUnit, common_objectives, duplicate_reject, iter_unit_rows,
-    normalise_source,
-)
+from mallows_ray.data.normalise import common_objectives, duplicate_reject, normalise_source
+from mallows_ray.data.rejects import Reject
+from mallows_ray.data.schema import NORMALISED_SCHEMA, NormalisedRecord
+from mallows_ray.data.sources import SourceUnit, iter_unit_rows
 from mallows_ray.data.tokenize import LengthLimits, tokenize_batch
 
 ROW_BITS = 32  # order = unit index << ROW_BITS | row number within the unit

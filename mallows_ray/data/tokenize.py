@@ -83,7 +83,7 @@ def tokenize_record(tokenizer, record: dict[str, Any], limits: LengthLimits) -> 
     seen: dict[tuple[int, ...], int] = {}
     for i, ids in enumerate(response_ids):
         first = seen.setdefault(tuple(ids), i)
-        if first != i:  # the texts differ (formats rejects identical texts): the truncation made them one
+        if first != i:  # the texts differ (normalising rejects identical texts): the truncation made them one
             how = (f"once truncated to the {room} tokens the prompt leaves (max_response_length="
                    f"{limits.max_response_length}, max_length={limits.total})" if len(ids) == room
                    else "(the tokenizer maps both texts to the same tokens)")
@@ -112,7 +112,7 @@ def conditioned_prompt_ids(tokenizer, messages: list[dict[str, str]], prompt_ids
     - the line after it (`user_suffix`; H = the conversation, T = the end of the turn): `prompt_ids` with its
       M + T replaced by C's L + T, so the policy sees what the reference saw plus the line.
     """
-    from mallows_ray.lambdas import condition_messages
+    from mallows_ray.lambdas.vectors import condition_messages
 
     conditioned = render_prompt_ids(tokenizer, condition_messages(messages, lam, objectives, placement=placement))
     plain = render_prompt_ids(tokenizer, messages)

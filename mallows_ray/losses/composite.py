@@ -18,8 +18,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from mallows_ray.losses.registry import SPECS, build_loss, loss_spec, uses_dispersion, uses_ld, uses_wpo
-from mallows_ray.losses.types import ListwiseInputs, LossOutput, PairwiseInputs
+from mallows_ray.losses.registry import SPECS, build_loss, loss_spec
+from mallows_ray.losses.types import ListwiseInputs, Loss, LossOutput, PairwiseInputs
 
 TERM_KEYS = ("name", "weight", "params")
 
@@ -82,18 +82,6 @@ def lead_term(terms: Sequence[Term]) -> Term:
                 terms[0])
 
 
-def terms_use_dispersion(terms: Sequence[Term]) -> bool:
-    return any(uses_dispersion(t.name, t.params) for t in terms)
-
-
-def terms_use_wpo(terms: Sequence[Term]) -> bool:
-    return any(uses_wpo(t.name, t.params) for t in terms)
-
-
-def terms_use_ld(terms: Sequence[Term]) -> bool:
-    return any(uses_ld(t.name, t.params) for t in terms)
-
-
 def weighted_terms(inputs: PairwiseInputs | ListwiseInputs, *,
               terms: Sequence[tuple[str, float, Callable[..., LossOutput]]], lead: int = 0) -> LossOutput:
     """sum_k weight_k * loss_k per example, from (label, weight, bound loss) triples; rewards of terms[lead]."""
@@ -104,8 +92,16 @@ def weighted_terms(inputs: PairwiseInputs | ListwiseInputs, *,
                       terms={label: out.losses.detach() for label, _, out in outputs})
 
 
-def build_composite(terms: Sequence[Term]) -> Callable[[PairwiseInputs | ListwiseInputs], LossOutput]:
-    """The weighted sum of the terms as one loss function (terms checked as `check_terms` does)."""
+def build_composite(terms: Sequence[Term]) -> Loss:
+    """The weighted sum of the terms as one loss (terms checked as `check_terms` does). It needs what any term
+    needs; it compares lambdas when a term of weight > 0 does (a weight-0 term is switched off, e.g. by an
+    ablation's override)."""
     check_terms(terms)
-    bound = [(label, t.weight, build_loss(t.name, **t.params)) for label, t in zip(term_labels(terms), terms)]
-    return functools.partial(weighted_terms, terms=bound, lead=list(terms).index(lead_term(terms)))
+    labels = term_labels(terms)
+    built = [build_loss(t.name, **t.params) for t in terms]
+    fn = functools.partial(weighted_terms, terms=[(label, t.weight, loss) for label, t, loss in zip(labels, terms, built)],
+                           lead=list(terms).index(lead_term(terms)))
+    return Loss("+".join(labels), fn, built[0].kind, needs_reference=any(b.needs_reference for b in built),
+                reads_dispersion=any(b.reads_dispersion for b in built), wpo=any(b.wpo for b in built),
+                ld=any(b.ld for b in built),
+                across_lambdas=any(b.across_lambdas for t, b in zip(terms, built) if t.weight > 0))

@@ -23,7 +23,7 @@ from mallows_ray.losses.trl_pairwise import (
     NLL_REDUCTIONS, aot, aot_unpaired, apo_down, apo_zero, bco_pair, discopop, exo_pair, hinge, nca_pair, nll,
     sigmoid_norm, sppo_hard,
 )
-from mallows_ray.losses.types import ListwiseInputs, LossOutput, PairwiseInputs
+from mallows_ray.losses.types import Loss, LossOutput
 from mallows_ray.losses.weighting import wpo_weighted
 
 
@@ -105,12 +105,6 @@ SPECS: dict[str, LossSpec] = {
                                 no_dispersion="its softmax runs over one prompt's lambdas, so s(x) is one constant "
                                 "scale of it, the role of beta"),
 }
-PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "pairwise"}
-LISTWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {n: s.fn for n, s in SPECS.items() if s.kind == "listwise"}
-LOSSES = {**PAIRWISE_LOSSES, **LISTWISE_LOSSES}
-REFERENCE_FREE = frozenset(n for n, s in SPECS.items() if not s.reference)  # losses that never read ref(y)
-
-
 def loss_spec(name: str) -> LossSpec:
     if name not in SPECS:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(SPECS)}")
@@ -169,35 +163,24 @@ def check_parameters(name: str, params: dict[str, Any]) -> None:
                              f"value in {interval}")
 
 
-def build_loss(name: str, **params: Any) -> Callable[[PairwiseInputs | ListwiseInputs], LossOutput]:
-    """The loss with its parameters bound; unknown names or bad parameters raise with the valid choices."""
-    check_parameters(name, params)
-    params = dict(params)
-    wpo, ld_alpha = params.pop("wpo", False), params.pop("ld_alpha", None)
-    loss = functools.partial(SPECS[name].fn, **params)
-    if uses_ld(name, {"ld_alpha": ld_alpha}):
-        loss = functools.partial(ld_weighted, loss=loss, ld_alpha=float(ld_alpha), reference=SPECS[name].reference)
-    return functools.partial(wpo_weighted, loss=loss) if wpo else loss
-
-
-def is_listwise(name: str) -> bool:
-    return loss_spec(name).kind == "listwise"
-
-
-def uses_wpo(name: str, params: dict[str, Any]) -> bool:
-    """Whether the loss needs the policy's WPO aligned log-probs (`wpo: true`)."""
-    loss_spec(name)
-    return bool(params.get("wpo", False))
-
-
-def uses_ld(name: str, params: dict[str, Any]) -> bool:
-    """Whether the loss needs the shared-length log-prob sums (`ld_alpha` set and below 1; 1 is the plain loss)."""
-    loss_spec(name)
+def _ld_on(params: dict[str, Any]) -> bool:
+    """LD-DPO is on with `ld_alpha` set and below 1 (1 is the plain loss; None is TRL's spelling of off)."""
     ld_alpha = params.get("ld_alpha")
     return ld_alpha is not None and float(ld_alpha) != 1.0
 
 
-def uses_dispersion(name: str, params: dict[str, Any]) -> bool:
-    """Whether the loss reads s(x): the Mallows losses always, the others with dispersion=True."""
-    spec = loss_spec(name)
-    return spec.dispersion == "always" or (spec.dispersion == "option" and bool(params.get("dispersion", False)))
+def build_loss(name: str, **params: Any) -> Loss:
+    """The loss with its parameters bound; unknown names or bad parameters raise with the valid choices."""
+    check_parameters(name, params)
+    params = dict(params)
+    spec, wpo, ld = SPECS[name], bool(params.pop("wpo", False)), _ld_on(params)
+    ld_alpha = params.pop("ld_alpha", None)
+    fn = functools.partial(spec.fn, **params)
+    if ld:
+        fn = functools.partial(ld_weighted, loss=fn, ld_alpha=float(ld_alpha), reference=spec.reference)
+    if wpo:
+        fn = functools.partial(wpo_weighted, loss=fn)
+    # s(x): the Mallows losses always, the others with dispersion=True
+    reads_dispersion = spec.dispersion == "always" or (spec.dispersion == "option" and params.get("dispersion", False))
+    return Loss(name, fn, spec.kind, needs_reference=spec.reference, reads_dispersion=bool(reads_dispersion),
+                wpo=wpo, ld=ld, across_lambdas=spec.across_lambdas)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Literal
 
 from torch import Tensor
 
@@ -46,3 +47,29 @@ class LossOutput:
     pair_accuracy: Tensor | None = None  # [B] listwise only: share of target-ordered response pairs the rewards
                                          # order the same way (`listwise.pair_agreement`)
     terms: dict[str, Tensor] | None = None  # composite losses: {term label: [B] detached unweighted term loss}
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss with its parameters bound, and what the code around it must know of it. Built by
+    `registry.build_loss` (one loss) or `composite.build_composite` (a weighted sum); training and evaluation
+    ask these fields, never the loss's name.
+
+        out = loss(inputs)   # LossOutput; inputs are PairwiseInputs or ListwiseInputs as `kind` says
+    """
+
+    name: str                                # the loss's name; a composite's term labels joined by "+"
+    fn: Callable[..., LossOutput]            # inputs -> LossOutput
+    kind: Literal["pairwise", "listwise"]
+    needs_reference: bool                    # reads ref(y) (False: SimPO, nll, ...: the reference may be zeros)
+    reads_dispersion: bool                   # reads s(x) (the Mallows losses; others with dispersion: true)
+    wpo: bool                                # needs WPO's aligned log-probs a(y) from the policy forward
+    ld: bool                                 # needs LD-DPO's shared-length sums lp_l(y) (ld_alpha < 1)
+    across_lambdas: bool                     # compares a prompt's rows under different lambdas (lambda_contrast)
+
+    def __call__(self, inputs: PairwiseInputs | ListwiseInputs) -> LossOutput:
+        return self.fn(inputs)
+
+    @property
+    def listwise(self) -> bool:
+        return self.kind == "listwise"

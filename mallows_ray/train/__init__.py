@@ -1,16 +1,12 @@
-"""Distributed preference optimisation: Ray Train workers running DeepSpeed on the policy.
+"""What runs on the Ray Train workers: DeepSpeed on the policy (the driver is `drivers/train.py`).
 
-    run_training(config, address=None) -> TrainResult      the driver (`mallows-ray train`)
-    train_loop_per_worker(loop_config)                      what each worker runs (loop.py)
+    train_loop_per_worker(loop_config)      loop.py: what each worker runs, top to bottom
 
 Modules: plan.py (what the driver works out for the workers), batches.py (deterministic global batches,
 per-rank slices, tensors), objective.py (forward + loss inputs), engine.py (model, LoRA, DeepSpeed),
+conditioning.py (lambda per row, conditioned prompts), lambda_training.py (the listwise run's scheduler,
+conditioner and state as one object; a null version for pairwise losses), evaluation.py (evaluation passes),
 checkpoint.py (save/restore through Ray Train), checkpoint_files.py (completion records, the newest complete
-checkpoint, file checks), safe_state.py (RNG as safetensors, DeepSpeed files loaded weights-only), run_dir.py
-(run folder marker, the only deletion), metrics.py (cross-rank reduction, logs), export.py (HF folder),
-loop.py, trainer.py.
+checkpoint, file checks), safe_state.py (RNG as safetensors, DeepSpeed files loaded weights-only), metrics.py
+(cross-rank reduction, logs), export.py (HF folder).
 """
-
-from mallows_ray.train.trainer import TrainResult, run_training
-
-__all__ = ["TrainResult", "run_training"]

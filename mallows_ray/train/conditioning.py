@@ -19,21 +19,16 @@ prompt ids.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Sequence
 
 import torch
 
 from mallows_ray.config import LambdaConfig
 from mallows_ray.data.tokenize import conditioned_prompt_ids
-from mallows_ray.lambdas import LambdaScheduler, build_scheduler, lambda_vector
+from mallows_ray.lambdas.schedulers import LambdaScheduler, build_scheduler
+from mallows_ray.lambdas.vectors import lambda_vector
 
 Row = dict[str, Any]
-
-# Written into an export folder: what `generate` and `eval` need to condition prompts the way training did.
-CONDITIONING_FILE = "lambda_conditioning.json"
-
 
 class Conditioner:
     """Gives rows their lambda [K] and, with `condition`, the policy prompt ids with lambda rendered in."""
@@ -71,24 +66,6 @@ class Conditioner:
     def describe(self) -> dict[str, Any]:
         """The settings an export records in CONDITIONING_FILE."""
         return {"objectives": self.objectives, "condition": self.condition, "placement": self.placement}
-
-
-def write_conditioning(folder: str, settings: dict[str, Any]) -> None:
-    with open(os.path.join(folder, CONDITIONING_FILE), "w") as fh:
-        json.dump(settings, fh, indent=2)
-
-
-def read_conditioning(folder: str) -> dict[str, Any] | None:
-    """The export's conditioning settings, or None for a model not trained with lambda (pairwise). An export
-    written before `placement` records `system_role` (true: system, false: user_prefix) instead."""
-    path = os.path.join(folder, CONDITIONING_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as fh:
-        settings = json.load(fh)
-    if "system_role" in settings:
-        settings["placement"] = "system" if settings.pop("system_role") else "user_prefix"
-    return settings
 
 
 def build_lambda_scheduler(cfg: LambdaConfig, objectives: Sequence[str]) -> LambdaScheduler:

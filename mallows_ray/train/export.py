@@ -13,8 +13,8 @@ import os
 import torch
 
 from mallows_ray.config import Config
+from mallows_ray.export_format import write_conditioning
 from mallows_ray.models import load_model
-from mallows_ray.train.conditioning import write_conditioning
 from mallows_ray.train.engine import apply_lora
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,9 @@ from typing import Callable
 
 import torch
 
-from mallows_ray.losses import ListwiseInputs, LossOutput, PairwiseInputs, ResponseStats, mixed_target
+from mallows_ray.losses import ListwiseInputs, Loss, LossOutput, PairwiseInputs, ResponseStats, mixed_target
 from mallows_ray.train.batches import Batch
+
 
 def policy_outputs(stats: ResponseStats, with_wpo: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """What the policy forward returns: lp(y) [R]; with WPO or LD-DPO's prefix sums, the triple (lp(y),
@@ -44,13 +45,11 @@ def _columns(values: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Te
     return (None, None) if values is None else (values[:, 0], values[:, 1])
 
 
-def forward_loss(model: Callable[..., torch.Tensor], batch: Batch,
-                 loss_fn: Callable[[PairwiseInputs | ListwiseInputs], LossOutput], listwise: bool,
-                 target_tau: float = 1.0, with_ld: bool = False) -> LossOutput:
+def forward_loss(model: Callable[..., torch.Tensor], batch: Batch, loss: Loss, target_tau: float = 1.0) -> LossOutput:
     """`model` maps `PackedResponses.model_inputs()` to lp(y) [R] (the DeepSpeed engine), or to the pair
-    (lp(y), a(y)) with WPO, or to `policy_outputs`'s triple, [R] each. `with_ld` (a loss with ld_alpha) also
+    (lp(y), a(y)) with WPO, or to `policy_outputs`'s triple, [R] each. A loss with ld_alpha (`loss.ld`) also
     hands the model the shared lengths l, so it returns lp_l(y)."""
-    outputs = model(**batch.packed.model_inputs(with_prefix=with_ld))  # [R] sum of response log-probs (and more)
+    outputs = model(**batch.packed.model_inputs(with_prefix=loss.ld))  # [R] sum of response log-probs (and more)
     logps, aligned, shared = (*outputs, None)[:3] if isinstance(outputs, tuple) else (outputs, None, None)
     aligned, shared = (None if v is None else batch.grid(v) for v in (aligned, shared))
-    return loss_fn(loss_inputs(batch, batch.grid(logps), listwise, target_tau, aligned, shared))  # losses [B]
+    return loss(loss_inputs(batch, batch.grid(logps), loss.listwise, target_tau, aligned, shared))  # losses [B]

@@ -31,7 +31,7 @@ RUNS = {"dpo-nll": {},
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_model_dir, tmp_path_factory):
     """`trained(name)`: (config, TrainResult) of RUNS[name], trained once per module on data prepared once."""
-    from mallows_ray.train import run_training
+    from mallows_ray.drivers.train import run_training
 
     folder = tmp_path_factory.mktemp("composite")
     data = {"model.name_or_path": tiny_model_dir, "data.cache_dir": folder / "cache",
@@ -68,7 +68,7 @@ def test_two_term_loss_reports_each_term_and_falls(trained):
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_eval_of_the_export_builds_the_same_composite(trained, name):
-    from mallows_ray.train.evaluation import evaluate_export
+    from mallows_ray.drivers.evaluate import evaluate_export
 
     config, result = trained(name)
     metrics = evaluate_export(config, result.export_dir, split="validation")["pairwise"]

@@ -27,7 +27,7 @@ def _write(path, rows, bad_lines):
 
 @pytest.fixture(scope="module")
 def two_file_run(ray_local, tiny_model_dir, tmp_path_factory):
-    from mallows_ray.train import run_training
+    from mallows_ray.drivers.train import run_training
 
     folder = tmp_path_factory.mktemp("two-files")
     data = folder / "data"

@@ -10,8 +10,8 @@ import pytest
 def test_demo_pipeline_writes_a_complete_report(ray_local, tiny_model_dir, tmp_path):
     from matplotlib.image import imread
 
-    from mallows_ray.demo import run_demo
-    from mallows_ray.judges import OBJECTIVES
+    from mallows_ray.demo.judges import OBJECTIVES
+    from mallows_ray.demo.run import run_demo
 
     overrides = [f"model.name_or_path={tiny_model_dir}", f"data.cache_dir={tmp_path / 'cache'}",
                  "optim.max_steps=4", "run.eval_every=2", "run.checkpoint_every=0", "data.scoring.num_actors=1"]
@@ -69,7 +69,7 @@ def test_demo_pipeline_writes_a_complete_report(ray_local, tiny_model_dir, tmp_p
 @pytest.mark.slow
 def test_demo_ablations_report_every_run(ray_local, tiny_model_dir, tmp_path):
     """--ablations: the same training without conditioning and without dispersion, in the same report."""
-    from mallows_ray.demo import run_demo
+    from mallows_ray.demo.run import run_demo
 
     overrides = [f"model.name_or_path={tiny_model_dir}", f"data.cache_dir={tmp_path / 'cache'}",
                  "optim.max_steps=2", "optim.warmup_steps=1", "run.checkpoint_every=0", "data.scoring.num_actors=1"]

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from isolated_ray import free_ports, isolated_ray_scratch, kill_marked
-from mallows_ray.config import apply_override, load_config
+from mallows_ray.config import load_config
+from mallows_ray.typed_config import apply_override
 from preference_data import write_jsonl as _write_jsonl
 from preference_data import yes_no_pairs as _pairs
 from test_train import BASE

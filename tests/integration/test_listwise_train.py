@@ -75,7 +75,7 @@ def _agreeing(count, offset):
 def trained(ray_local, tiny_model_dir, tmp_path_factory):
     """`trained(name)`: the TrainResult of RUNS[name] (on top of the run it is BASED_ON), once per module."""
     from mallows_ray.data.pipeline import prepare
-    from mallows_ray.train import run_training
+    from mallows_ray.drivers.train import run_training
 
     folder = tmp_path_factory.mktemp("listwise")
     scored = {}

@@ -24,7 +24,8 @@ import yaml
 
 from mallows_ray.cli import main
 from mallows_ray.config import load_config
-from mallows_ray.sweep import SweepInterrupted, load_sweep_config, run_sweep
+from mallows_ray.tune.config import load_sweep_config
+from mallows_ray.tune.run import SweepInterrupted, run_sweep
 from preference_data import write_jsonl, yes_no_pairs
 
 STEPS = 8  # one epoch of 16 prompts in global batches of 2

@@ -61,7 +61,7 @@ def scored(ray_local, tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(scored, tiny_model_dir, tmp_path_factory):
     """`trained(name)`: the TrainResult of RUNS[name], trained once per module."""
-    from mallows_ray.train import run_training
+    from mallows_ray.drivers.train import run_training
 
     storage = tmp_path_factory.mktemp("runs")
     results = {}
@@ -326,7 +326,7 @@ def test_interrupted_driver_resumes_from_the_checkpoint_just_written(ray_local, 
 
 def _copy_final_checkpoint(result, name):
     """A new run folder holding a copy of `result`'s final checkpoint (and the run marker)."""
-    from mallows_ray.train.run_dir import MARKER
+    from mallows_ray.drivers.run_dir import MARKER
 
     source, target = Path(result.run_dir), Path(result.run_dir).parent / name
     target.mkdir()

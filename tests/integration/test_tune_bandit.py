@@ -2,15 +2,17 @@
 
 import pytest
 
-from mallows_ray import bandit
-from mallows_ray.tune import bandit_sweep
+from mallows_ray.bandit.config import load_bandit_config
+from mallows_ray.bandit.sweep import bandit_sweep
+from mallows_ray.bandit.training import run_experiment
 
-CONFIG = {"methods": ["dpo", "mallows_theta_true"], "betas": [0.1, 1.0], "steps": 60, "pairs_per_context": 2000}
+CONFIG = load_bandit_config({"methods": ["dpo", "mallows_theta_true"], "betas": [0.1, 1.0], "steps": 60,
+                             "pairs_per_context": 2000})
 
 
 def test_sweep_matches_in_process_run(ray_local, tmp_path):
     swept = bandit_sweep(CONFIG, tmp_path / "tune")
-    direct = bandit.run_experiment(CONFIG)
+    direct = run_experiment(CONFIG)
     assert [(r["method"], r["beta"]) for r in swept] == [(r["method"], r["beta"]) for r in direct]
     for mine, theirs in zip(swept, direct):
         for key in ("reward", "kl", "frontier_gap", "final_loss"):

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from isolated_ray import free_ports, isolated_ray_scratch, kill_marked
-from mallows_ray.config import load_config, to_dict
+from mallows_ray.config import load_config
+from mallows_ray.typed_config import to_dict
 from preference_data import write_jsonl as _write_jsonl
 from preference_data import yes_no_pairs as _pairs
 from test_train import BASE
@@ -37,7 +38,7 @@ SCRIPT = textwrap.dedent("""
     from ray._private.state import actors
     from ray.cluster_utils import Cluster
     from mallows_ray.config import from_dict, Config
-    from mallows_ray.train import run_training
+    from mallows_ray.drivers.train import run_training
 
     config = from_dict(Config, json.loads(sys.argv[1]))
     head_cpus, node_cpus, dashboard_port, agent_port = (int(arg) for arg in sys.argv[2:6])

@@ -1,6 +1,7 @@
 """The Mallows bandit: exact sampler, closed-form frontier against brute force, the experiment and its outputs."""
 
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -9,14 +10,27 @@ import numpy as np
 import pytest
 import torch
 
-from mallows_ray.bandit import (
-    DEFAULT_CONFIG, METHODS, build_problem, count_inversions, default_etas, frontier, frontier_reward_at, main,
-    policy_value, resolve_config, run_experiment, run_trial, sample_mallows_kendall, summarize, write_outputs,
+from mallows_ray.bandit.cli import main
+from mallows_ray.bandit.config import METHODS, BanditConfig, load_bandit_config
+from mallows_ray.bandit.problem import (
+    build_problem, default_etas, frontier, frontier_reward_at, policy_value, sample_mallows_kendall,
 )
+from mallows_ray.bandit.summary import summarize, write_outputs
+from mallows_ray.bandit.training import run_experiment, run_trial
+from mallows_ray.typed_config import ConfigError, to_dict
 from mallows_ray.losses import kendall_link
 
-TINY = {"phis": [0.2, 0.8], "num_arms": 4, "pairs_per_context": 2000, "steps": 100, "betas": [0.1, 1.0, 10.0],
-        "methods": list(METHODS), "seed": 3}
+TINY = load_bandit_config({"phis": [0.2, 0.8], "num_arms": 4, "pairs_per_context": 2000, "steps": 100,
+                           "betas": [0.1, 1.0, 10.0], "methods": list(METHODS), "seed": 3})
+
+
+def count_inversions(orderings: np.ndarray) -> np.ndarray:
+    """Kendall distance of each ordering [N, n] to the identity: #{r < t : o[r] > o[t]} (a 1-D ordering: a scalar)."""
+    o = np.asarray(orderings)
+    if o.ndim == 1:
+        return count_inversions(o[None])[0]
+    later = np.triu(np.ones((o.shape[1], o.shape[1]), dtype=bool), k=1)  # [r, t]: r < t
+    return ((o[:, :, None] > o[:, None, :]) & later).sum(axis=(1, 2))
 
 
 # --- the Mallows-Kendall sampler ------------------------------------------------------------------------------
@@ -81,7 +95,7 @@ def test_build_problem_pairs_and_determinism():
     assert p.rewards.shape == p.reference.shape == (2, 4)
     for x in range(2):  # central ranking orders arms by reward; linear rewards 1, 2/3, 1/3, 0
         assert np.allclose(p.rewards[x, p.central[x]], [1.0, 2 / 3, 1 / 3, 0.0])
-        assert p.pair_weight[p.pair_context == x].sum() == TINY["pairs_per_context"]
+        assert p.pair_weight[p.pair_context == x].sum() == TINY.pairs_per_context
     assert np.allclose(p.s_true, -np.log([0.2, 0.8]))
     # concentrated context: better arm wins more often than in the dispersed one
     def win_rate(x):
@@ -92,19 +106,21 @@ def test_build_problem_pairs_and_determinism():
     q = build_problem(TINY)
     assert np.array_equal(p.pair_weight, q.pair_weight) and np.array_equal(p.s_noisy, q.s_noisy)
     assert not np.allclose(p.s_noisy, p.s_true)
-    pop = build_problem({**TINY, "population": True})
+    pop = build_problem(dataclasses.replace(TINY, population=True))
     for x in range(2):
         assert pop.pair_weight[pop.pair_context == x].sum() == pytest.approx(1.0)
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="unknown bandit config"):
-        resolve_config({"stepz": 3})
-    with pytest.raises(ValueError, match="unknown methods"):
-        resolve_config({"methods": ["ppo"]})
-    with pytest.raises(ValueError, match="phis"):
-        resolve_config({"phis": [0.0]})
-    assert resolve_config()["phis"] == DEFAULT_CONFIG["phis"]
+    with pytest.raises(ConfigError, match="unknown key bandit.stepz; valid keys of bandit: phis, num_arms"):
+        load_bandit_config({"stepz": 3})
+    with pytest.raises(ConfigError, match=r"bandit.methods\[0\]: 'ppo' is not allowed; expected one of 'dpo'"):
+        load_bandit_config({"methods": ["ppo"]})
+    with pytest.raises(ConfigError, match="bandit.phis"):
+        load_bandit_config({"phis": [0.0]})
+    with pytest.raises(ConfigError, match=r"bandit.steps: 0 is out of range; expected a value in \[1, inf\)"):
+        load_bandit_config({"steps": 0})
+    assert load_bandit_config().phis == BanditConfig().phis == [0.2, 0.5, 0.8, 0.95]
 
 
 # --- the frontier ----------------------------------------------------------------------------------------------
@@ -171,28 +187,28 @@ def test_frontier_monotone_and_dominates_random_policies():
 
 def test_run_experiment_tiny_below_frontier_and_beta_orders_kl():
     rows = run_experiment(TINY)
-    assert len(rows) == len(METHODS) * len(TINY["betas"])
+    assert len(rows) == len(METHODS) * len(TINY.betas)
     p = build_problem(TINY)
     curve = frontier(p.rewards, p.reference, default_etas())
     for row in rows:
         assert set(row) >= {"method", "beta", "reward", "kl", "steps", "seconds"}
-        assert row["steps"] == TINY["steps"] and row["kl"] >= 0
+        assert row["steps"] == TINY.steps and row["kl"] >= 0
         assert row["reward"] <= frontier_reward_at(row["kl"], curve) + 1e-6, row
         assert row["frontier_gap"] >= -1e-6
     dpo_kl = [r["kl"] for r in rows if r["method"] == "dpo"]   # betas ascending
     assert all(a > b for a, b in zip(dpo_kl, dpo_kl[1:]))
     # run_trial is the same computation, one (method, beta) at a time
-    trial = run_trial({**TINY, "method": "mallows_theta_true", "beta": 1.0})
+    trial = run_trial({**to_dict(TINY), "method": "mallows_theta_true", "beta": 1.0})
     row = next(r for r in rows if r["method"] == "mallows_theta_true" and r["beta"] == 1.0)
     assert trial["reward"] == pytest.approx(row["reward"], abs=1e-12) and trial["kl"] == pytest.approx(row["kl"])
     with pytest.raises(ValueError, match="method"):
-        run_trial(TINY)
+        run_trial(to_dict(TINY))
 
 
 def test_population_limit_mallows_on_frontier_dpo_below():
     """Infinite data, linear rewards: MallowsPO-phi's optimum is on the frontier, DPO's is not (module doc)."""
-    cfg = {"phis": [0.2, 0.9], "num_arms": 3, "population": True, "steps": 300, "betas": [0.5],
-           "methods": ["dpo", "mallows_theta_true", "mallows_phi_true"]}
+    cfg = load_bandit_config({"phis": [0.2, 0.9], "num_arms": 3, "population": True, "steps": 300, "betas": [0.5],
+                              "methods": ["dpo", "mallows_theta_true", "mallows_phi_true"]})
     gaps = {r["method"]: r["frontier_gap"] for r in run_experiment(cfg)}
     assert abs(gaps["mallows_phi_true"]) < 2e-3
     assert gaps["mallows_theta_true"] < 0.01
@@ -203,7 +219,7 @@ def test_population_limit_mallows_on_frontier_dpo_below():
 
 
 def _rows_and_curve():
-    cfg = {**TINY, "steps": 30, "methods": ["dpo", "mallows_theta_true"]}
+    cfg = dataclasses.replace(TINY, steps=30, methods=["dpo", "mallows_theta_true"])
     p = build_problem(cfg)
     return run_experiment(cfg), frontier(p.rewards, p.reference, default_etas())
 

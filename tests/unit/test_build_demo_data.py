@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mallows_ray.demo_data import demo_path
-from mallows_ray.judges import OBJECTIVES
+from mallows_ray.demo.data import demo_path
+from mallows_ray.demo.judges import OBJECTIVES
 
 SCRIPT = Path(__file__).resolve().parents[2] / "jobs" / "build_demo_data.py"
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mallows_ray.data.collate import IGNORE, pack_responses
+from mallows_ray.data.collate import pack_responses
+from mallows_ray.losses import IGNORE_INDEX
 
 
 def test_pack_two_prompts_variable_responses():
@@ -14,10 +15,10 @@ def test_pack_two_prompts_variable_responses():
     assert packed.input_ids[0].tolist() == [1, 2, 3, 10, 11]
     assert packed.attention_mask[1].tolist() == [1, 1, 1, 1, 0]
     # prompt [1,2,3] + response [10,11]: position 2 predicts 10, position 3 predicts 11
-    assert packed.labels[0].tolist() == [IGNORE, IGNORE, 10, 11, IGNORE]
+    assert packed.labels[0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 10, 11, IGNORE_INDEX]
     # prompt [4] + response [13,14,15]
-    assert packed.labels[2].tolist() == [13, 14, 15, IGNORE, IGNORE]
-    assert (packed.labels != IGNORE).sum(dim=1).tolist() == [2, 1, 3, 1, 1] == packed.token_counts.tolist()
+    assert packed.labels[2].tolist() == [13, 14, 15, IGNORE_INDEX, IGNORE_INDEX]
+    assert (packed.labels != IGNORE_INDEX).sum(dim=1).tolist() == [2, 1, 3, 1, 1] == packed.token_counts.tolist()
     assert packed.owner[0].tolist() == [-1, -1, 0, 0, -1] and packed.owner[2].tolist() == [2, 2, 2, -1, -1]
     assert packed.position_ids is None and packed.segment_ids is None
     assert packed.sequence_tokens == packed.model_tokens == 5 + 4 + 4 + 2 + 2
@@ -33,7 +34,8 @@ def test_shared_prompt_layout_holds_each_prompt_once():
     assert packed.input_ids[0].tolist() == [1, 2, 3, 10, 11, 3, 12, 0]
     assert packed.segment_ids[0].tolist() == [0, 0, 1, 1, 1, 2, 2, -1]
     assert packed.position_ids[0].tolist()[:7] == [0, 1, 2, 3, 4, 2, 3]  # positions as in per-response rows
-    assert packed.labels[0].tolist() == [IGNORE, IGNORE, 10, 11, IGNORE, 12, IGNORE, IGNORE]
+    assert packed.labels[0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 10, 11, IGNORE_INDEX, 12, IGNORE_INDEX,
+                                         IGNORE_INDEX]
     assert packed.owner[0].tolist() == [-1, -1, 0, 0, -1, 1, -1, -1]
     assert packed.input_ids[1].tolist() == [4, 13, 14, 15, 4, 16, 4, 17]  # a 1-token prompt: empty prefix
     assert packed.owner[1].tolist() == [2, 2, 2, -1, 3, -1, 4, -1]

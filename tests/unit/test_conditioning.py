@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from mallows_ray.config import ConfigError, load_config
+from mallows_ray.config import load_config
+from mallows_ray.typed_config import ConfigError
 from mallows_ray.data.tokenize import conditioned_prompt_ids, render_prompt_ids
-from mallows_ray.lambdas import FixedScheduler, LearnedScheduler, format_lambda
+from mallows_ray.lambdas.schedulers import DirichletScheduler, FixedScheduler, LearnedScheduler
+from mallows_ray.lambdas.vectors import format_lambda
 from mallows_ray.models import load_tokenizer
-from mallows_ray.lambdas import DirichletScheduler
 from mallows_ray.train.batches import micro_batches, rank_slice
 from mallows_ray.train.conditioning import (
     Conditioner, build_lambda_scheduler, copies_per_prompt, evaluation_lambdas, step_lambdas, training_rows,
@@ -151,7 +152,7 @@ def test_vertex_copies_is_a_lambdas_option():
 
 def test_conditioning_file_round_trip_and_an_older_export(tmp_path):
     """An export records its placement; one written before `placement` existed recorded `system_role`."""
-    from mallows_ray.train.conditioning import CONDITIONING_FILE, read_conditioning, write_conditioning
+    from mallows_ray.export_format import CONDITIONING_FILE, read_conditioning, write_conditioning
 
     assert read_conditioning(str(tmp_path)) is None  # no file: a model not trained with lambda
     settings = {"objectives": OBJECTIVES, "condition": True, "placement": "user_suffix"}

@@ -2,7 +2,8 @@
 
 import pytest
 
-from mallows_ray.config import ConfigError, Config, from_dict, load_config, to_dict
+from mallows_ray.config import Config, load_config
+from mallows_ray.typed_config import ConfigError, from_dict, to_dict
 
 
 def test_defaults_round_trip():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mallows_ray.control import control_differences, control_matrix, controlled, interval
+from mallows_ray.demo.control import control_differences, control_matrix, controlled, interval
 
 
 def test_interval_brackets_the_mean_and_narrows_with_more_prompts():

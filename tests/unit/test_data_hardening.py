@@ -17,9 +17,12 @@ import pytest
 
 from mallows_ray.config import load_config
 from mallows_ray.data import manifest as mf
-from mallows_ray.data.formats import NORMALISED_SCHEMA, RawRow, SkippedFilesWarning, normalise, read_normalised
-from mallows_ray.data.pipeline import open_cache, prepare
-from mallows_ray.data.rejects import DataValidationError, Reject, read_rejects, write_rejects
+from mallows_ray.data.cache import open_cache
+from mallows_ray.data.normalise import normalise_source, read_normalised
+from mallows_ray.data.pipeline import prepare
+from mallows_ray.data.rejects import DataValidationError, Reject, RejectsFile, read_rejects
+from mallows_ray.data.schema import NORMALISED_SCHEMA
+from mallows_ray.data.sources import RawRow, SkippedFilesWarning
 from mallows_ray.data.tokenize import LengthLimits, tokenize_record
 from mallows_ray.models import load_tokenizer
 
@@ -51,7 +54,7 @@ def _listwise(i, **scores):
 def test_rows_that_used_to_raise_are_rejects(row, reason, words):
     """Found by hand: an int beyond the float range (OverflowError), annotations that are not a mapping
     (AttributeError), lone surrogates (Arrow's UnicodeEncodeError later, in the pipeline)."""
-    out = normalise(RawRow("f.jsonl", 3, row), "auto")
+    _, [out] = normalise_source([RawRow("f.jsonl", 3, row)], "auto")
     assert isinstance(out, Reject) and (out.source, out.row, out.reason) == ("f.jsonl", 3, reason), out
     assert words in out.detail
     out.raw.encode("utf-8")  # the raw excerpt is valid UTF-8 (surrogates escaped)
@@ -59,7 +62,7 @@ def test_rows_that_used_to_raise_are_rejects(row, reason, words):
 
 def test_mean_fill_of_huge_scores_is_a_bad_score_not_an_overflow():
     row = {"prompt": "p", "responses": ["a", "b", "c"], "scores": {"x": [1e308, 1e308, None]}}
-    out = normalise(RawRow("f.jsonl", 1, row), "listwise", score_fill="mean")
+    _, [out] = normalise_source([RawRow("f.jsonl", 1, row)], "listwise", score_fill="mean")
     assert isinstance(out, Reject) and out.reason == "bad_score" and "overflows" in out.detail
 
 
@@ -70,7 +73,10 @@ def test_deep_nesting_and_bom_lines(tmp_path):
     records, rejects = read_normalised(str(path))
     assert [r["row"] for r in records] == [1]  # a UTF-8 byte order mark does not cost the first row
     assert [(r.row, r.reason) for r in rejects] == [(2, "undecodable")] and "nested too deeply" in rejects[0].detail
-    assert len(read_rejects(write_rejects(tmp_path / "rejects.jsonl", rejects))) == 1
+    with RejectsFile(tmp_path / "rejects.jsonl") as out:
+        for reject in rejects:
+            out.add(reject)
+    assert len(read_rejects(out.path)) == 1
 
 
 def test_parquet_row_with_invalid_utf8_is_one_reject(tmp_path):
@@ -180,7 +186,9 @@ def _cache_entry(folder, n_rejects=1, rows_in=4):
     (folder / "train").mkdir(parents=True)
     table = pa.table({"id": ["a", "b", "c"], "prompt_ids": [[1], [2], [3]], "ref_logps": [[0.1], [0.2], [0.3]]})
     pq.write_table(table, folder / "train" / "part-00000.parquet")
-    write_rejects(folder / "rejects.jsonl", [Reject("t.jsonl", 4, "undecodable", "not valid JSON")] * n_rejects)
+    with RejectsFile(folder / "rejects.jsonl") as out:
+        for _ in range(n_rejects):
+            out.add(Reject("t.jsonl", 4, "undecodable", "not valid JSON"))
     manifest = {"splits": {"train": {"rows_in": rows_in, "rows_out": 3, "rejected": n_rejects}}, "kind": "pairwise",
                 "rejects": {"count": n_rejects, "by_reason": {"undecodable": n_rejects}}, "dispersion_scale": 1.0,
                 "tokenizer": "t"}

@@ -1,4 +1,5 @@
-"""Readers and normalisers (mallows_ray.data.formats) and the rejects file / bad-fraction gate (rejects.py).
+"""Readers and normalisers (mallows_ray.data: sources, detect, normalisers, normalise) and the rejects file /
+bad-fraction gate (rejects.py).
 
 Every format is written as a real small file (jsonl, jsonl.gz, parquet, a datasets save_to_disk folder) and
 read back through the public API; one file holds every kind of bad row; the real Anthropic HH file is read
@@ -19,27 +20,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mallows_ray.data.formats import (
-    FORMATS,
-    NORMALISED_SCHEMA,
-    DataSourceError,
-    FormatError,
-    RawRow,
-    SkippedFilesWarning,
-    detect_format,
-    iter_raw_rows,
-    list_source_files,
-    normalise,
-    read_normalised,
-)
+from mallows_ray.data.detect import FORMATS, FormatError, detect_format
+from mallows_ray.data.normalise import normalise_source, read_normalised
 from mallows_ray.data.rejects import (
     REASONS,
     DataValidationError,
     Reject,
+    RejectsFile,
     check_bad_fraction,
     summarise_rejects,
-    write_rejects,
 )
+from mallows_ray.data.schema import NORMALISED_SCHEMA
+from mallows_ray.data.sources import DataSourceError, RawRow, SkippedFilesWarning, iter_raw_rows, list_source_files
 
 REPO = Path(__file__).resolve().parents[2]
 HH_DIR = Path(__file__).parents[2] / ".." / "shared" / "data" / "hh-rlhf"
@@ -215,7 +207,7 @@ def test_ultrafeedback_na_rating_without_fill_is_a_bad_score(tmp_path):
 ])
 def test_detect_format_and_normalise_each_format(record, fmt):
     assert detect_format(record) == fmt
-    out = normalise(RawRow("mem.jsonl", 1, record), fmt)
+    _, [out] = normalise_source([RawRow("mem.jsonl", 1, record)], fmt)
     assert out["prompt"] == [_user("p")] and out["responses"] == ["a", "b"], out
 
 
@@ -293,12 +285,12 @@ def test_source_errors_are_clear(tmp_path):
 
 
 def test_unreachable_hub_error_suggests_a_local_path():
-    code = "from mallows_ray.data.formats import read_normalised; read_normalised('nobody-x/no-such-dataset-x')"
+    code = "from mallows_ray.data.normalise import read_normalised; read_normalised('nobody-x/no-such-dataset-x')"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("mallows_ray.data.formats.DataSourceError: 'nobody-x/no-such-dataset-x'"), done.stderr
+    assert last.startswith("mallows_ray.data.sources.DataSourceError: 'nobody-x/no-such-dataset-x'"), done.stderr
     assert "hub is unreachable" in last and "Give a local path instead" in last
 
 
@@ -354,7 +346,10 @@ def test_every_kind_of_bad_row_is_rejected_with_its_row(tmp_path):
 
 def test_rejects_file_and_bad_fraction_gate(tmp_path):
     records, rejects = read_normalised(str(_bad_file(tmp_path)))
-    path = write_rejects(tmp_path / "out" / "rejects.jsonl", rejects)
+    path = tmp_path / "out" / "rejects.jsonl"
+    with RejectsFile(path) as out:
+        for reject in rejects:
+            out.add(reject)
     written = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(w["row"], w["reason"]) for w in written] == [(r.row, r.reason) for r in rejects]
     assert set(written[0]) == {"source", "row", "reason", "detail", "raw"}
@@ -388,7 +383,7 @@ def test_real_hh_file_first_200_rows():
     path = HH_DIR / "harmless-base-test-1800.jsonl.gz"
     if not path.is_file():
         pytest.skip(f"real HH data not present at {HH_DIR}")
-    outs = [normalise(raw, "hh") for raw in islice(iter_raw_rows(str(path)), 200)]
+    _, outs = normalise_source(list(islice(iter_raw_rows(str(path)), 200)), "hh")
     rejects = [out for out in outs if isinstance(out, Reject)]
     records = [out for out in outs if not isinstance(out, Reject)]
     # the data's own flaw: row 87's chosen reply is empty ("...\n\nAssistant: " and nothing after it)

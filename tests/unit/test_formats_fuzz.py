@@ -23,8 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mallows_ray.data.formats import FORMATS, NORMALISED_SCHEMA, RawRow, normalise, read_normalised
-from mallows_ray.data.rejects import REASONS, Reject, read_rejects, write_rejects
+from mallows_ray.data.detect import FORMATS
+from mallows_ray.data.normalise import normalise_source, read_normalised
+from mallows_ray.data.rejects import REASONS, Reject, RejectsFile, read_rejects
+from mallows_ray.data.schema import NORMALISED_SCHEMA
+from mallows_ray.data.sources import RawRow
 
 EXAMPLES = {"records": 500, "mutated": 500, "bytes": 300, "unicode": 400, "numbers": 400, "nesting": 200,
             "truncation": 400}
@@ -96,7 +99,7 @@ def mutated(draw):
 def _check_reject(reject: Reject) -> None:
     assert reject.reason in REASONS and reject.reason != "normaliser_error", reject.describe()
     assert reject.source and isinstance(reject.row, int)
-    json.dumps(asdict(reject), ensure_ascii=False).encode("utf-8")  # what write_rejects writes: valid UTF-8
+    json.dumps(asdict(reject), ensure_ascii=False).encode("utf-8")  # what RejectsFile writes: valid UTF-8
 
 
 def _check_outcomes(records, rejects, tmp_dir) -> None:
@@ -104,7 +107,10 @@ def _check_outcomes(records, rejects, tmp_dir) -> None:
         _check_reject(reject)
     # records are Arrow-safe: the conversion the pipeline does, and it round-trips
     assert pa.Table.from_pylist(records, schema=NORMALISED_SCHEMA).to_pylist() == records
-    path = write_rejects(tmp_dir / "rejects.jsonl", rejects)
+    path = tmp_dir / "rejects.jsonl"
+    with RejectsFile(path) as out:
+        for reject in rejects:
+            out.add(reject)
     assert [(r.source, r.row, r.reason) for r in read_rejects(path)] == [(r.source, r.row, r.reason) for r in rejects]
 
 
@@ -124,7 +130,7 @@ def tmp_dir(tmp_path_factory):
 @given(record=RECORDS, fmt=st.sampled_from(("auto", *FORMATS)),
        score_fill=st.sampled_from([None, "min", "mean", 0.5]))
 def test_normalise_random_json_records_never_raises(record, fmt, score_fill):
-    out = normalise(RawRow("fuzz.jsonl", 1, record), fmt, score_fill=score_fill)
+    _, [out] = normalise_source([RawRow("fuzz.jsonl", 1, record)], fmt, score_fill=score_fill)
     if isinstance(out, Reject):
         _check_reject(out)
     else:
@@ -135,7 +141,7 @@ def test_normalise_random_json_records_never_raises(record, fmt, score_fill):
 @given(record=mutated(), fmt=st.sampled_from(("auto", *FORMATS)),
        score_fill=st.sampled_from([None, "min", "mean", 1e308]))
 def test_normalise_mutated_valid_records_never_raises(record, fmt, score_fill):
-    out = normalise(RawRow("fuzz.jsonl", 1, record), fmt, score_fill=score_fill)
+    _, [out] = normalise_source([RawRow("fuzz.jsonl", 1, record)], fmt, score_fill=score_fill)
     if isinstance(out, Reject):
         _check_reject(out)
     else:

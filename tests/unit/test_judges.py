@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
-from mallows_ray.demo_data import to_pair, weighted_scores
-from mallows_ray.judges import (
+from mallows_ray.demo.judges import (
     FORMAT_PHRASES,
     OBJECTIVES,
     FormatRequest,
@@ -18,6 +18,7 @@ from mallows_ray.judges import (
     positivity,
     score_all,
 )
+from mallows_ray.lambdas.vectors import LambdaLike, lambda_vector
 
 
 def test_objectives_are_sorted_like_the_pipeline_default():
@@ -143,7 +144,33 @@ def test_the_polite_reply_loses_on_format_and_conciseness():
     assert a["positivity"] < b["positivity"]
 
 
-# ---- listwise record -> pair under a weight vector
+# ---- listwise record -> pair under a weight vector (a test helper: no production code derives pairs)
+
+
+def weighted_scores(record: dict[str, Any], weights: LambdaLike,
+                    objectives: tuple[str, ...] = OBJECTIVES) -> list[float]:
+    """sum_k w_k * scores[objective_k][i] for every response i of a listwise record; `weights`: anything
+    `lambda_vector` takes, non-negative and summing to 1."""
+    w = lambda_vector(weights, objectives)
+    scores = record["scores"]
+    missing = [name for name, weight in zip(objectives, w) if weight > 0 and name not in scores]
+    if missing:
+        raise KeyError(f"record {record.get('id')!r} has no scores for {missing}; it has {sorted(scores)}")
+    n = len(record["responses"])
+    return [sum(weight * scores[name][i] for name, weight in zip(objectives, w) if weight > 0) for i in range(n)]
+
+
+def to_pair(record: dict[str, Any], weights: LambdaLike,
+            objectives: tuple[str, ...] = OBJECTIVES) -> dict[str, Any] | None:
+    """A listwise record -> `{"id", "prompt", "chosen", "rejected"}` under `weights`: chosen the best weighted
+    score (the first on ties), rejected the worst (the last on ties); None when all tie."""
+    totals = weighted_scores(record, weights, objectives)
+    best = max(range(len(totals)), key=lambda i: (totals[i], -i))
+    worst = min(range(len(totals)), key=lambda i: (totals[i], -i))
+    if totals[best] == totals[worst]:
+        return None
+    responses = record["responses"]
+    return {"id": record["id"], "prompt": record["prompt"], "chosen": responses[best], "rejected": responses[worst]}
 
 RECORD = {
     "id": "demo-0001", "prompt": "p",

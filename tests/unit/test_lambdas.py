@@ -8,11 +8,15 @@ import sys
 import pytest
 import torch
 
-from mallows_ray.lambdas import (
-    DirichletScheduler, FixedScheduler, LearnedScheduler, TableScheduler, build_scheduler, condition_messages,
-    default_candidates, format_lambda, lambda_vector, listwise_top1_score, parse_lambda_arg, parse_lambda_text,
+from mallows_ray.lambdas.schedulers import (
+    DirichletScheduler, FixedScheduler, LearnedScheduler, TableScheduler, build_scheduler, default_candidates,
     scheduler_parameters,
 )
+from mallows_ray.lambdas.vectors import (
+    LAMBDA_PREFIX, condition_messages, format_lambda, lambda_vector, parse_lambda_arg,
+)
+from mallows_ray.losses.listwise import listwise
+from mallows_ray.losses.types import ListwiseInputs
 
 OBJ = ["helpfulness", "honesty", "instruction_following", "truthfulness"]
 LINE = "Preference weights: helpfulness=0.50, honesty=0.20, instruction_following=0.20, truthfulness=0.10"
@@ -31,6 +35,16 @@ def chi_square(indices: torch.Tensor, probs: torch.Tensor) -> float:
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def parse_lambda_text(text: str) -> dict[str, float]:
+    """Inverse of `format_lambda` (a test utility: the package only renders): the rendered line ->
+    {objective: weight} in rendered order, the 2-decimal rendered values."""
+    body = text.strip()
+    if not body.startswith(LAMBDA_PREFIX):
+        raise ValueError(f"{text!r} is not a rendered lambda; it must start with {LAMBDA_PREFIX!r}")
+    entries = (entry.partition("=") for entry in body[len(LAMBDA_PREFIX):].split(", "))
+    return {name: float(value) for name, _, value in entries}
 
 
 # --- rendering (3.1) ----------------------------------------------------------------------------------------
@@ -108,7 +122,7 @@ def test_config_offers_exactly_the_renderer_placements():
     import typing
 
     from mallows_ray.config import LambdaConfig
-    from mallows_ray.lambdas import PLACEMENTS
+    from mallows_ray.lambdas.vectors import PLACEMENTS
 
     assert typing.get_args(typing.get_type_hints(LambdaConfig)["placement"]) == PLACEMENTS
 
@@ -167,12 +181,24 @@ def test_default_candidates_vertices_uniform_simplex_deterministic():
         default_candidates(4, M=4)
 
 
+def listwise_top1(rewards: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The listwise loss's top-1 accuracy [B], which `train/lambda_training.py` averages into score_j:
+    lp = rewards, ref = 0 and beta = 1 make the implicit rewards r exactly `rewards`."""
+    inputs = ListwiseInputs(policy_logps=rewards, reference_logps=torch.zeros_like(rewards),
+                            lengths=torch.ones_like(rewards), target=target, response_mask=mask)
+    return listwise(inputs, beta=1.0).accuracy
+
+
 def test_listwise_top1_score():
+    """Default score_j of section 3.2: the fraction of prompts where argmax_i r_i == argmax_i p_lambda_j[i]."""
     rewards = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, -1e9], [0.0, 1.0, 2.0], [5.0, 4.0, 3.0]])
     target = torch.tensor([[0.1, 0.6, 0.3], [0.2, 0.8, 0.0], [0.1, 0.2, 0.7], [0.5, 0.5, 0.0]])
-    assert listwise_top1_score(rewards, target) == 0.75  # row 2 wrong; row 4's tie goes to index 0
-    with pytest.raises(ValueError, match=r"\[B, N\]"):
-        listwise_top1_score(rewards, target[:, :2])
+    padded = torch.ones_like(target, dtype=torch.bool)
+    padded[1, 2] = False  # row 2's last response is padding (reward -1e9, target 0)
+    for mask in (None, padded):
+        assert listwise_top1(rewards, target, mask).mean().item() == 0.75  # row 2 wrong; row 4's tie goes to index 0
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        listwise_top1(rewards, target[:, :2])
 
 
 # --- schedulers (3.2) ---------------------------------------------------------------------------------------
@@ -338,7 +364,7 @@ def test_build_scheduler_errors_and_parameters():
 
 
 def test_module_imports_no_ray_deepspeed_transformers():
-    code = ("import sys, mallows_ray.lambdas; "
+    code = ("import sys, mallows_ray.lambdas.vectors, mallows_ray.lambdas.schedulers; "
             "print([m for m in ('ray', 'deepspeed', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from mallows_ray.config import ConfigError, load_config
+from mallows_ray.config import load_config
+from mallows_ray.typed_config import ConfigError
 from mallows_ray.data.collate import pack_responses
 from mallows_ray.data.scoring import score_responses
 from mallows_ray.losses import (
-    IGNORE_INDEX, LOSSES, PairwiseInputs, Term, build_composite, build_loss, is_listwise, response_logprobs,
+    IGNORE_INDEX, SPECS, PairwiseInputs, Term, build_composite, build_loss, response_logprobs,
 )
 from mallows_ray.models import response_stats
 from mallows_ray.train.batches import collate
@@ -22,7 +23,7 @@ from test_shared_prompt import batch_of_prompts, tiny_llama
 from test_train_batches import _row
 
 D = torch.float64
-LD_LOSSES = [n for n in LOSSES if not is_listwise(n) and n != "nll"]
+LD_LOSSES = [n for n, spec in SPECS.items() if spec.kind == "pairwise" and n != "nll"]
 
 
 def _pairs(b=6, seed=0):
@@ -191,7 +192,7 @@ def test_forward_loss_hands_the_shared_sums_to_the_loss():
         seen.update(inputs)
         return (logps, None, prefix) if "prefix_lengths" in inputs else logps
 
-    out = forward_loss(model, batch, build_loss("dpo", beta=1.0, ld_alpha=0.5), listwise=False, with_ld=True)
+    out = forward_loss(model, batch, build_loss("dpo", beta=1.0, ld_alpha=0.5))
     assert seen["prefix_lengths"].tolist() == [2, 2, 2, 2]
     # pair 0: lp_w = -1, lp_l = -3 + 0.5 (-5 + 3) = -4, ref_w = -2, ref_l = -2 + 0.5 (-3 + 2) = -2.5:
     #   u = (-1 + 2) - (-4 + 2.5) = 2.5
@@ -199,16 +200,16 @@ def test_forward_loss_hands_the_shared_sums_to_the_loss():
     #   u = (-4 + 2.5) - (-1.5 + 2) = -2
     torch.testing.assert_close(out.losses, torch.tensor([math.log1p(math.exp(-2.5)), math.log1p(math.exp(2))]))
     seen.clear()
-    forward_loss(model, batch, build_loss("dpo"), listwise=False)
+    forward_loss(model, batch, build_loss("dpo"))
     assert "prefix_lengths" not in seen
 
 
 def test_ld_alpha_config():
-    assert load_config(None, ["loss.name=dpo", "loss.ld_alpha=0.5"]).loss.uses_ld
+    assert load_config(None, ["loss.name=dpo", "loss.ld_alpha=0.5"]).loss.build().ld
     for off in ("1.0", "null"):
-        assert not load_config(None, ["loss.name=dpo", f"loss.ld_alpha={off}"]).loss.uses_ld
+        assert not load_config(None, ["loss.name=dpo", f"loss.ld_alpha={off}"]).loss.build().ld
     terms = load_config(None, ["loss={terms: [{name: dpo, params: {ld_alpha: 0.2}}, {name: nll}]}"]).loss
-    assert terms.uses_ld
+    assert terms.build().ld
     for bad in ("1.5", "-0.1", ".nan"):
         with pytest.raises(ConfigError, match=r"'ld_alpha'.*out of range; expected a finite value in \[0, 1\]"):
             load_config(None, ["loss.name=ipo", f"loss.ld_alpha={bad}"])
@@ -242,8 +243,8 @@ def test_policy_equal_to_reference_gives_log_2_through_the_policy_module(share):
         policy = PolicyLogprobs(model, zero_stage=0, with_wpo=wpo)
         loss = build_loss("dpo", beta=1.0, ld_alpha=0.3, wpo=wpo)
         with torch.no_grad():
-            out = forward_loss(policy, batch, loss, listwise=False, with_ld=True)
-            plain = forward_loss(policy, batch, build_loss("dpo", beta=1.0, wpo=wpo), listwise=False)
+            out = forward_loss(policy, batch, loss)
+            plain = forward_loss(policy, batch, build_loss("dpo", beta=1.0, wpo=wpo))
         # a wrong policy or reference shared sum would leave a nonzero LD-weighted log-ratio, hence reward
         torch.testing.assert_close(out.losses, plain.losses, rtol=0, atol=1e-5)
         torch.testing.assert_close(out.chosen_rewards, torch.zeros(len(rows)), rtol=0, atol=1e-5)

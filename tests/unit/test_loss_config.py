@@ -4,10 +4,12 @@ import pytest
 import torch
 import yaml
 
-from mallows_ray.config import Config, ConfigError, from_dict, load_config, set_key, to_dict
+from mallows_ray.config import Config, load_config
+from mallows_ray.typed_config import ConfigError, from_dict, set_key, to_dict
 from mallows_ray.losses import LossOutput, PairwiseInputs, Term, build_loss
-from mallows_ray.sweep import load_sweep_config, sample_configs, trial_name
 from mallows_ray.train.metrics import MetricSums, progress_line
+from mallows_ray.tune.config import load_sweep_config, sample_configs
+from mallows_ray.tune.trials import trial_name
 
 TERMS = "loss={terms: [{name: dpo, weight: 1.0, params: {beta: 0.2}}, {name: nll, weight: 0.5}]}"
 
@@ -19,8 +21,8 @@ def test_terms_load_round_trip_and_build(tmp_path):
     config = load_config(path, ["loss.terms.1.weight=0.25"])
     assert config.loss.terms == [Term("dpo", 1.0, {"beta": 0.2, "dispersion": True}),
                                  Term("nll", 0.25, {"reduction": "sum"})]
-    assert config.loss.name == "dpo" and config.loss.params == {} and not config.loss.listwise
-    assert config.loss.uses_dispersion
+    assert config.loss.name == "dpo" and config.loss.params == {} and not config.loss.build().listwise
+    assert config.loss.build().reads_dispersion
     assert from_dict(Config, to_dict(config)) == config
     assert to_dict(config)["loss"] == {"terms": [
         {"name": "dpo", "weight": 1.0, "params": {"beta": 0.2, "dispersion": True}},

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from mallows_ray.losses import (
-    LISTWISE_LOSSES, LOSSES, PAIRWISE_LOSSES, SPECS, EntropyAggregate, ListwiseInputs, PairwiseInputs, build_loss,
-    calibrate_scale,
-    dispersion_from_entropy, is_listwise, kendall_link, loss_parameters, mixed_target, prompt_mean_entropy,
-    uses_dispersion,
+    SPECS, EntropyAggregate, ListwiseInputs, PairwiseInputs, build_loss, calibrate_scale, dispersion_from_entropy,
+    kendall_link, loss_parameters, loss_spec, mixed_target, prompt_mean_entropy,
 )
 
 D = torch.float64
+LOSSES = list(SPECS)
+PAIRWISE_LOSSES = [name for name, spec in SPECS.items() if spec.kind == "pairwise"]
+LISTWISE_LOSSES = [name for name, spec in SPECS.items() if spec.kind == "listwise"]
 # the listwise losses over implicit rewards (listwise_nll, a likelihood term, and lambda_contrast, whose softmax
 # runs over lambdas, have their own tests)
 RANKING_LOSSES = [name for name in LISTWISE_LOSSES if not (SPECS[name].likelihood or SPECS[name].across_lambdas)]
@@ -98,8 +99,8 @@ def test_plug_in_scales_the_logit_and_requires_dispersion():
     assert build_loss("robust", beta=0.1, label_smoothing=0.0, dispersion=True)(x).losses.item() == pytest.approx(
         -logsig(0.2))
     for name in LOSSES:
-        if uses_dispersion(name, {"dispersion": True}):
-            params = {"dispersion": True} if "dispersion" in loss_parameters(name) else {}
+        params = {"dispersion": True} if "dispersion" in loss_parameters(name) else {}
+        if build_loss(name, **params).reads_dispersion:
             x = pairwise(0.0, 0.0) if name in PAIRWISE_LOSSES else listwise_inputs([[0.0, 1.0]], target=[[1.0, 0.0]])
             with pytest.raises(ValueError, match="dispersion"):
                 build_loss(name, **params)(x)
@@ -253,15 +254,16 @@ def test_lambda_contrast_ignores_what_does_not_depend_on_lambda_and_padding():
 
 
 def test_lambda_contrast_needs_vertex_copies_in_the_config():
-    from mallows_ray.config import Config, ConfigError, from_dict
+    from mallows_ray.config import Config
+    from mallows_ray.typed_config import ConfigError, from_dict
 
     terms = [{"name": "listwise"}, {"name": "lambda_contrast", "weight": 1.0}]
     with pytest.raises(ConfigError, match="lambda_contrast .* needs lambdas.vertex_copies=true"):
         from_dict(Config, {"loss": {"terms": terms}})
     config = from_dict(Config, {"loss": {"terms": terms}, "lambdas": {"vertex_copies": True}})
-    assert config.loss.across_lambdas and config.loss.name == "listwise"  # the composite reports listwise
+    assert config.loss.build().across_lambdas and config.loss.name == "listwise"  # the composite reports listwise
     off = [terms[0], {**terms[1], "weight": 0.0}]  # switched off (the demo's no-conditioning ablation)
-    assert not from_dict(Config, {"loss": {"terms": off}, "lambdas": {"condition": False}}).loss.across_lambdas
+    assert not from_dict(Config, {"loss": {"terms": off}, "lambdas": {"condition": False}}).loss.build().across_lambdas
 
 
 def test_listwise_nll_in_a_composite_reports_the_preference_term():
@@ -403,7 +405,7 @@ def test_gradcheck_every_loss(name):
         params["length_normalize"] = True
     fn = build_loss(name, **params)
     s = torch.rand(3, dtype=D) + 0.2
-    if is_listwise(name):
+    if build_loss(name).listwise:
         ref, lengths = torch.randn(3, 4, dtype=D), torch.randint(1, 5, (3, 4)).to(D)
         mask = torch.tensor([[True] * 4, [True, True, False, True], [True, True, True, False]])
         # continuous random scores: pairwise-distinct target values, so the induced ranking is well defined
@@ -479,15 +481,15 @@ def test_registry():
     assert loss_parameters("mallows_phi") == {"beta": 0.1, **f_div}
     x = pairwise(0.0, 0.0)
     assert build_loss("dpo", beta=np.float32(1.0))(x).losses.item() == pytest.approx(math.log(2))
-    assert uses_dispersion("mallows_phi", {}) and uses_dispersion("mallows_theta", {})
-    assert uses_dispersion("ipo", {"dispersion": True}) and not uses_dispersion("dpo", {})
-    assert is_listwise("plackett_luce") and not is_listwise("dpo")
+    assert build_loss("mallows_phi").reads_dispersion and build_loss("mallows_theta").reads_dispersion
+    assert build_loss("ipo", dispersion=True).reads_dispersion and not build_loss("dpo").reads_dispersion
+    assert build_loss("plackett_luce").listwise and not build_loss("dpo").listwise
 
 
 def test_registry_errors_name_the_key():
     with pytest.raises(ValueError, match="unknown loss 'dpoo'; valid losses: dpo, cdpo, robust, ipo, simpo"):
         build_loss("dpoo")
-    for call in (loss_parameters, is_listwise, lambda n: uses_dispersion(n, {})):
+    for call in (loss_parameters, loss_spec):
         with pytest.raises(ValueError, match="unknown loss 'dpoo'"):
             call("dpoo")
     with pytest.raises(ValueError, match="loss 'simpo' has no parameter 'label_smoothing'; valid parameters: beta, "

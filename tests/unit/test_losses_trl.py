@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from mallows_ray.losses import (
-    F_DIVERGENCES, LOSSES, SPECS, PairwiseInputs, Term, build_composite, build_loss, check_parameters,
-    is_listwise, loss_parameters, term_labels,
+    F_DIVERGENCES, SPECS, PairwiseInputs, Term, build_composite, build_loss, check_parameters, loss_parameters,
+    term_labels,
 )
 from mallows_ray.losses.mallows import _log_kendall_link
 
 D = torch.float64
 NEW = ["hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
        "discopop", "sigmoid_norm"]
-F_DIV_LOSSES = [n for n in LOSSES if "f_divergence" in loss_parameters(n)]
+F_DIV_LOSSES = [n for n in SPECS if "f_divergence" in loss_parameters(n)]
 DISPERSION_OPTION = [n for n, s in SPECS.items() if s.dispersion == "option"]
 
 
@@ -130,7 +130,7 @@ def _random_pairs(b=6, seed=0, s=None, dtype=D):
     return PairwiseInputs(r() - 3, r() - 3, r() - 3, r() - 3, n(), n(), s)
 
 
-@pytest.mark.parametrize("name", [n for n in LOSSES if not is_listwise(n)])
+@pytest.mark.parametrize("name", [n for n, spec in SPECS.items() if spec.kind == "pairwise"])
 def test_single_term_of_weight_one_is_the_plain_loss(name):
     x = _random_pairs(s=torch.rand(6, dtype=D) + 0.5)
     plain, single = build_loss(name)(x), build_composite([Term(name)])(x)
@@ -138,7 +138,7 @@ def test_single_term_of_weight_one_is_the_plain_loss(name):
     assert torch.equal(single.chosen_rewards, plain.chosen_rewards) and list(single.terms) == [name]
 
 
-@pytest.mark.parametrize("name", [n for n in DISPERSION_OPTION if not is_listwise(n)])
+@pytest.mark.parametrize("name", [n for n in DISPERSION_OPTION if SPECS[n].kind == "pairwise"])
 def test_dispersion_of_one_is_no_dispersion(name):
     x = _random_pairs(s=torch.ones(6, dtype=D))
     assert torch.allclose(build_loss(name, dispersion=True)(x).losses, build_loss(name)(x).losses, rtol=0, atol=0)

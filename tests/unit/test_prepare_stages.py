@@ -8,10 +8,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mallows_ray.data.formats import read_normalised, source_units
+from mallows_ray.data.normalise import read_normalised
 from mallows_ray.data.shards import ShardWriter
+from mallows_ray.data.sources import source_units
 from mallows_ray.data.stages import (
-    ROW_BITS, SplitVerdicts, finalise_and_tokenize, normalise_units, read_slice, repeated_ids, split_verdicts,
+    ROW_BITS,
+    SplitVerdicts,
+    finalise_and_tokenize,
+    normalise_units,
+    read_slice,
+    repeated_ids,
+    split_verdicts,
 )
 from mallows_ray.data.tokenize import LengthLimits
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from mallows_ray.report import dispersion_summary, write_report
+from mallows_ray.demo.report import dispersion_summary, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

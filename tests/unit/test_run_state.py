@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mallows_ray.train import checkpoint_files as files
-from mallows_ray.train import run_dir
+from mallows_ray.drivers import run_dir
 from mallows_ray.train.plan import TrainPlan
 from mallows_ray.train.safe_state import load_rng, load_weights_only, save_rng
 
@@ -183,7 +183,7 @@ def test_deepspeed_files_load_as_data_only(tmp_path):
 
 
 def test_demo_replaces_an_earlier_run_only_when_asked_and_only_a_marked_one(tmp_path):
-    from mallows_ray.demo import start_fresh
+    from mallows_ray.demo.run import start_fresh
 
     start_fresh(tmp_path / "none", fresh=False)  # nothing there: nothing to do
     run_dir.claim(_plan(tmp_path, "demo"))

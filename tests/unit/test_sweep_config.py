@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from mallows_ray.config import ConfigError, load_config, to_dict
-from mallows_ray.sweep import (
-    best_config, best_row, expected_trials, load_sweep_config, max_concurrent_trials, sample_configs, trial_name,
-    write_tables,
-)
+from mallows_ray.config import load_config
+from mallows_ray.typed_config import ConfigError, to_dict
+from mallows_ray.tune.config import expected_trials, load_sweep_config, sample_configs
+from mallows_ray.tune.results import best_config, best_row, write_tables
+from mallows_ray.tune.trials import max_concurrent_trials, trial_name
 
 BASE = {
     "data": {"train": "prefs.jsonl", "validation": "val.jsonl"},

@@ -110,7 +110,7 @@ def test_pairwise_forward_loss_is_dpo_of_the_model_outputs():
     rows = [_row(0), _row(1, response_lens=(3, 2))]
     batch = collate(rows, pad_id=0, with_scores=False)
     logps = torch.tensor([-1.0, -5.0, -2.0, -1.5], requires_grad=True)  # rows: p0 chosen, p0 rejected, p1 ...
-    out = forward_loss(lambda **inputs: logps, batch, build_loss("dpo", beta=0.5), listwise=False)
+    out = forward_loss(lambda **inputs: logps, batch, build_loss("dpo", beta=0.5))
     u = torch.tensor([(-1.0 + 2) - (-5.0 + 3), (-2.0 + 3) - (-1.5 + 2)])  # (lp - ref) chosen - rejected
     assert torch.allclose(out.losses, -torch.nn.functional.logsigmoid(0.5 * u))
     out.losses.sum().backward()
@@ -136,8 +136,8 @@ def test_lr_schedule_and_deepspeed_config():
 
 def test_plan_step_counts_and_checks(tiny_model_dir, tmp_path):
     from mallows_ray.data import manifest as mf
-    from mallows_ray.data.pipeline import PreparedData
-    from mallows_ray.train.trainer import make_plan
+    from mallows_ray.data.cache import PreparedData
+    from mallows_ray.drivers.train import make_plan
 
     manifest = {"kind": "pairwise", "splits": {"train": {"rows_out": 30}}, "tokenizer_path": str(tiny_model_dir),
                 "tokenizer": mf.tokenizer_fingerprint(tiny_model_dir), "dispersion_scale": 0.9}

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from mallows_ray.config import ConfigError, load_config
+from mallows_ray.config import load_config
+from mallows_ray.typed_config import ConfigError
 from mallows_ray.losses import IGNORE_INDEX, PairwiseInputs, build_loss, response_logprobs
 from mallows_ray.train.batches import collate
 from mallows_ray.train.objective import forward_loss
@@ -77,16 +78,16 @@ def test_forward_loss_hands_the_aligned_log_probs_to_the_loss():
     batch = collate([_row(0), _row(1, response_lens=(3, 2))], pad_id=0, with_scores=False)
     logps = torch.tensor([-1.0, -5.0, -2.0, -1.5])
     aligned = torch.tensor([-0.1, -0.2, -0.3, -0.4])  # rows: p0 chosen, p0 rejected, p1 chosen, p1 rejected
-    plain = forward_loss(lambda **inputs: logps, batch, build_loss("dpo", beta=0.5), listwise=False)
-    out = forward_loss(lambda **inputs: (logps, aligned), batch, build_loss("dpo", beta=0.5, wpo=True), listwise=False)
+    plain = forward_loss(lambda **inputs: logps, batch, build_loss("dpo", beta=0.5))
+    out = forward_loss(lambda **inputs: (logps, aligned), batch, build_loss("dpo", beta=0.5, wpo=True))
     assert torch.allclose(out.losses, plain.losses * torch.exp(torch.tensor([-0.3, -0.7])))
 
 
 def test_wpo_config():
-    assert load_config(None, ["loss.name=dpo", "loss.wpo=true"]).loss.uses_wpo
-    assert not load_config(None, ["loss.name=dpo"]).loss.uses_wpo
+    assert load_config(None, ["loss.name=dpo", "loss.wpo=true"]).loss.build().wpo
+    assert not load_config(None, ["loss.name=dpo"]).loss.build().wpo
     terms = load_config(None, ["loss={terms: [{name: dpo}, {name: nll, params: {wpo: true}}]}"]).loss
-    assert terms.uses_wpo
+    assert terms.build().wpo
     for name, needle in (("aot", "quantile of the sorted batch"), ("listwise", "this loss is listwise")):
         with pytest.raises(ConfigError, match=needle):
             load_config(None, [f"loss.name={name}", "loss.wpo=true"])

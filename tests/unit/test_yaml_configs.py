@@ -34,7 +34,7 @@ def test_yaml_parses(path):
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=_name)
 def test_job_config_validates(path):
     if "sweep" in yaml.safe_load(path.read_text()):  # a Ray Tune sweep over training
-        sweep = pytest.importorskip("mallows_ray.sweep", reason="mallows_ray.sweep (Tune sweep configs) is not "
+        sweep = pytest.importorskip("mallows_ray.tune.config", reason="mallows_ray.tune (Tune sweep configs) is not "
                                     "written yet; sweep configs are validated once it exists")
         sweep.load_sweep_config(path)
         return
@@ -91,15 +91,17 @@ def test_demo_ablations_switch_off_their_part_only():
     conditioning, lambda_contrast goes too: with lambda hidden it is a constant)."""
     from dataclasses import replace
 
-    from mallows_ray.demo import ABLATIONS, DEMO_CONFIG
+    from mallows_ray.demo.data import DEMO_CONFIG
+    from mallows_ray.demo.run import ABLATIONS
 
     demo = load_config(DEMO_CONFIG, [])
-    assert demo.lambdas.condition and demo.loss.uses_dispersion and demo.loss.listwise and demo.loss.across_lambdas
+    loss = demo.loss.build()
+    assert demo.lambdas.condition and loss.reads_dispersion and loss.listwise and loss.across_lambdas
     assert [t.name for t in demo.loss.terms] == ["listwise", "listwise_nll", "lambda_contrast"]
     no_conditioning = load_config(DEMO_CONFIG, ABLATIONS["no conditioning"])
-    assert not no_conditioning.lambdas.condition and not no_conditioning.loss.across_lambdas
+    assert not no_conditioning.lambdas.condition and not no_conditioning.loss.build().across_lambdas
     assert no_conditioning.lambdas == replace(demo.lambdas, condition=False)
     assert no_conditioning.loss.terms[:2] == demo.loss.terms[:2] and no_conditioning.loss.terms[2].weight == 0
     no_dispersion = load_config(DEMO_CONFIG, ABLATIONS["no dispersion"])
-    assert not no_dispersion.loss.uses_dispersion and no_dispersion.lambdas == demo.lambdas
+    assert not no_dispersion.loss.build().reads_dispersion and no_dispersion.lambdas == demo.lambdas
     assert [t.weight for t in no_dispersion.loss.terms] == [t.weight for t in demo.loss.terms]

@@ -17,8 +17,8 @@ from mallows_ray.data.collate import pack_responses
 from mallows_ray.data.tokenize import render_prompt_ids
 from mallows_ray.lambdas import condition_messages
 from mallows_ray.generate import generate
-from mallows_ray.judges import score_all, OBJECTIVES
-from mallows_ray.control import control_differences, controlled
+from mallows_ray.demo.judges import score_all, OBJECTIVES
+from mallows_ray.demo.control import control_differences, controlled
 from mallows_ray.losses import ListwiseInputs, lambda_contrast, listwise, listwise_nll
 
 ap = argparse.ArgumentParser()
@@ -70,7 +70,7 @@ model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, 
 base = model.base_model.model
 
 def load(split):
-    with gzip.open(f"/work/main/mallows_ray/resources/demo/{split}.jsonl.gz", "rt") as f:
+    with gzip.open(f"/work/main/mallows_ray/demo/resources/listwise/{split}.jsonl.gz", "rt") as f:
         return [json.loads(l) for l in f]
 train, test = load("train"), load("test")
 eos = tok.eos_token_id

@@ -12,8 +12,8 @@ import torch
 from mallows_ray.models import resolve_model_path
 from mallows_ray.generate import generate, load_export
 from mallows_ray.lambdas import format_lambda
-from mallows_ray.judges import score_all, OBJECTIVES
-from mallows_ray.control import control_differences, controlled
+from mallows_ray.demo.judges import score_all, OBJECTIVES
+from mallows_ray.demo.control import control_differences, controlled
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--n", type=int, default=64)
@@ -23,7 +23,7 @@ args = ap.parse_args()
 torch.set_num_threads(2)
 objs = list(OBJECTIVES)
 model, tok = load_export(resolve_model_path("embedded:smollm2-135m-instruct"))[:2]
-with gzip.open("mallows_ray/resources/demo/test.jsonl.gz", "rt") as f:
+with gzip.open("mallows_ray/demo/resources/listwise/test.jsonl.gz", "rt") as f:
     prompts = [json.loads(l)["prompt"] for l in f][: args.n]
 vertices = [tuple(1.0 if i == k else 0.0 for i in range(3)) for k in range(3)]
 

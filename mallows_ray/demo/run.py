@@ -1,8 +1,8 @@
 """`mallows-ray demo`: the main job on the embedded defaults, start to finish on a CPU.
 
-    prepare   the bundled listwise demo data (resources/demo: everyday prompts, 4 SmolLM2 replies each, one per
-              style: one short sentence, the requested format, warm ("Great question! ..."), plain; scored by
-              three programmatic judges),
+    prepare   the bundled listwise demo data (demo/resources/listwise: everyday prompts, 4 SmolLM2 replies
+              each, one per style: one short sentence, the requested format, warm ("Great question! ..."),
+              plain; scored by three programmatic judges),
               reference log-probs + entropy -> s(x)
     train     listwise lambda-DPO with MallowsPO's dispersion plug-in (r = beta s(x) (lp - ref), ALGORITHMS 2.4
               and 3) plus the likelihood of the replies lambda prefers (listwise_nll) and lambda_contrast
@@ -27,7 +27,6 @@ folder, and only if mallows-ray made it), or give another --out or run.name.
 
 from __future__ import annotations
 
-import gzip
 import json
 import time
 from contextlib import contextmanager
@@ -36,29 +35,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mallows_ray.config import Config, load_config, to_dict
+from mallows_ray.config import Config, load_config
+from mallows_ray.typed_config import to_dict
 from mallows_ray.console import Progress
-from mallows_ray.control import control_differences, control_matrix, controlled
-from mallows_ray.demo_data import demo_path
-from mallows_ray.judges import OBJECTIVES, score_all
+from mallows_ray.demo.control import control_differences, control_matrix, controlled
+from mallows_ray.demo.data import DEMO_CONFIG, demo_subset, split_size
+from mallows_ray.demo.judges import OBJECTIVES, score_all
 from mallows_ray.models import resolve_model_path
-
-DEMO_CONFIG = Path(__file__).parent / "resources" / "demo_config.yaml"
-
-
-def demo_subset(split: str, rows: int, folder: Path) -> Path:
-    """The first `rows` records of a bundled demo split as a jsonl file (the splits are already shuffled)."""
-    with gzip.open(demo_path(split), "rt") as fh:
-        lines = [line for line in fh if line.strip()][:rows]
-    path = folder / f"{split}-{len(lines)}.jsonl"
-    path.write_text("".join(lines))
-    return path
-
-
-def split_size(split: str) -> int:
-    """Records in a bundled demo split."""
-    with gzip.open(demo_path(split), "rt") as fh:
-        return sum(1 for line in fh if line.strip())
 
 
 def demo_config(out_dir: Path, overrides: list[str], sizes: dict[str, int]) -> Config:
@@ -106,7 +89,7 @@ def _phase(timings: dict[str, float], name: str, headline: str) -> Iterator[None
 def start_fresh(run_folder: Path, fresh: bool) -> None:
     """The demo trains from step 0: an earlier run folder is deleted with `fresh` (if mallows-ray made it,
     `run_dir.delete`), else the demo stops and says how to go on."""
-    from mallows_ray.train import run_dir
+    from mallows_ray.drivers import run_dir
 
     if not (run_folder.exists() or run_folder.is_symlink()):
         return
@@ -129,7 +112,7 @@ ABLATIONS = {
 
 
 def _train(config: Config, address: str | None, fresh: bool):
-    from mallows_ray.train import run_training
+    from mallows_ray.drivers.train import run_training
 
     start_fresh(Path(config.run.storage_path).expanduser() / config.run.name, fresh)  # else it would resume
     return run_training(config, address=address)
@@ -139,7 +122,8 @@ def _judged_run(config: Config, address: str | None, prompts: list[str], base_sc
                 settings: dict, timings: dict[str, float], label: str, fresh: bool) -> dict:
     """Train `config`, then generate greedy replies to the test prompts under every generation lambda (each
     vertex and the uniform one; once without lambda when the run does not condition) and judge them."""
-    from mallows_ray.generate import generate, load_export
+    from mallows_ray.drivers.generate import generate
+    from mallows_ray.export_format import load_export
     from mallows_ray.train.conditioning import evaluation_lambdas
 
     with _phase(timings, f"{label}: prepare + train", f"{label}: prepare + train ({config.optim.max_steps} steps, "
@@ -171,8 +155,9 @@ def run_demo(overrides: list[str], *, out_dir: Path, address: str | None = None,
              fresh: bool = False, on_config: Callable[[Config], None] | None = None) -> dict[str, Path]:
     """The demo; `on_config` runs once the config is built and checked, before anything starts Ray (the CLI
     sets up its console there, so a bad setting stops the demo before Ray is up)."""
-    from mallows_ray.generate import generate, load_export
-    from mallows_ray.report import write_report
+    from mallows_ray.demo.report import write_report
+    from mallows_ray.drivers.generate import generate
+    from mallows_ray.export_format import load_export
 
     started = time.time()
     out_dir = Path(out_dir).expanduser().resolve()

@@ -9,12 +9,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mallows_ray.config import Config, to_dict
+from mallows_ray.config import Config
+from mallows_ray.typed_config import to_dict
 from mallows_ray.data import manifest as mf
-from mallows_ray.data.pipeline import PreparedData, open_cache, prepare
-from mallows_ray.losses import is_listwise
+from mallows_ray.data.cache import PreparedData, open_cache
+from mallows_ray.data.pipeline import prepare
 from mallows_ray.models import resolve_model_path
 from mallows_ray.runtime import ensure_ray
+from mallows_ray.drivers import run_dir
+from mallows_ray.train import checkpoint
 from mallows_ray.train.plan import TrainPlan
 
 
@@ -49,11 +52,12 @@ def make_plan(config: Config, prepared: PreparedData) -> TrainPlan:
     manifest = prepared.manifest
     if config.deepspeed.offload_params and config.deepspeed.zero_stage != 3:
         raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters)")
-    if not is_listwise(config.loss.name) and manifest["kind"] != "pairwise":
-        raise ValueError(f"loss {config.loss.name!r} is pairwise but the data {prepared.folder} is "
+    loss = config.loss.build()
+    if not loss.listwise and manifest["kind"] != "pairwise":
+        raise ValueError(f"loss {loss.name!r} is pairwise but the data {prepared.folder} is "
                          f"{manifest['kind']}; use a listwise loss (listwise, plackett_luce)")
-    if is_listwise(config.loss.name) and not manifest.get("objectives"):
-        raise ValueError(f"loss {config.loss.name!r} mixes objective scores by lambda, but the rows of "
+    if loss.listwise and not manifest.get("objectives"):
+        raise ValueError(f"loss {loss.name!r} mixes objective scores by lambda, but the rows of "
                          f"{prepared.folder} carry none; give listwise data (scores: {{objective: [N numbers]}})")
     if config.run.eval_at_start and "validation" not in manifest["splits"]:
         raise ValueError(f"run.eval_at_start evaluates on the validation split, and the scored data "
@@ -116,7 +120,7 @@ def build_trainer(config: Config, plan: TrainPlan, *, callbacks: Sequence[Any] =
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mallows_ray.train.loop import train_loop_per_worker  # imported here: `import mallows_ray.train` stays light
+    from mallows_ray.train.loop import train_loop_per_worker  # imported here: it imports Ray Train and DeepSpeed
 
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
@@ -142,8 +146,6 @@ def run_training(config: Config, *, address: str | None = None) -> TrainResult:
     `run.name` and `run.storage_path` resumes from that run's newest complete checkpoint, after checking it
     against this run's settings here, before any worker starts (`checkpoint.check_resume`).
     """
-    from mallows_ray.train import checkpoint, run_dir
-
     ensure_ray(address)
     prepared = scored_data(config, address)
     plan = make_plan(config, prepared)

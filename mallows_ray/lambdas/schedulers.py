@@ -1,25 +1,17 @@
-"""Preference weights lambda: rendering into prompts and the lambda scheduler (ALGORITHMS.md sections 3, 3.1, 3.2).
+"""The lambda scheduler: which preference weights lambda each training example gets (ALGORITHMS.md section 3.2).
 
-Section 3.1 (lambda conditioning). The lambda used for an example is made visible to the model as one line,
-
-    Preference weights: helpfulness=0.50, honesty=0.20, instruction_following=0.20, truthfulness=0.10
-
-(2 decimals, objective order fixed by the dataset config; an objective whose weight rounds to 0.00 is left
-out, so a vertex reads `Preference weights: honesty=1.00`), as a system message (the default), as a prefix of the
-first user turn for models whose chat template has no system role, or as the end of the last user turn
-(`PLACEMENTS`). `format_lambda` is the only place that knows this format; `condition_messages` places it,
-`parse_lambda_text` reads it back. Training, evaluation and generation
-all go through these functions.
-
-Section 3.2 (the scheduler). A `LambdaScheduler` draws the lambdas of a batch. Modes: `fixed` (one lambda),
-`dirichlet` (fresh Dirichlet(alpha) draws), `table` (user list of (lambda, prob)) and `learned`:
+A `LambdaScheduler` draws the lambdas of a batch. Modes: `fixed` (one lambda), `dirichlet` (fresh
+Dirichlet(alpha) draws), `table` (user list of (lambda, prob)) and `learned`:
 
     p_j  = (1 - gamma) * softmax(w / temperature)_j + gamma / M       over candidates lambda_1..lambda_M
     every eval: signal_j = score_j ("performance") or score_j - previous score_j ("progress")
                 w_j     += lr * (signal_j - mean_j signal_j)
 
-with score_j by default `listwise_top1_score` of the lambda_j-conditioned model on a fixed validation batch.
-`build_scheduler(mode, objectives, **params)` builds one from config values.
+with score_j by default the listwise top-1 accuracy (`LossOutput.accuracy` of the listwise losses: the share of
+prompts where argmax_i r_i == argmax_i p_lambda_j[i]) of the lambda_j-conditioned model on a fixed validation
+batch, as `train/lambda_training.py` computes it. `default_candidates` is the default set lambda_1..lambda_M;
+`build_scheduler(mode, objectives, **params)` builds a scheduler from config values, lambdas written as
+`vectors.lambda_vector` reads them.
 
 Pure python + torch/numpy: nothing here imports ray, deepspeed or transformers.
 """
@@ -27,201 +19,21 @@ Pure python + torch/numpy: nothing here imports ray, deepspeed or transformers.
 from __future__ import annotations
 
 import inspect
-import math
 import operator
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-LAMBDA_PREFIX = "Preference weights: "
-# Where `condition_messages` puts the weights line. user_suffix (after the last user turn's text, right before
-# the reply) is the place small models read best: on the demo data SmolLM2-135M learned to follow lambda there
-# and not in the system message (issue 17's note).
-PLACEMENTS = ("system", "user_prefix", "user_suffix")
+from mallows_ray.lambdas.vectors import LambdaLike, check_objectives, lambda_vector, non_negative, to_simplex
+
 DEFAULT_NUM_CANDIDATES = 16  # M of section 3.2
 SIGNALS = ("performance", "progress")
 
-# A lambda as users and configs write it: "helpfulness=0.7,honesty=0.3", {"helpfulness": 0.7, ...},
-# or K numbers in objective order (list, tuple, 1-D tensor).
-LambdaLike = Union[str, Mapping[str, float], Sequence[float], Tensor]
 
-
-# --- parsing and validation ---------------------------------------------------------------------------------
-
-
-def _check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
-    """The objective names as a tuple: non-empty, unique, and free of ',' and '=' (so the rendering parses)."""
-    names = tuple(objectives)
-    if not names:
-        raise ValueError("objectives is empty; give at least one objective name")
-    for name in names:
-        if not isinstance(name, str) or not name or name != name.strip() or "," in name or "=" in name:
-            raise ValueError(f"objective name {name!r} is invalid: it must be a non-empty string without "
-                             "',' or '=' and without surrounding whitespace")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"objectives {list(names)} repeat {', '.join(duplicates)}")
-    return names
-
-
-def _number(label: str, raw: Any) -> float:
-    """A weight: a finite, non-negative number; the error names `label` and the offending value."""
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"{label}: {raw!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{label}: {raw!r} is not finite")
-    if value < 0:
-        raise ValueError(f"{label}: {value:g} is negative; it must be >= 0")
-    return value
-
-
-def _parse_entries(text: str) -> dict[str, float] | list[float]:
-    """`name=value, name=value` -> {name: value} (duplicates rejected), or `value, value` -> [value, ...]."""
-    entries = [entry.strip() for entry in text.split(",")]
-    if not all(entries):
-        raise ValueError(f"empty entry in {text!r}; expected 'name=value, ...' or 'value, ...'")
-    named = ["=" in entry for entry in entries]
-    if not any(named):
-        return [_number(f"entry {i}", entry) for i, entry in enumerate(entries)]
-    if not all(named):
-        raise ValueError(f"{text!r} mixes 'name=value' entries and bare values; use one form")
-    weights: dict[str, float] = {}
-    for entry in entries:
-        name, _, raw = (part.strip() for part in entry.partition("="))
-        if not name:
-            raise ValueError(f"entry {entry!r} in {text!r} has no objective name before '='")
-        if name in weights:
-            raise ValueError(f"duplicate objective {name!r} in {text!r}")
-        weights[name] = _number(name, raw)
-    return weights
-
-
-def _ordered(given: dict[str, float] | list[float], names: tuple[str, ...]) -> list[float]:
-    """Weights in objective order: named objectives not given are 0; a bare list must have K entries."""
-    if isinstance(given, dict):
-        unknown = [name for name in given if name not in names]
-        if unknown:
-            raise ValueError(f"unknown objective {unknown[0]!r}; valid objectives: {', '.join(names)}")
-        return [given.get(name, 0.0) for name in names]
-    if len(given) != len(names):
-        raise ValueError(f"expected {len(names)} weights in objective order ({', '.join(names)}), "
-                         f"got {len(given)}")
-    return given
-
-
-def _to_simplex(values: Sequence[float], normalize: bool, tol: float, what: str = "weights") -> tuple[float, ...]:
-    """`values` on the probability simplex: not all zero; sum 1 within `tol`, or divided by their sum."""
-    total = sum(values)
-    if total == 0:
-        raise ValueError(f"{what}: all zero; at least one needs a positive value")
-    if normalize:
-        return tuple(value / total for value in values)
-    if abs(total - 1.0) > tol:
-        raise ValueError(f"{what}: the sum is {total:.6g}, not 1 (tolerance {tol:g}); fix the values or pass "
-                         "normalize=True to rescale them")
-    return tuple(values)
-
-
-def lambda_vector(lam: LambdaLike, objectives: Sequence[str], *, normalize: bool = False,
-                  tol: float = 1e-3) -> tuple[float, ...]:
-    """lambda as K floats in objective order (section 3): from a `name=value,...` / `v,v,...` string, a mapping
-    name -> weight (objectives not named are 0) or K numbers in objective order. Weights must be finite and
-    non-negative, not all zero, and sum to 1 within `tol` unless `normalize` divides them by their sum."""
-    names = _check_objectives(objectives)
-    if isinstance(lam, str):
-        given = _parse_entries(lam)
-    elif isinstance(lam, Mapping):
-        given = {str(name): _number(str(name), value) for name, value in lam.items()}
-    else:
-        given = [_number(f"entry {i}", value) for i, value in enumerate(lam)]
-    return _to_simplex(_ordered(given, names), normalize, tol)
-
-
-def parse_lambda_arg(text: str, objectives: Sequence[str], *, normalize: bool = False,
-                     tol: float = 1e-3) -> tuple[float, ...]:
-    """A command-line lambda (section 3.1: `generate --lambda ...`): `helpfulness=0.7, honesty=0.3` (spaces
-    allowed, objectives not named are 0) or a bare list of K numbers in objective order; see `lambda_vector`."""
-    if not isinstance(text, str):
-        raise TypeError(f"parse_lambda_arg expects a string like 'helpfulness=0.7,honesty=0.3', got {text!r}")
-    return lambda_vector(text, objectives, normalize=normalize, tol=tol)
-
-
-# --- rendering (section 3.1) --------------------------------------------------------------------------------
-
-
-def format_lambda(lam: LambdaLike, objectives: Sequence[str]) -> str:
-    """The one rendering of lambda shown to the model (section 3.1):
-    `Preference weights: name_1=0.50, ..., name_K=0.10`, 2 decimals, in `objectives` order, objectives whose
-    weight rounds to 0.00 left out (at least one never does: the weights sum to 1).
-
-    Why zeros are left out: with every name listed, one vertex differs from another only in where `1.00`
-    stands, and a model must bind each number to the name before it to tell them apart; without them, which
-    objectives count is which names appear. (With every name listed, 60 LoRA steps on the demo data left
-    SmolLM2-135M's replies under the three vertices within 0.02 of each other on every judge.)"""
-    shown = [f"{name}={value:.2f}" for name, value in zip(objectives, lambda_vector(lam, objectives))]
-    return LAMBDA_PREFIX + ", ".join(entry for entry in shown if not entry.endswith("=0.00"))
-
-
-def parse_lambda_text(text: str) -> dict[str, float]:
-    """Inverse of `format_lambda`: the rendered line -> {objective: weight} in rendered order. Values are the
-    2-decimal rendered ones, whose sum may differ from 1 by the rounding (normalise with `lambda_vector`)."""
-    body = text.strip()
-    if not body.startswith(LAMBDA_PREFIX):
-        raise ValueError(f"{text!r} is not a rendered lambda; it must start with {LAMBDA_PREFIX!r}")
-    weights = _parse_entries(body[len(LAMBDA_PREFIX):])
-    if not isinstance(weights, dict):
-        raise ValueError(f"{text!r} lists bare values; a rendered lambda names each objective (name=value)")
-    return weights
-
-
-def condition_messages(messages: list[dict], lam: LambdaLike, objectives: Sequence[str], *,
-                       placement: str = "system") -> list[dict]:
-    """A NEW chat with lambda rendered in (section 3.1); `messages` and its dicts are left untouched.
-
-    placement (one of PLACEMENTS):
-      system       the weights line becomes a system message. If the chat already starts with a system message,
-                   the line is prepended to its content (`line + "\\n" + content`) rather than adding a second
-                   system message: many chat templates accept only one, leading, system message, and keeping the
-                   line first puts it at the same place in every prompt.
-      user_prefix  (templates without a system role) the line prefixes the first user turn: `line + "\\n\\n" + content`.
-      user_suffix  the line ends the last user turn, the one the reply answers: `content + "\\n\\n" + line`.
-    """
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement {placement!r}: valid placements are {', '.join(PLACEMENTS)}")
-    line = format_lambda(lam, objectives)
-    if not messages:
-        raise ValueError("messages is empty; a chat needs at least one user message to condition")
-    out = [dict(message) for message in messages]
-    if placement == "system":
-        if out[0].get("role") == "system":
-            out[0]["content"] = f"{line}\n{_content(out[0], 0)}"
-        else:
-            out.insert(0, {"role": "system", "content": line})
-        return out
-    users = [i for i, message in enumerate(out) if message.get("role") == "user"]
-    if not users:
-        roles = [message.get("role") for message in out]
-        raise ValueError(f"no user message to hold the preference weights; roles are {roles}")
-    user = users[0] if placement == "user_prefix" else users[-1]
-    content = _content(out[user], user)
-    out[user]["content"] = f"{line}\n\n{content}" if placement == "user_prefix" else f"{content}\n\n{line}"
-    return out
-
-
-def _content(message: dict, index: int) -> str:
-    """A message's text content; the weights line can only be joined to a string."""
-    content = message.get("content")
-    if not isinstance(content, str):
-        raise ValueError(f"message {index} ({message.get('role')!r}) content must be a string, got {content!r}")
-    return content
-
-
-# --- candidate sets and scores (section 3.2) ----------------------------------------------------------------
+# --- candidate sets (section 3.2) ---------------------------------------------------------------------------
 
 
 def _dirichlet(alpha: Sequence[float], n: int, seed: int) -> Tensor:
@@ -243,18 +55,6 @@ def default_candidates(K: int, M: int = DEFAULT_NUM_CANDIDATES, seed: int = 0) -
     return torch.cat([vertices, uniform, _dirichlet([1.0] * K, M - K - 1, seed)])
 
 
-def listwise_top1_score(rewards: Tensor, target: Tensor) -> float:
-    """Default score_j of section 3.2: the fraction of prompts where argmax_i r_i == argmax_i target_i.
-
-    rewards [B, N]: implicit rewards of the lambda_j-conditioned policy (padding responses at a very negative
-    reward, as `listwise_rewards` gives); target [B, N]: p_lambda_j (0 on padding). Ties go to the first index.
-    """
-    if rewards.dim() != 2 or rewards.shape != target.shape or rewards.shape[0] == 0:
-        raise ValueError(f"rewards and target must both be [B, N] with B >= 1, got {tuple(rewards.shape)} "
-                         f"and {tuple(target.shape)}")
-    return (rewards.argmax(dim=-1) == target.argmax(dim=-1)).double().mean().item()
-
-
 # --- schedulers (section 3.2) -------------------------------------------------------------------------------
 
 
@@ -265,13 +65,13 @@ def _simplex_rows(rows: Any, what: str, tol: float = 1e-3) -> Tensor:
         raise ValueError(f"{what} must be a non-empty [M, K] matrix, got shape {tuple(matrix.shape)}")
     for i, row in enumerate(matrix.tolist()):
         label = f"{what} row {i}"
-        _to_simplex([_number(label, value) for value in row], normalize=False, tol=tol, what=label)
+        to_simplex([non_negative(label, value) for value in row], normalize=False, tol=tol, what=label)
     return matrix.to(torch.get_default_dtype())
 
 
 def _positive(name: str, value: Any) -> float:
     """A finite number > 0, else an error naming the parameter."""
-    number = _number(name, value)
+    number = non_negative(name, value)
     if number == 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return number
@@ -369,10 +169,10 @@ class TableScheduler(_CandidateScheduler):
 
     def __init__(self, lambdas: Sequence[Sequence[float]] | Tensor, probs: Sequence[float] | Tensor):
         super().__init__(lambdas, "lambdas")
-        probs = [_number(f"probs[{j}]", p) for j, p in enumerate(probs)]
+        probs = [non_negative(f"probs[{j}]", p) for j, p in enumerate(probs)]
         if len(probs) != len(self.candidates):
             raise ValueError(f"probs has {len(probs)} entries for {len(self.candidates)} lambdas; give one each")
-        self._probs = torch.tensor(_to_simplex(probs, normalize=False, tol=1e-3, what="probs"), dtype=torch.float64)
+        self._probs = torch.tensor(to_simplex(probs, normalize=False, tol=1e-3, what="probs"), dtype=torch.float64)
 
     def probabilities(self) -> Tensor:
         return self._probs.clone()
@@ -412,8 +212,8 @@ class LearnedScheduler(_CandidateScheduler):
                  lr: float = 1.0, exploration: float = 0.1, signal: str = "performance"):
         super().__init__(candidates)
         self.temperature = _positive("temperature", temperature)
-        self.lr = _number("lr", lr)
-        self.exploration = _number("exploration", exploration)
+        self.lr = non_negative("lr", lr)
+        self.exploration = non_negative("exploration", exploration)
         if self.exploration > 1:
             raise ValueError(f"exploration (gamma) must be in [0, 1], got {exploration!r}")
         if signal not in SIGNALS:
@@ -544,7 +344,7 @@ def build_scheduler(mode: str, objectives: Sequence[str], **params: Any) -> Lamb
     learned: candidates=None (default set), num_candidates=16, seed=0, temperature, lr, exploration, signal.
     """
     builder, _ = _lookup(mode)
-    names = _check_objectives(objectives)
+    names = check_objectives(objectives)
     valid = scheduler_parameters(mode)
     unknown = [key for key in params if key not in valid]
     if unknown:

@@ -8,32 +8,15 @@ different lambda steers the same weights without retraining.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from mallows_ray.data.tokenize import render_prompt_ids
-from mallows_ray.lambdas import condition_messages
-from mallows_ray.models import load_model, load_tokenizer
-from mallows_ray.train.conditioning import read_conditioning
+from mallows_ray.lambdas.vectors import condition_messages
 
 Messages = list[dict[str, str]]
-
-
-def load_export(folder: str | Path, *, trust_remote_code: bool = False):
-    """(model in eval mode, tokenizer, conditioning settings or None) of an export folder: full weights, or a
-    LoRA adapter merged into the base model it names."""
-    folder = str(folder)
-    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(folder, use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code).merge_and_unload()
-    else:
-        model = load_model(folder, torch.float32, trust_remote_code=trust_remote_code)
-    return model.eval(), load_tokenizer(folder, trust_remote_code=trust_remote_code), read_conditioning(folder)
 
 
 def as_messages(prompt: str | Messages) -> Messages:

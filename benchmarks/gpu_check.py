@@ -31,7 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
-    HH_FILE, Workload, achieved_flops, model_path, untruncated_pairs, write_raw_pairs,
+    HH_FILE,
+    Workload,
+    achieved_flops,
+    model_path,
+    untruncated_pairs,
+    write_raw_pairs,
 )
 
 STEPS = {"warmup": 2, "measured": 6}  # per step measurement on the GPU

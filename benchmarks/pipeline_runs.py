@@ -17,8 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (Workload, emit, model_path, peak_rss_mib, quiet_libraries, untruncated_pairs,
-                               write_raw_pairs)
+from benchmarks.common import (
+    Workload,
+    emit,
+    model_path,
+    peak_rss_mib,
+    quiet_libraries,
+    untruncated_pairs,
+    write_raw_pairs,
+)
 
 
 def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: int) -> list[str]:
@@ -52,8 +59,8 @@ def main() -> None:
 
     from mallows_ray.config import load_config
     from mallows_ray.data.pipeline import prepare
-    from mallows_ray.runtime import ensure_ray
     from mallows_ray.models import load_tokenizer
+    from mallows_ray.runtime import ensure_ray
 
     workload = Workload(pairs=args.pairs, micro_batch=args.micro_batch, threads=args.threads,
                         max_prompt_length=args.max_prompt_length, max_response_length=args.max_response_length)

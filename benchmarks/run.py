@@ -48,8 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-response-length", type=int, default=64, help="response token limit of every row")
     parser.add_argument("--skip", action="append", default=[], metavar="NAME",
                         help="leave a measurement out (its rows say so): " + ", ".join(
-                            ["matmul", "mallows_step", "mallows_step_per_response", "trl_default", "trl_precompute", "scoring_loop",
-                             "chunked", "naive", "pool", "e2e_mallows", "e2e_trl"]))
+                            ["matmul", "mallows_step", "mallows_step_per_response", "trl_default", "trl_precompute",
+                             "scoring_loop", "chunked", "naive", "pool", "e2e_mallows", "e2e_trl"]))
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--logs", type=Path, default=HERE / "logs",
                         help="stderr of each measurement, and results.json with every raw figure")

@@ -283,7 +283,8 @@ def render(results: dict[str, dict[str, Any]], sizes: list[int], front: list[int
         rates = lambda found: " / ".join(f"{r['rows_per_second']:.0f}" for r in found)  # noqa: E731
         checks.append(f"rounds at {small} rows (plain, then pipeline, alternating): plain {rates(plain_rounds)} "
                       f"rows/s; pipeline (2 actors) {rates(pipe_rounds)} rows/s; ratio per round " + " / ".join(
-                          f"{b['rows_per_second'] / a['rows_per_second']:.2f}" for a, b in zip(plain_rounds, pipe_rounds)))
+                          f"{b['rows_per_second'] / a['rows_per_second']:.2f}"
+                          for a, b in zip(plain_rounds, pipe_rounds)))
     for n in sizes:
         if f"reads{n}" in results:
             r = results[f"reads{n}"]

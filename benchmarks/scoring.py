@@ -12,8 +12,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import (Workload, current_rss_mib, emit, median, model_path, peak_rss_mib,
-                               quiet_libraries, set_threads, untruncated_pairs)
+from benchmarks.common import (
+    Workload,
+    current_rss_mib,
+    emit,
+    median,
+    model_path,
+    peak_rss_mib,
+    quiet_libraries,
+    set_threads,
+    untruncated_pairs,
+)
 
 
 def _batches(rows, size):

@@ -17,9 +17,20 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import (add_device_args, add_workload_args, emit, median, model_path, peak_gpu_mib,
-                               peak_rss_mib, quiet_libraries, set_threads, synchronize, untruncated_pairs,
-                               workload_from_args)
+from benchmarks.common import (
+    add_device_args,
+    add_workload_args,
+    emit,
+    median,
+    model_path,
+    peak_gpu_mib,
+    peak_rss_mib,
+    quiet_libraries,
+    set_threads,
+    synchronize,
+    untruncated_pairs,
+    workload_from_args,
+)
 
 
 def main() -> None:

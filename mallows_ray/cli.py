@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", required=True, help="export folder written by `mallows-ray train`")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a user prompt (repeatable)")
-    source.add_argument("--prompts-file", type=Path, help=".jsonl with a `prompt` field per line, or one prompt per line")
+    source.add_argument("--prompts-file", type=Path,
+                        help=".jsonl with a `prompt` field per line, or one prompt per line")
     _add_lambda_args(generate)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -237,8 +238,8 @@ def _run_stage(args: argparse.Namespace) -> int:
         # a local file (run.storage_path may be remote), outside the run folder (which only train creates, marked)
         _quiet_console(CACHE_ROOT / "logs" / f"{args.command}-{config.run.name}.log", args.verbose, args.address)
     if args.command == "eval":
-        from mallows_ray.export_format import read_conditioning
         from mallows_ray.drivers.evaluate import evaluate_export
+        from mallows_ray.export_format import read_conditioning
 
         objectives = (read_conditioning(args.model) or {}).get("objectives", [])
         lambdas = _parse_lambdas(args.lambdas, objectives, args.normalize)

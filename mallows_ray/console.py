@@ -130,7 +130,7 @@ def _filtered(handle):
             _workers.info(f"{source} {line}")
         if not str(data.get("pid", "")).isdigit():
             return
-        kept = lines if any(ERRORS.search(line) for line in lines) else [l for l in lines if OURS.search(l)]
+        kept = lines if any(ERRORS.search(line) for line in lines) else [line for line in lines if OURS.search(line)]
         if kept:
             handle({**data, "lines": kept})
 

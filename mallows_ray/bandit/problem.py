@@ -37,7 +37,6 @@ import torch
 from mallows_ray.bandit.config import BanditConfig
 from mallows_ray.losses import kendall_link
 
-
 # --- the Mallows-Kendall sampler -----------------------------------------------------------------------------
 
 

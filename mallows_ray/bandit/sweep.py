@@ -12,8 +12,8 @@ from typing import Any
 
 from mallows_ray.bandit.config import BanditConfig
 from mallows_ray.bandit.training import ROW_KEYS, run_trial
-from mallows_ray.typed_config import to_dict
 from mallows_ray.runtime import ensure_ray
+from mallows_ray.typed_config import to_dict
 
 
 def _trainable(config: dict[str, Any]) -> None:

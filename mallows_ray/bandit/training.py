@@ -19,8 +19,8 @@ import torch
 
 from mallows_ray.bandit.config import METHODS, BanditConfig, load_bandit_config
 from mallows_ray.bandit.problem import BanditProblem, build_problem, frontier_reward_at, policy_value, problem_frontier
-from mallows_ray.typed_config import ConfigError
 from mallows_ray.losses import PairwiseInputs, build_loss
+from mallows_ray.typed_config import ConfigError
 
 # the keys of a result row, in CSV column order
 ROW_KEYS = ("method", "loss", "dispersion", "beta", "reward", "kl", "frontier_reward", "frontier_gap", "final_loss",

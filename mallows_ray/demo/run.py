@@ -36,12 +36,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from mallows_ray.config import Config, load_config
-from mallows_ray.typed_config import to_dict
 from mallows_ray.console import Progress
 from mallows_ray.demo.control import control_differences, control_matrix, controlled
 from mallows_ray.demo.data import DEMO_CONFIG, demo_subset, split_size
 from mallows_ray.demo.judges import OBJECTIVES, score_all
 from mallows_ray.models import resolve_model_path
+from mallows_ray.typed_config import to_dict
 
 
 def demo_config(out_dir: Path, overrides: list[str], sizes: dict[str, int]) -> Config:

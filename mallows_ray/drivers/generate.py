@@ -63,7 +63,8 @@ def generate(model, tokenizer, prompts: Sequence[str | Messages], *, lam: Sequen
     """One response per prompt (greedy when temperature is 0), batched with left padding."""
     torch.manual_seed(seed)
     responses: list[str] = []
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
+                else {"do_sample": False})
     for chunk in _chunks(list(prompts), batch_size):
         ids = [prompt_ids(tokenizer, prompt, lam, conditioning) for prompt in chunk]
         width = max(map(len, ids))

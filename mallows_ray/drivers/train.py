@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mallows_ray.config import Config
-from mallows_ray.typed_config import to_dict
 from mallows_ray.data import manifest as mf
 from mallows_ray.data.cache import PreparedData, open_cache
 from mallows_ray.data.pipeline import prepare
+from mallows_ray.drivers import run_dir
 from mallows_ray.models import resolve_model_path
 from mallows_ray.runtime import ensure_ray
-from mallows_ray.drivers import run_dir
 from mallows_ray.train import checkpoint
 from mallows_ray.train.plan import TrainPlan
+from mallows_ray.typed_config import to_dict
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,19 @@
 
 from mallows_ray.losses.composite import Term, build_composite, term_labels
 from mallows_ray.losses.dispersion import (
-    EntropyAggregate, calibrate_scale, dispersion_from_entropy, prompt_mean_entropy,
+    EntropyAggregate,
+    calibrate_scale,
+    dispersion_from_entropy,
+    prompt_mean_entropy,
 )
 from mallows_ray.losses.length import ld_weighted
 from mallows_ray.losses.listwise import (
-    lambda_contrast, listwise, listwise_nll, listwise_rewards, mixed_target, plackett_luce,
+    lambda_contrast,
+    listwise,
+    listwise_nll,
+    listwise_rewards,
+    mixed_target,
+    plackett_luce,
 )
 from mallows_ray.losses.logprobs import IGNORE_INDEX, ResponseStats, response_logprobs
 from mallows_ray.losses.mallows import kendall_link, mallows_ipo, mallows_phi, mallows_simpo, mallows_theta
@@ -14,7 +22,17 @@ from mallows_ray.losses.pairwise import cdpo, dpo, ipo, plug_in_dispersion, robu
 from mallows_ray.losses.registry import SPECS, LossSpec, build_loss, check_parameters, loss_parameters, loss_spec
 from mallows_ray.losses.scores import F_DIVERGENCES, f_score
 from mallows_ray.losses.trl_pairwise import (
-    aot, aot_unpaired, apo_down, apo_zero, bco_pair, discopop, exo_pair, hinge, nca_pair, nll, sigmoid_norm,
+    aot,
+    aot_unpaired,
+    apo_down,
+    apo_zero,
+    bco_pair,
+    discopop,
+    exo_pair,
+    hinge,
+    nca_pair,
+    nll,
+    sigmoid_norm,
     sppo_hard,
 )
 from mallows_ray.losses.types import ListwiseInputs, Loss, LossOutput, PairwiseInputs

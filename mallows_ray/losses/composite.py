@@ -99,8 +99,8 @@ def build_composite(terms: Sequence[Term]) -> Loss:
     check_terms(terms)
     labels = term_labels(terms)
     built = [build_loss(t.name, **t.params) for t in terms]
-    fn = functools.partial(weighted_terms, terms=[(label, t.weight, loss) for label, t, loss in zip(labels, terms, built)],
-                           lead=list(terms).index(lead_term(terms)))
+    bound = [(label, t.weight, loss) for label, t, loss in zip(labels, terms, built)]
+    fn = functools.partial(weighted_terms, terms=bound, lead=list(terms).index(lead_term(terms)))
     return Loss("+".join(labels), fn, built[0].kind, needs_reference=any(b.needs_reference for b in built),
                 reads_dispersion=any(b.reads_dispersion for b in built), wpo=any(b.wpo for b in built),
                 ld=any(b.ld for b in built),

@@ -29,7 +29,13 @@ import torch
 from torch import Tensor
 
 from mallows_ray.losses.pairwise import (
-    cdpo, dpo_logit, log_ratios, mean_score_difference, pairwise_output, require_dispersion, simpo,
+    cdpo,
+    dpo_logit,
+    log_ratios,
+    mean_score_difference,
+    pairwise_output,
+    require_dispersion,
+    simpo,
 )
 from mallows_ray.losses.types import LossOutput, PairwiseInputs
 

@@ -20,8 +20,19 @@ from mallows_ray.losses.mallows import mallows_ipo, mallows_phi, mallows_simpo, 
 from mallows_ray.losses.pairwise import cdpo, dpo, ipo, robust, simpo
 from mallows_ray.losses.scores import F_DIVERGENCES
 from mallows_ray.losses.trl_pairwise import (
-    NLL_REDUCTIONS, aot, aot_unpaired, apo_down, apo_zero, bco_pair, discopop, exo_pair, hinge, nca_pair, nll,
-    sigmoid_norm, sppo_hard,
+    NLL_REDUCTIONS,
+    aot,
+    aot_unpaired,
+    apo_down,
+    apo_zero,
+    bco_pair,
+    discopop,
+    exo_pair,
+    hinge,
+    nca_pair,
+    nll,
+    sigmoid_norm,
+    sppo_hard,
 )
 from mallows_ray.losses.types import Loss, LossOutput
 from mallows_ray.losses.weighting import wpo_weighted

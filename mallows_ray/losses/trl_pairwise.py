@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mallows_ray.losses.pairwise import (
-    dpo_logit, log_ratios, mean_score_difference, pairwise_output, per_token_mean, plug_in_dispersion,
+    dpo_logit,
+    log_ratios,
+    mean_score_difference,
+    pairwise_output,
+    per_token_mean,
+    plug_in_dispersion,
     smoothed_logistic,
 )
 from mallows_ray.losses.types import LossOutput, PairwiseInputs

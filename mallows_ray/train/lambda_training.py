@@ -21,7 +21,12 @@ from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.lambdas.schedulers import LambdaScheduler
 from mallows_ray.train.batches import Row, rank_slice
 from mallows_ray.train.conditioning import (
-    Conditioner, build_lambda_scheduler, copies_per_prompt, evaluation_lambdas, step_lambdas, training_rows,
+    Conditioner,
+    build_lambda_scheduler,
+    copies_per_prompt,
+    evaluation_lambdas,
+    step_lambdas,
+    training_rows,
 )
 from mallows_ray.train.evaluation import EvalSettings, evaluate_rows, evaluate_under_lambdas
 from mallows_ray.train.metrics import COUNTS

@@ -22,7 +22,6 @@ import ray.train.torch
 import torch
 
 from mallows_ray.config import Config
-from mallows_ray.typed_config import from_dict
 from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.models import load_tokenizer
 from mallows_ray.runtime import pick_dtype
@@ -35,6 +34,7 @@ from mallows_ray.train.lambda_training import lambda_training
 from mallows_ray.train.metrics import ExampleLog, MetricSums, progress_line, rank_extremes
 from mallows_ray.train.objective import forward_loss
 from mallows_ray.train.plan import TrainPlan
+from mallows_ray.typed_config import from_dict
 
 # logging, not print: Ray Train tees a worker's print to its logger and to stdout, so the driver shows it twice
 log = logging.getLogger(__name__)

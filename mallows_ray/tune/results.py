@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from mallows_ray.config import Config
-from mallows_ray.typed_config import from_dict, set_key
 from mallows_ray.tune.config import SweepConfig, SweepError
 from mallows_ray.tune.trials import TrialContext, short
+from mallows_ray.typed_config import from_dict, set_key
 
 # final metrics shown in the results table besides the sweep's own metric (when the run reports them)
 TABLE_METRICS = ("step", "loss", "eval/loss", "eval/rewards/accuracy", "eval/rewards/margin")

@@ -15,7 +15,6 @@ from typing import Any
 import yaml
 
 from mallows_ray.config import Config
-from mallows_ray.typed_config import ConfigError, from_dict, load_yaml, to_dict
 from mallows_ray.tune.config import (
     SweepConfig,
     SweepError,
@@ -34,6 +33,7 @@ from mallows_ray.tune.trials import (
     trial_name,
     variant_key,
 )
+from mallows_ray.typed_config import ConfigError, from_dict, load_yaml, to_dict
 
 
 class SweepInterrupted(SweepError):

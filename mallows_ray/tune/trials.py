@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mallows_ray.config import Config
-from mallows_ray.typed_config import from_dict, set_key
 from mallows_ray.tune.config import SweepConfig, SweepError
+from mallows_ray.typed_config import from_dict, set_key
 
 
 def max_concurrent_trials(cluster: dict[str, float], configs: list[Config]) -> int:

@@ -7,11 +7,11 @@ with LD-DPO's ld_alpha on it: the forward also returns the shared-length sums, t
 import math
 
 import pytest
-
-from mallows_ray.data.pipeline import prepare
 from preference_data import config_from as _config
 from preference_data import write_jsonl as _write_jsonl
 from preference_data import yes_no_pairs as _pairs
+
+from mallows_ray.data.pipeline import prepare
 
 NLL_WEIGHT = 0.2
 ITEMS = {

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from preference_data import config_from, yes_no_pairs
 
 PER_FILE = 160

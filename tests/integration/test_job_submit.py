@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from isolated_ray import free_ports, isolated_ray_scratch, kill_marked
-from mallows_ray.config import load_config
-from mallows_ray.typed_config import apply_override
 from preference_data import write_jsonl as _write_jsonl
 from preference_data import yes_no_pairs as _pairs
 from test_train import BASE
+
+from mallows_ray.config import load_config
+from mallows_ray.typed_config import apply_override
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_ROWS, VALIDATION_ROWS = 16, 4

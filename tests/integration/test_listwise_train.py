@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from preference_data import config_from as _config
 from preference_data import write_jsonl as _write_jsonl
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from preference_data import write_jsonl, yes_no_pairs
 
 from mallows_ray.cli import main
 from mallows_ray.config import load_config
 from mallows_ray.tune.config import load_sweep_config
 from mallows_ray.tune.run import SweepInterrupted, run_sweep
-from preference_data import write_jsonl, yes_no_pairs
 
 STEPS = 8  # one epoch of 16 prompts in global batches of 2
 GOOD_LR, BAD_LR = 5e-3, 1e-7

@@ -21,12 +21,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from mallows_ray.data.pipeline import prepare
 from preference_data import config_from as _config
 from preference_data import write_jsonl as _write_jsonl
 from preference_data import yes_no_pairs as _pairs
+from safetensors.torch import load_file
+
+from mallows_ray.data.pipeline import prepare
 
 TRAIN_ROWS, VALIDATION_ROWS = 32, 7  # 7: the last evaluation batch is short, so a rank pads its share
 STEPS = 16  # 2 epochs of 32 prompts in global batches of 4
@@ -340,7 +340,8 @@ def test_resume_with_other_worker_count_or_damaged_file_stops_on_the_driver(trai
     from mallows_ray.train.checkpoint_files import CheckpointError
 
     reference = trained("zero3")
-    with pytest.raises(CheckpointError, match=r"was written by 2 workers; resume it with scaling.num_workers=2 \(now 1\)"):
+    match = r"was written by 2 workers; resume it with scaling.num_workers=2 \(now 1\)"
+    with pytest.raises(CheckpointError, match=match):
         trained("one_worker", **{"run.name": "zero3", "scaling.num_workers": 1, "batch.gradient_accumulation": 2})
     folder = _copy_final_checkpoint(reference, "damaged")
     shard = next(folder.glob("step*/zero_pp_rank_1_*optim_states.pt"))

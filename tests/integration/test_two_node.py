@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from isolated_ray import free_ports, isolated_ray_scratch, kill_marked
-from mallows_ray.config import load_config
-from mallows_ray.typed_config import to_dict
 from preference_data import write_jsonl as _write_jsonl
 from preference_data import yes_no_pairs as _pairs
 from test_train import BASE
+
+from mallows_ray.config import load_config
+from mallows_ray.typed_config import to_dict
 
 TRAIN_ROWS = 16
 STEPS = 4  # 1 epoch of 16 prompts in global batches of 2 workers x 2

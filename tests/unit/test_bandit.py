@@ -13,12 +13,17 @@ import torch
 from mallows_ray.bandit.cli import main
 from mallows_ray.bandit.config import METHODS, BanditConfig, load_bandit_config
 from mallows_ray.bandit.problem import (
-    build_problem, default_etas, frontier, frontier_reward_at, policy_value, sample_mallows_kendall,
+    build_problem,
+    default_etas,
+    frontier,
+    frontier_reward_at,
+    policy_value,
+    sample_mallows_kendall,
 )
 from mallows_ray.bandit.summary import summarize, write_outputs
 from mallows_ray.bandit.training import run_experiment, run_trial
-from mallows_ray.typed_config import ConfigError, to_dict
 from mallows_ray.losses import kendall_link
+from mallows_ray.typed_config import ConfigError, to_dict
 
 TINY = load_bandit_config({"phis": [0.2, 0.8], "num_arms": 4, "pairs_per_context": 2000, "steps": 100,
                            "betas": [0.1, 1.0, 10.0], "methods": list(METHODS), "seed": 3})

@@ -30,7 +30,8 @@ def test_config_file_and_yaml_errors_are_one_line_and_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {lr: 1e-5\n")
     cases = [
-        (["train", "--config", str(tmp_path / "missing.yaml")], f"config file {tmp_path / 'missing.yaml'} does not exist"),
+        (["train", "--config", str(tmp_path / "missing.yaml")],
+         f"config file {tmp_path / 'missing.yaml'} does not exist"),
         (["train", "--config", str(bad)], f"config file {bad} is not valid YAML"),
         (["train", "model.lora={rank: 8"], "override 'model.lora={rank: 8': the value is not valid YAML"),
         (["train", "optim.lr=.nan"], "optim.lr: nan is not a finite number"),

@@ -4,16 +4,21 @@ import pytest
 import torch
 
 from mallows_ray.config import load_config
-from mallows_ray.typed_config import ConfigError
 from mallows_ray.data.tokenize import conditioned_prompt_ids, render_prompt_ids
 from mallows_ray.lambdas.schedulers import DirichletScheduler, FixedScheduler, LearnedScheduler
 from mallows_ray.lambdas.vectors import format_lambda
 from mallows_ray.models import load_tokenizer
 from mallows_ray.train.batches import micro_batches, rank_slice
 from mallows_ray.train.conditioning import (
-    Conditioner, build_lambda_scheduler, copies_per_prompt, evaluation_lambdas, step_lambdas, training_rows,
+    Conditioner,
+    build_lambda_scheduler,
+    copies_per_prompt,
+    evaluation_lambdas,
+    step_lambdas,
+    training_rows,
     vertex_copies,
 )
+from mallows_ray.typed_config import ConfigError
 
 OBJECTIVES = ["loud", "calm"]
 CHAT = [{"role": "user", "content": "Tell me about the apple, please, in a few words."}]
@@ -30,7 +35,8 @@ def test_conditioned_prompt_is_the_plain_prompt_with_the_weights_line(tokenizer)
     text = tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system\nPreference weights: loud=0.25, calm=0.75<|im_end|>\n")
     assert text.endswith(tokenizer.decode(plain))  # the whole conversation follows the weights line
-    prefixed = tokenizer.decode(conditioned_prompt_ids(tokenizer, CHAT, plain, [1, 0], OBJECTIVES, placement="user_prefix"))
+    prefixed = tokenizer.decode(conditioned_prompt_ids(tokenizer, CHAT, plain, [1, 0], OBJECTIVES,
+                                                       placement="user_prefix"))
     assert prefixed.startswith("<|im_start|>user\n" + format_lambda([1, 0], OBJECTIVES) + "\n\nTell me")
     suffixed = conditioned_prompt_ids(tokenizer, CHAT, plain, [1, 0], OBJECTIVES, placement="user_suffix")
     expected = render_prompt_ids(tokenizer, [{"role": "user", "content": CHAT[0]["content"] + "\n\n"
@@ -112,7 +118,8 @@ def test_vertex_copies_put_each_prompt_under_every_vertex_and_its_draw():
     assert lambdas == [[1.0, 0.0], [0.0, 1.0]] * 2
     copies = load_config(None, ["lambdas.vertex_copies=true"]).lambdas
     assert copies_per_prompt(copies, 2) == 3 and copies_per_prompt(load_config(None, []).lambdas, 2) == 1
-    assert copies_per_prompt(load_config(None, ["lambdas.vertex_copies=true", "lambdas.copy_draw=false"]).lambdas, 2) == 2
+    vertices_only = load_config(None, ["lambdas.vertex_copies=true", "lambdas.copy_draw=false"]).lambdas
+    assert copies_per_prompt(vertices_only, 2) == 2
 
 
 def _step_micro_batches(conditioner, global_rows, *, world, accumulation, step, seed=7):

@@ -80,7 +80,8 @@ def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path):
         ("run.fail_at_step=0", "run.fail_at_step: 0 is out of range"),
         ("run.max_failures=-2", "run.max_failures: -2 is out of range"),
         ("data.score_fill=.nan", "data.score_fill"),
-        ("model.lora={rank: 4, dropout: 1.0}", "model.lora.dropout: 1.0 is out of range; expected a value in [0.0, 1.0)"),
+        ("model.lora={rank: 4, dropout: 1.0}",
+         "model.lora.dropout: 1.0 is out of range; expected a value in [0.0, 1.0)"),
         ("model.lora={rank: 4, alpha: 0}", "model.lora.alpha: 0.0 is out of range; expected a value in (0.0, inf)"),
     ],
 )
@@ -97,8 +98,8 @@ def test_warmup_must_end_before_max_steps():
 
 
 def test_valid_edges_and_unset_optionals_pass():
-    config = load_config(None, ["optim.lr=0", "data.dispersion_scale=1e-3", "optim.max_steps=1", "optim.max_grad_norm=0",
-                                "data.dispersion_scale=auto", "optim.max_steps=null"])
+    config = load_config(None, ["optim.lr=0", "data.dispersion_scale=1e-3", "optim.max_steps=1",
+                                "optim.max_grad_norm=0", "data.dispersion_scale=auto", "optim.max_steps=null"])
     assert config.optim.lr == 0.0 and config.optim.max_steps is None and config.data.dispersion_scale == "auto"
     assert config.run.max_failures == 3  # a lost worker restarts by default
 

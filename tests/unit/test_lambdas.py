@@ -9,11 +9,20 @@ import pytest
 import torch
 
 from mallows_ray.lambdas.schedulers import (
-    DirichletScheduler, FixedScheduler, LearnedScheduler, TableScheduler, build_scheduler, default_candidates,
+    DirichletScheduler,
+    FixedScheduler,
+    LearnedScheduler,
+    TableScheduler,
+    build_scheduler,
+    default_candidates,
     scheduler_parameters,
 )
 from mallows_ray.lambdas.vectors import (
-    LAMBDA_PREFIX, condition_messages, format_lambda, lambda_vector, parse_lambda_arg,
+    LAMBDA_PREFIX,
+    condition_messages,
+    format_lambda,
+    lambda_vector,
+    parse_lambda_arg,
 )
 from mallows_ray.losses.listwise import listwise
 from mallows_ray.losses.types import ListwiseInputs

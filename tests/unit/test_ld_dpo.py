@@ -6,21 +6,27 @@ import math
 
 import pytest
 import torch
-
-from mallows_ray.config import load_config
-from mallows_ray.typed_config import ConfigError
-from mallows_ray.data.collate import pack_responses
-from mallows_ray.data.scoring import score_responses
-from mallows_ray.losses import (
-    IGNORE_INDEX, SPECS, PairwiseInputs, Term, build_composite, build_loss, response_logprobs,
-)
-from mallows_ray.models import response_stats
-from mallows_ray.train.batches import collate
-from mallows_ray.train.objective import forward_loss
 from test_logprobs import make
 from test_losses_trl import TRL_NAMES, trl_reference
 from test_shared_prompt import batch_of_prompts, tiny_llama
 from test_train_batches import _row
+
+from mallows_ray.config import load_config
+from mallows_ray.data.collate import pack_responses
+from mallows_ray.data.scoring import score_responses
+from mallows_ray.losses import (
+    IGNORE_INDEX,
+    SPECS,
+    PairwiseInputs,
+    Term,
+    build_composite,
+    build_loss,
+    response_logprobs,
+)
+from mallows_ray.models import response_stats
+from mallows_ray.train.batches import collate
+from mallows_ray.train.objective import forward_loss
+from mallows_ray.typed_config import ConfigError
 
 D = torch.float64
 LD_LOSSES = [n for n, spec in SPECS.items() if spec.kind == "pairwise" and n != "nll"]
@@ -153,7 +159,7 @@ def test_prefix_sums_match_full_logits_with_gradients(chunk):
     assert response_logprobs(h, w, labels).prefix_logp_sum is None  # only when asked for
 
 
-def _naive_model_prefix(model, prompt, response, l):
+def _naive_model_prefix(model, prompt, response, l):  # noqa: E741 (l of LD-DPO's notation)
     """log-prob sum of the first l tokens of `response` after `prompt`, from the model's full logits."""
     ids = torch.tensor([prompt + response])
     logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
@@ -165,7 +171,7 @@ def test_model_prefix_sums_and_the_scoring_column(share):
     model = tiny_llama("sdpa")
     prompts, responses = batch_of_prompts()
     packed = pack_responses(prompts, responses, pad_id=0, share_prompt=share)
-    l = packed.shared_lengths
+    l = packed.shared_lengths  # noqa: E741 (l of LD-DPO's notation)
     assert l.tolist() == [min(len(r) for r in resps) for resps in responses for _ in resps]
     with torch.no_grad():
         stats = response_stats(model, **packed.model_inputs(with_prefix=True), with_entropy=False)
@@ -221,7 +227,8 @@ def test_ld_alpha_config():
     # a composite term with ld_alpha, another without: each term sees its own inputs
     x, *_ = _pairs()
     mix = build_composite([Term("dpo", 1.0, {"ld_alpha": 0.5}), Term("nll", 0.5)])(x)
-    torch.testing.assert_close(mix.losses, build_loss("dpo", ld_alpha=0.5)(x).losses + 0.5 * build_loss("nll")(x).losses)
+    expected = build_loss("dpo", ld_alpha=0.5)(x).losses + 0.5 * build_loss("nll")(x).losses
+    torch.testing.assert_close(mix.losses, expected)
 
 
 @pytest.mark.parametrize("share", [False, True])

@@ -5,11 +5,11 @@ import torch
 import yaml
 
 from mallows_ray.config import Config, load_config
-from mallows_ray.typed_config import ConfigError, from_dict, set_key, to_dict
 from mallows_ray.losses import LossOutput, PairwiseInputs, Term, build_loss
 from mallows_ray.train.metrics import MetricSums, progress_line
 from mallows_ray.tune.config import load_sweep_config, sample_configs
 from mallows_ray.tune.trials import trial_name
+from mallows_ray.typed_config import ConfigError, from_dict, set_key, to_dict
 
 TERMS = "loss={terms: [{name: dpo, weight: 1.0, params: {beta: 0.2}}, {name: nll, weight: 0.5}]}"
 

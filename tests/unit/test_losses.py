@@ -10,8 +10,18 @@ import pytest
 import torch
 
 from mallows_ray.losses import (
-    SPECS, EntropyAggregate, ListwiseInputs, PairwiseInputs, build_loss, calibrate_scale, dispersion_from_entropy,
-    kendall_link, loss_parameters, loss_spec, mixed_target, prompt_mean_entropy,
+    SPECS,
+    EntropyAggregate,
+    ListwiseInputs,
+    PairwiseInputs,
+    build_loss,
+    calibrate_scale,
+    dispersion_from_entropy,
+    kendall_link,
+    loss_parameters,
+    loss_spec,
+    mixed_target,
+    prompt_mean_entropy,
 )
 
 D = torch.float64

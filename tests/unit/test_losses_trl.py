@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from mallows_ray.losses import (
-    F_DIVERGENCES, SPECS, PairwiseInputs, Term, build_composite, build_loss, check_parameters, loss_parameters,
+    F_DIVERGENCES,
+    SPECS,
+    PairwiseInputs,
+    Term,
+    build_composite,
+    build_loss,
+    check_parameters,
+    loss_parameters,
     term_labels,
 )
 from mallows_ray.losses.mallows import _log_kendall_link

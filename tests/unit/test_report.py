@@ -36,7 +36,8 @@ MATRIX = {
     "format": {"conciseness": _cell(0.4), "format": _cell(0.7)},
     "base model": {"conciseness": _cell(0.5), "format": _cell(0.5)},
 }
-DIFFERENCES = {"conciseness": {"format": _cell(0.4)}, "format": {"conciseness": {"mean": 0.02, "lo": -0.01, "hi": 0.05}}}
+DIFFERENCES = {"conciseness": {"format": _cell(0.4)},
+               "format": {"conciseness": {"mean": 0.02, "lo": -0.01, "hi": 0.05}}}
 
 
 @pytest.fixture
@@ -52,7 +53,8 @@ def report(tmp_path):
         win_rates={"trained vs reference": {"conciseness": 0.6, "format": 0.55, "positivity": 0.7}},
         lambda_control=MATRIX,
         results={
-            "base model": {"ranking": {"conciseness": {"top1": 0.25, "pair": 0.5}, "format": {"top1": 0.3, "pair": 0.5}}},
+            "base model": {"ranking": {"conciseness": {"top1": 0.25, "pair": 0.5},
+                                       "format": {"top1": 0.3, "pair": 0.5}}},
             "trained": {"ranking": {"conciseness": {"top1": 0.75, "pair": 0.8}, "format": {"top1": 0.65, "pair": 0.7}},
                         "lambda_control": MATRIX, "control_differences": DIFFERENCES,
                         "controlled": {"conciseness": True, "format": False}},
@@ -105,7 +107,8 @@ def test_summary_mentions_the_key_figures(report):
                  "trained vs reference", "## Lambda control",
                  "| format | 0.400 [0.350, 0.450] | **0.700 [0.650, 0.750]** |",  # the diagonal in bold
                  "| top-1 ranking accuracy, mean over vertices | 0.275 | 0.7 |",
-                 "| conciseness judge: conciseness vertex minus the closest other vertex | n/a | 0.400 [0.350, 0.450] |",
+                 "| conciseness judge: conciseness vertex minus the closest other vertex | n/a "
+                 "| 0.400 [0.350, 0.450] |",
                  "| objectives under lambda control | n/a | 1/2 |", "| conciseness | 0.25 | 0.5 | 0.75 | 0.8 |",
                  f"{np.nanmean(dispersion):.4g}", "![loss](loss.png)", "![lambda_control](lambda_control.png)"):
         assert text in summary, text

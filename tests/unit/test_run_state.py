@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mallows_ray.train import checkpoint_files as files
 from mallows_ray.drivers import run_dir
+from mallows_ray.train import checkpoint_files as files
 from mallows_ray.train.plan import TrainPlan
 from mallows_ray.train.safe_state import load_rng, load_weights_only, save_rng
 

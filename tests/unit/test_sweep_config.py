@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from mallows_ray.config import load_config
-from mallows_ray.typed_config import ConfigError, to_dict
 from mallows_ray.tune.config import expected_trials, load_sweep_config, sample_configs
 from mallows_ray.tune.results import best_config, best_row, write_tables
 from mallows_ray.tune.trials import max_concurrent_trials, trial_name
+from mallows_ray.typed_config import ConfigError, to_dict
 
 BASE = {
     "data": {"train": "prefs.jsonl", "validation": "val.jsonl"},

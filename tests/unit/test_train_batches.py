@@ -11,7 +11,14 @@ from mallows_ray.config import load_config
 from mallows_ray.data.collate import pack_responses
 from mallows_ray.losses import build_loss
 from mallows_ray.train.batches import (
-    collate, epoch_batches, epoch_order, eval_slice, micro_batches, order_window, padded_length, rank_slice,
+    collate,
+    epoch_batches,
+    epoch_order,
+    eval_slice,
+    micro_batches,
+    order_window,
+    padded_length,
+    rank_slice,
 )
 from mallows_ray.train.objective import forward_loss, loss_inputs
 

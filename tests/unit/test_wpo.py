@@ -5,14 +5,14 @@ import math
 
 import pytest
 import torch
+from test_logprobs import make, naive
+from test_train_batches import _row
 
 from mallows_ray.config import load_config
-from mallows_ray.typed_config import ConfigError
 from mallows_ray.losses import IGNORE_INDEX, PairwiseInputs, build_loss, response_logprobs
 from mallows_ray.train.batches import collate
 from mallows_ray.train.objective import forward_loss
-from test_logprobs import make, naive
-from test_train_batches import _row
+from mallows_ray.typed_config import ConfigError
 
 D = torch.float64
 

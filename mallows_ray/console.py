@@ -29,9 +29,12 @@ OURS = re.compile(r"\[(?:train|prepare|demo|export|checkpoint)\]")
 ERRORS = re.compile(r"Traceback|Error|ERROR|Exception|CRITICAL|FAILED|Killed|OutOfMemory")
 
 
-def keep_worker_line(line: str) -> bool:
-    """Whether a line of worker output belongs on the console (our stage lines and errors do)."""
-    return bool(OURS.search(line) or ERRORS.search(line))
+def kept_lines(lines: list[str]) -> list[str]:
+    """The lines of a batch of worker output that belong on the console: the whole batch when a line in it
+    looks like an error (the lines around a traceback explain it), else our stage lines only."""
+    if any(ERRORS.search(line) for line in lines):
+        return lines
+    return [line for line in lines if OURS.search(line)]
 
 
 _state: dict[str, Any] = {"file": None, "verbose": True}
@@ -105,7 +108,7 @@ def quiet_ray_logs() -> None:
 
 
 def quiet_ray_workers() -> None:
-    """After `ray.init`: worker output filtered (`keep_worker_line`), every line kept in the log file. No-op
+    """After `ray.init`: worker output filtered (`kept_lines`), every line kept in the log file. No-op
     with `verbose`."""
     if _state["verbose"] or _state["file"] is None:
         return
@@ -130,7 +133,7 @@ def _filtered(handle):
             _workers.info(f"{source} {line}")
         if not str(data.get("pid", "")).isdigit():
             return
-        kept = lines if any(ERRORS.search(line) for line in lines) else [line for line in lines if OURS.search(line)]
+        kept = kept_lines(lines)
         if kept:
             handle({**data, "lines": kept})
 

@@ -3,7 +3,6 @@
 from mallows_ray.losses.composite import Term, build_composite, term_labels
 from mallows_ray.losses.dispersion import (
     EntropyAggregate,
-    calibrate_scale,
     dispersion_from_entropy,
     prompt_mean_entropy,
 )
@@ -41,7 +40,7 @@ from mallows_ray.losses.weighting import wpo_weighted, wpo_weights
 __all__ = [
     "EntropyAggregate", "F_DIVERGENCES", "IGNORE_INDEX", "ListwiseInputs", "Loss", "LossOutput", "LossSpec",
     "PairwiseInputs", "ResponseStats", "SPECS", "Term", "aot", "aot_unpaired", "apo_down", "apo_zero", "bco_pair",
-    "build_composite", "build_loss", "calibrate_scale", "cdpo", "check_parameters", "discopop",
+    "build_composite", "build_loss", "cdpo", "check_parameters", "discopop",
     "dispersion_from_entropy", "dpo", "exo_pair", "f_score", "hinge", "ipo", "kendall_link", "lambda_contrast",
     "ld_weighted", "listwise", "listwise_nll", "listwise_rewards", "loss_parameters", "loss_spec", "mallows_ipo",
     "mallows_phi", "mallows_simpo", "mallows_theta", "mixed_target", "nca_pair", "nll", "plackett_luce",

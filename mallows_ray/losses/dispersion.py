@@ -40,16 +40,10 @@ def dispersion_from_entropy(hbar, c: float) -> Tensor:
     return c * _neg_log_hbar(hbar)
 
 
-def calibrate_scale(hbar) -> float:
-    """c = 1 / mean(-log Hbar(x)) over a collection of prompts, so the mean s(x) is 1."""
-    aggregate = EntropyAggregate()
-    aggregate.add(hbar)
-    return aggregate.scale()
-
-
 class EntropyAggregate:
-    """`calibrate_scale` for data seen a block at a time (prepare never holds a split's Hbar(x)): the exact
-    count and sums of Hbar(x) and of -log Hbar(x), so c is exact, and a histogram of log(-log Hbar(x)) in
+    """c = 1 / mean(-log Hbar(x)) over a collection of prompts, so the mean s(x) is 1 (ALGORITHMS 2.3), from
+    data seen a block at a time (prepare never holds a split's Hbar(x)): the exact count and sums of Hbar(x)
+    and of -log Hbar(x), so c is exact, and a histogram of log(-log Hbar(x)) in
     `BINS` equal bins over [log LOW, log(-log HBAR_MIN)] for percentiles, to within half a bin: 0.19% of
     -log Hbar, so of s(x) (values below LOW, Hbar within 1e-12 of 1, fall in the first bin)."""
 

@@ -36,11 +36,6 @@ class ResponseStats:
     prefix_logp_sum: Tensor | None = None    # [B] lp_l(y), sum of the first l(y) labelled tokens' log-probs
                                              # (differentiable); with prefix_lengths only
 
-    @property
-    def logp_mean(self) -> Tensor:
-        """[B] per-token mean log-prob lp(y) / n(y) (0 for rows without labels)."""
-        return self.logp_sum / self.token_count.clamp(min=1)
-
 
 def _chunk_logits(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """[c, H] -> [c, V]: the matmul runs in the input dtype (bf16 on GPU), the result is upcast to >= float32."""

@@ -129,7 +129,7 @@ class ListwiseTraining(PairwiseTraining):
 
 
 def lambda_training(config: Config, settings: EvalSettings, tokenizer, plan: TrainPlan,
-                    train: ScoredSplit) -> PairwiseTraining:
+                    train: ScoredSplit) -> PairwiseTraining | ListwiseTraining:
     """The run's lambda training: listwise for a listwise loss, else the null version. The learned scheduler's
     fixed batch is the first `lambdas.update_prompts` rows of the validation split (else of `train`): every
     rank reads the same rows."""

@@ -30,7 +30,7 @@ from mallows_ray.train.batches import collate, epoch_order, micro_batches, rank_
 from mallows_ray.train.engine import build_engine, build_policy, optimizer_step, parameter_counts
 from mallows_ray.train.evaluation import EvalSettings
 from mallows_ray.train.export import export_model
-from mallows_ray.train.lambda_training import lambda_training
+from mallows_ray.train.lambda_training import PairwiseTraining, lambda_training
 from mallows_ray.train.metrics import ExampleLog, MetricSums, progress_line, rank_extremes
 from mallows_ray.train.objective import forward_loss
 from mallows_ray.train.plan import TrainPlan
@@ -66,7 +66,7 @@ def read_counts(split: ScoredSplit) -> dict[str, float]:
     return {"data/rows_read_max": rows_read}
 
 
-def evaluate(engine, training, batches: list[list[dict]]) -> dict[str, float]:
+def evaluate(engine, training: PairwiseTraining, batches: list[list[dict]]) -> dict[str, float]:
     """The validation split's global `batches` through `training.evaluate`, keys prefixed `eval/`."""
     engine.eval()
     metrics = training.evaluate(engine, batches)

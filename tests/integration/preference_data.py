@@ -28,3 +28,9 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
 def config_from(items: dict[str, Any]) -> Config:
     """A validated config from {dotted key: value} overrides on the defaults."""
     return load_config(None, [f"{key}={value}" for key, value in items.items()])
+
+
+def prepare_config(cache_dir: Path, model_dir: Path, train: Path, **overrides: Any) -> Config:
+    """A config that prepares `train` with the model in `model_dir` into `cache_dir`, plus {dotted key: value}."""
+    return config_from({"model.name_or_path": str(model_dir), "data.train": str(train),
+                        "data.cache_dir": str(cache_dir), **overrides})

@@ -6,8 +6,8 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
+from preference_data import prepare_config
 
-from mallows_ray.config import load_config
 from mallows_ray.data.pipeline import prepare
 from mallows_ray.data.rejects import DataValidationError
 
@@ -23,10 +23,9 @@ def _write_jsonl(path, rows):
 
 
 def _config(tmp_path, model_dir, train, **overrides):
-    items = {"model.name_or_path": str(model_dir), "data.train": str(train), "data.cache_dir": str(tmp_path / "cache"),
-             "data.scoring.num_actors": 1, "data.scoring.batch_size": 4, "data.max_prompt_length": 32,
-             "data.max_response_length": 8, **overrides}
-    return load_config(None, [f"{k}={v}" for k, v in items.items()])
+    return prepare_config(tmp_path / "cache", model_dir, train, **{
+        "data.scoring.num_actors": 1, "data.scoring.batch_size": 4, "data.max_prompt_length": 32,
+        "data.max_response_length": 8, **overrides})
 
 
 def test_gate_on_reuse_and_damaged_cache_rebuilt(ray_local, tmp_path, tiny_model_dir, capsys):

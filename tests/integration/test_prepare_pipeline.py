@@ -10,8 +10,8 @@ import math
 import pyarrow.parquet as pq
 import pytest
 import torch
+from preference_data import prepare_config
 
-from mallows_ray.config import load_config
 from mallows_ray.data.pipeline import prepare
 from mallows_ray.data.rejects import DataValidationError
 from mallows_ray.data.tokenize import LengthLimits, tokenize_record
@@ -39,10 +39,9 @@ def _write_jsonl(path, rows, extra_lines=()):
 
 
 def _config(tmp_path, model_dir, train, **overrides):
-    items = {"model.name_or_path": str(model_dir), "data.train": str(train), "data.cache_dir": str(tmp_path / "cache"),
-             "data.scoring.num_actors": 2, "data.scoring.batch_size": 3, "data.max_prompt_length": 48,
-             "data.max_response_length": 24, **overrides}
-    return load_config(None, [f"{k}={v}" for k, v in items.items()])
+    return prepare_config(tmp_path / "cache", model_dir, train, **{
+        "data.scoring.num_actors": 2, "data.scoring.batch_size": 3, "data.max_prompt_length": 48,
+        "data.max_response_length": 24, **overrides})
 
 
 def _naive_reference(model, tokenizer, record, limits):

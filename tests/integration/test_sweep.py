@@ -13,14 +13,13 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
+from background import in_thread
 from preference_data import write_jsonl, yes_no_pairs
 
 from mallows_ray.cli import main
@@ -64,26 +63,18 @@ def _finished(experiment):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@contextmanager
 def _interrupt_after_first_trial_ends(experiment):
     """From a thread: SIGINT this process (Tune's Ctrl+C handler) once a trial is recorded as ended; never
     after the block is left (a late signal would hit whatever pytest runs next)."""
-    done = threading.Event()
 
-    def watch():
+    def watch(done):
         while not done.is_set():
             if _finished(experiment):
                 os.kill(os.getpid(), signal.SIGINT)
                 return
             time.sleep(0.5)
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
+    return in_thread(watch)
 
 
 @pytest.mark.slow

@@ -13,14 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from background import in_thread
 from preference_data import config_from as _config
 from preference_data import write_jsonl as _write_jsonl
 from preference_data import yes_no_pairs as _pairs
@@ -230,19 +229,6 @@ def _record(run_dir, step):
     return Path(run_dir) / folder_name(step) / RECORD
 
 
-@contextmanager
-def _in_thread(action):
-    """Run `action(done)` in a thread for the block's duration; `done` is set when the block is left."""
-    done = threading.Event()
-    thread = threading.Thread(target=action, args=(done,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-
-
 def _train_workers():
     """This session's Ray Train worker processes: ray_local started Ray in this process, so they descend from it."""
     workers = []
@@ -273,7 +259,7 @@ def test_killed_worker_resumes_from_the_newest_checkpoint_with_default_settings(
         workers[1].send_signal(signal.SIGKILL)
         killed.update(pid=workers[1].pid, newest=_newest_complete(run_dir))
 
-    with _in_thread(kill_after_step_8):
+    with in_thread(kill_after_step_8):
         result = trained("killed")
     assert "pid" in killed, killed
     assert killed["newest"] >= 8 and result.history[0]["step"] == killed["newest"] + 1  # not step 1

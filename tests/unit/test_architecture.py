@@ -4,6 +4,7 @@ lower layer to a higher one; the loss library imports nothing heavy; no module o
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mallows_ray"
 # Lowest first. A module may import from its own layer or below, never above (the longest prefix decides).
 LAYERS = [
     ("mallows_ray", "mallows_ray.losses", "mallows_ray.lambdas", "mallows_ray.runtime", "mallows_ray.console"),
-    ("mallows_ray.config",),
+    ("mallows_ray.config", "mallows_ray.typed_config"),
     ("mallows_ray.models", "mallows_ray.data", "mallows_ray.export_format"),
     ("mallows_ray.train",),
     ("mallows_ray.drivers", "mallows_ray.tune"),
@@ -124,3 +125,28 @@ def test_losses_import_no_ray_deepspeed_transformers():
 def test_no_module_over_400_lines():
     long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _readme_layout() -> str:
+    text = (PACKAGE.parent / "README.md").read_text()
+    return text[text.index("## Layout"):]
+
+
+def test_readme_layout_names_every_module_and_only_real_files():
+    layout = _readme_layout()
+    for name, path in modules().items():
+        if path.name != "__init__.py":
+            assert path.name in layout, f"README's layout section does not name {path.relative_to(PACKAGE.parent)}"
+        elif name != "mallows_ray":
+            assert f"{name.replace('.', '/')}/" in layout, f"README's layout section does not name package {name}"
+    repo = PACKAGE.parent
+    named = set(re.findall(r"\b(\w+\.py)\b", layout))
+    real = {p.name for folder in ("mallows_ray", "jobs", "benchmarks", "tests") for p in (repo / folder).rglob("*.py")}
+    assert named <= real, f"README's layout section names files that do not exist: {sorted(named - real)}"
+
+
+def test_architecture_doc_names_every_layer():
+    doc = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    for prefix in (p for layer_prefixes in LAYERS for p in layer_prefixes if p != "mallows_ray"):
+        short = prefix.removeprefix("mallows_ray.")
+        assert f"`{short}/`" in doc or f"`{short}.py`" in doc, f"ARCHITECTURE.md does not place {prefix}"

@@ -8,11 +8,14 @@ from mallows_ray import console
 
 
 def test_only_stage_lines_and_errors_reach_the_console():
-    assert console.keep_worker_line("[train] step 4/40 | ETA 1:02 | loss 1.3")
-    assert console.keep_worker_line("Traceback (most recent call last):")
-    assert console.keep_worker_line("RuntimeError: boom")
-    assert not console.keep_worker_line("Reporting training result 2: TrainingReport(metrics={...}) from rank 1")
-    assert not console.keep_worker_line("Loading weights: 100%|##########| 272/272")
+    for line in ("[train] step 4/40 | ETA 1:02 | loss 1.3", "Traceback (most recent call last):", "RuntimeError: boom"):
+        assert console.kept_lines([line]) == [line]
+    assert console.kept_lines(["Reporting training result 2: TrainingReport(metrics={...}) from rank 1"]) == []
+    assert console.kept_lines(["Loading weights: 100%|##########| 272/272"]) == []
+    # a batch with an error in it is kept whole: the lines around a traceback explain it
+    batch = ["Loading weights: 100%", "Traceback (most recent call last):", "  File x.py, line 1"]
+    assert console.kept_lines(batch) == batch
+    assert console.kept_lines(["Loading weights: 100%", "[prepare] reading"]) == ["[prepare] reading"]
 
 
 def _restore_logging(saved):

@@ -15,7 +15,6 @@ from mallows_ray.losses import (
     ListwiseInputs,
     PairwiseInputs,
     build_loss,
-    calibrate_scale,
     dispersion_from_entropy,
     kendall_link,
     loss_parameters,
@@ -443,6 +442,13 @@ def test_gradcheck_mallows_phi_across_dispersion_and_sign():
 
 
 # --- dispersion estimator, registry ------------------------------------------------------------------------
+
+
+def calibrate_scale(hbar) -> float:
+    """c = 1 / mean(-log Hbar(x)) of ALGORITHMS 2.3 over one collection, through prepare's streamed estimator."""
+    aggregate = EntropyAggregate()
+    aggregate.add(hbar)
+    return aggregate.scale()
 
 
 def test_dispersion_estimator():

@@ -15,8 +15,8 @@ import torch
 from mallows_ray.models import resolve_model_path, load_model, load_tokenizer, response_stats
 from mallows_ray.data.collate import pack_responses
 from mallows_ray.data.tokenize import render_prompt_ids
-from mallows_ray.lambdas import condition_messages
-from mallows_ray.generate import generate
+from mallows_ray.lambdas.vectors import condition_messages
+from mallows_ray.drivers.generate import generate
 from mallows_ray.demo.judges import score_all, OBJECTIVES
 from mallows_ray.demo.control import control_differences, controlled
 from mallows_ray.losses import ListwiseInputs, lambda_contrast, listwise, listwise_nll
@@ -43,7 +43,7 @@ ap.add_argument("--placement", default="system", choices=["system", "prefix", "s
 ap.add_argument("--seed", type=int, default=0)
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
-import mallows_ray.lambdas as L
+import mallows_ray.lambdas.vectors as L
 if not args.omit_zero:  # the rendering before session 24: every objective listed
     def every_name(lam, objectives):
         values = L.lambda_vector(lam, objectives)

@@ -10,8 +10,9 @@ demo's paired bootstrap.
 import argparse, gzip, json, time
 import torch
 from mallows_ray.models import resolve_model_path
-from mallows_ray.generate import generate, load_export
-from mallows_ray.lambdas import format_lambda
+from mallows_ray.drivers.generate import generate
+from mallows_ray.export_format import load_export
+from mallows_ray.lambdas.vectors import format_lambda
 from mallows_ray.demo.judges import score_all, OBJECTIVES
 from mallows_ray.demo.control import control_differences, controlled
 

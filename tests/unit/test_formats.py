@@ -394,3 +394,17 @@ def test_real_hh_file_first_200_rows():
         assert record["prompt"][-1]["role"] == "user" and record["prompt"][-1]["content"]
         assert [m["role"] for m in record["prompt"]] == ["user", "assistant"] * (len(record["prompt"]) // 2) + ["user"]
         assert all(r.strip() and "\n\nHuman:" not in r for r in record["responses"])
+
+
+def test_every_format_has_a_config_name_a_normaliser_and_a_kind():
+    """The format names live in the config's Literal (checked at load), detect.py and normalisers.py: the same
+    set in all three."""
+    import typing
+
+    from mallows_ray.config import DataConfig
+    from mallows_ray.data.detect import FORMAT_COLUMNS, KINDS
+    from mallows_ray.data.normalisers import NORMALISERS
+
+    config_names = set(typing.get_args(typing.get_type_hints(DataConfig)["format"]))
+    assert config_names == {"auto", *FORMATS}
+    assert set(NORMALISERS) == set(FORMAT_COLUMNS) == set(KINDS) == set(FORMATS)

@@ -101,7 +101,8 @@ def build_composite(terms: Sequence[Term]) -> Loss:
     built = [build_loss(t.name, **t.params) for t in terms]
     bound = [(label, t.weight, loss) for label, t, loss in zip(labels, terms, built)]
     fn = functools.partial(weighted_terms, terms=bound, lead=list(terms).index(lead_term(terms)))
-    return Loss("+".join(labels), fn, built[0].kind, needs_reference=any(b.needs_reference for b in built),
+    params = {label: {"weight": t.weight, "params": dict(t.params)} for label, t in zip(labels, terms)}
+    return Loss("+".join(labels), fn, params, built[0].kind, needs_reference=any(b.needs_reference for b in built),
                 reads_dispersion=any(b.reads_dispersion for b in built), wpo=any(b.wpo for b in built),
                 ld=any(b.ld for b in built),
                 across_lambdas=any(b.across_lambdas for t, b in zip(terms, built) if t.weight > 0))

@@ -183,7 +183,7 @@ def _ld_on(params: dict[str, Any]) -> bool:
 def build_loss(name: str, **params: Any) -> Loss:
     """The loss with its parameters bound; unknown names or bad parameters raise with the valid choices."""
     check_parameters(name, params)
-    params = dict(params)
+    given = dict(params)
     spec, wpo, ld = SPECS[name], bool(params.pop("wpo", False)), _ld_on(params)
     ld_alpha = params.pop("ld_alpha", None)
     fn = functools.partial(spec.fn, **params)
@@ -193,5 +193,5 @@ def build_loss(name: str, **params: Any) -> Loss:
         fn = functools.partial(wpo_weighted, loss=fn)
     # s(x): the Mallows losses always, the others with dispersion=True
     reads_dispersion = spec.dispersion == "always" or (spec.dispersion == "option" and params.get("dispersion", False))
-    return Loss(name, fn, spec.kind, needs_reference=spec.reference, reads_dispersion=bool(reads_dispersion),
+    return Loss(name, fn, given, spec.kind, needs_reference=spec.reference, reads_dispersion=bool(reads_dispersion),
                 wpo=wpo, ld=ld, across_lambdas=spec.across_lambdas)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from torch import Tensor
 
@@ -60,6 +60,7 @@ class Loss:
 
     name: str                                # the loss's name; a composite's term labels joined by "+"
     fn: Callable[..., LossOutput]            # inputs -> LossOutput
+    params: dict[str, Any]                   # as built: {beta: 0.1, ...}; a composite: {label: {weight, params}}
     kind: Literal["pairwise", "listwise"]
     needs_reference: bool                    # reads ref(y) (False: SimPO, nll, ...: the reference may be zeros)
     reads_dispersion: bool                   # reads s(x) (the Mallows losses; others with dispersion: true)

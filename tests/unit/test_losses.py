@@ -14,6 +14,8 @@ from mallows_ray.losses import (
     EntropyAggregate,
     ListwiseInputs,
     PairwiseInputs,
+    Term,
+    build_composite,
     build_loss,
     dispersion_from_entropy,
     kendall_link,
@@ -500,6 +502,21 @@ def test_registry():
     assert build_loss("mallows_phi").reads_dispersion and build_loss("mallows_theta").reads_dispersion
     assert build_loss("ipo", dispersion=True).reads_dispersion and not build_loss("dpo").reads_dispersion
     assert build_loss("plackett_luce").listwise and not build_loss("dpo").listwise
+
+
+def test_a_loss_object_says_what_it_needs():
+    ipo = build_loss("ipo", beta=0.2, dispersion=True)
+    assert (ipo.name, ipo.params, ipo.kind) == ("ipo", {"beta": 0.2, "dispersion": True}, "pairwise")
+    assert ipo.needs_reference and ipo.reads_dispersion and not (ipo.wpo or ipo.ld or ipo.listwise)
+    simpo = build_loss("simpo", ld_alpha=0.5, wpo=True)
+    assert not simpo.needs_reference and not simpo.reads_dispersion and simpo.wpo and simpo.ld
+    assert not build_loss("dpo", ld_alpha=1.0).ld  # 1 is the plain loss
+    mix = build_composite([Term("listwise", 1.0, {"dispersion": True}), Term("listwise_nll", 0.5),
+                           Term("lambda_contrast", 0.0)])
+    assert mix.name == "listwise+listwise_nll+lambda_contrast" and mix.listwise and mix.reads_dispersion
+    assert mix.needs_reference and not mix.across_lambdas  # lambda_contrast switched off by its weight 0
+    assert mix.params["listwise_nll"] == {"weight": 0.5, "params": {}}
+    assert build_composite([Term("nll"), Term("simpo")]).needs_reference is False
 
 
 def test_registry_errors_name_the_key():

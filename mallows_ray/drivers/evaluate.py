@@ -26,7 +26,6 @@ def evaluate_export(config: Config, model_dir: str, *, split: str = "validation"
                          f"{', '.join(prepared.manifest['splits'])} (set data.validation for a validation split)")
     rows = [row for batch in prepared.split(split).iter_rows(1024) for row in batch]
     lm, tokenizer, recorded = load_export(model_dir, trust_remote_code=config.model.trust_remote_code)
-    conditioning = conditioning or recorded
     loss = config.loss.build()
 
     def policy(**inputs):
@@ -39,8 +38,11 @@ def evaluate_export(config: Config, model_dir: str, *, split: str = "validation"
     if not loss.listwise:
         return {"pairwise": evaluate_rows(policy, batches(), settings)}
     objectives = prepared.manifest.get("objectives") or []
-    recorded = conditioning or {"objectives": objectives, "condition": False, "placement": "system"}
-    if recorded["objectives"] != objectives:
-        raise ValueError(f"the model was trained on objectives {recorded['objectives']}, the data scores {objectives}")
-    conditioner = Conditioner(tokenizer, objectives, condition=recorded["condition"], placement=recorded["placement"])
+    # a listwise model trained without lambda (or the base model) sees the plain prompts
+    settings_of = conditioning or recorded or {"objectives": objectives, "condition": False, "placement": "system"}
+    if settings_of["objectives"] != objectives:
+        raise ValueError(f"the model was trained on objectives {settings_of['objectives']}, the data scores "
+                         f"{objectives}")
+    conditioner = Conditioner(tokenizer, objectives, condition=settings_of["condition"],
+                              placement=settings_of["placement"])
     return evaluate_under_lambdas(policy, batches, lambdas or evaluation_lambdas(objectives), conditioner, settings)

@@ -18,9 +18,9 @@ top-level `sweep:` section::
 
 How it runs (the Tune-over-Train pattern of Ray 2.5x+, not the deprecated `Tuner(trainer)`):
 
-- The driver prepares the scored data once per distinct data config (keys under `data.` and the model's
-  name/dtype change the scores, so they must be swept with grid/choice); the workers of every trial of that
-  data config read the same scored folder.
+- The driver prepares the scored data once per distinct data config (the keys `config.changes_scored_data`
+  names: `data.*` but the cache folder, the scoring pool and the bad-row gate, and the model's name/dtype; they
+  must be swept with grid/choice); the workers of every trial of that data config read the same scored folder.
 - Each trial is a small driver function (no CPU of its own) that builds the trial's `TorchTrainer` through
   `drivers.train.build_trainer`, the code of `mallows-ray train`, with Tune's `TuneReportCallback`: the workers'
   reports at eval/checkpoint steps (`run.eval_every`, `run.checkpoint_every`) are Tune's intermediate results,

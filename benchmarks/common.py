@@ -59,6 +59,24 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
 
+def add_allocator_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    """`--allocator`: glibc's defaults (how a plain script runs) or the settings mallows_ray gives its Ray workers
+    (`runtime.ALLOCATOR_ENV`: one arena that keeps freed memory)."""
+    parser.add_argument("--allocator", choices=["glibc", "workers"], default=default,
+                        help="malloc settings: glibc's defaults, or those of mallows_ray's Ray workers")
+
+
+def apply_allocator(allocator: str, module: str) -> None:
+    """Run this measurement under `allocator`. glibc reads its settings at process start, so a process whose
+    environment does not match re-executes itself (`python -m <module> <same flags>`) with it set."""
+    from mallows_ray.runtime import ALLOCATOR_ENV
+
+    env = ({**os.environ, **ALLOCATOR_ENV} if allocator == "workers"
+           else {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV})
+    if env != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+
+
 def synchronize(device: str) -> None:
     """Wait for the device's queued kernels, so a wall-clock interval covers the work it times."""
     if device == "cuda":

@@ -90,7 +90,8 @@ def main() -> None:
             result = {"mode": "train", "rows": len(rows), "seconds": time.perf_counter() - ray_start,
                       "seconds_after_ray": time.perf_counter() - t0,
                       "ray_start_seconds": ray_seconds, "steps": trained.plan.total_steps,
-                      "final_loss": trained.metrics.get("loss")}
+                      "final_loss": trained.metrics.get("loss"),
+                      "train_tokens_per_s": trained.metrics.get("tokens_per_s")}
         ray.shutdown()
     result.update(peak_rss_mib_driver=peak_rss_mib())
     emit(result)

@@ -18,8 +18,10 @@ import argparse
 import time
 
 from benchmarks.common import (
+    add_allocator_arg,
     add_device_args,
     add_workload_args,
+    apply_allocator,
     emit,
     median,
     model_path,
@@ -39,7 +41,9 @@ def main() -> None:
     parser.add_argument("--share-prompt", type=int, choices=[0, 1], default=1, help="model.share_prompt")
     parser.add_argument("--pack", type=int, choices=[0, 1], default=0, help="model.pack")
     add_device_args(parser)
+    add_allocator_arg(parser, "workers")
     args = parser.parse_args()
+    apply_allocator(args.allocator, "benchmarks.step_mallows")
     workload = workload_from_args(args)
     share, pack = bool(args.share_prompt), bool(args.pack)
     quiet_libraries()

@@ -18,8 +18,10 @@ import tempfile
 import time
 
 from benchmarks.common import (
+    add_allocator_arg,
     add_device_args,
     add_workload_args,
+    apply_allocator,
     emit,
     median,
     model_path,
@@ -40,7 +42,9 @@ def main() -> None:
     parser.add_argument("--precompute", action="store_true", help="precompute_ref_log_probs=True")
     parser.add_argument("--epoch", action="store_true", help="row 4: time construction + one epoch")
     add_device_args(parser)
+    add_allocator_arg(parser, "glibc")
     args = parser.parse_args()
+    apply_allocator(args.allocator, "benchmarks.step_trl")
     workload = workload_from_args(args)
     quiet_libraries()
     set_threads(workload.threads)

@@ -7,14 +7,30 @@ import os
 
 import torch
 
+# glibc's malloc returns every block over 32 MiB to the kernel when it is freed (mmap / munmap), and gives each
+# thread its own arena, which maps large blocks the same way. A training step frees and reallocates its [V, H]
+# gradients and [chunk, V] logit blocks every step, so the kernel faults and zeroes their pages in again each
+# time: SmolLM2 on CPU, 131k page faults a step and a quarter of the process's CPU time in the kernel. One
+# arena that keeps what it frees: 16k faults a step, the step ~1.2x faster (benchmarks/README.md). glibc reads
+# these at process start (other C libraries ignore them), so they go to Ray's worker processes as environment.
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
-def ensure_ray(address: str | None = None) -> None:
-    """Join `address` / $RAY_ADDRESS (as under `ray job submit`), else start a local instance."""
+
+def allocator_env() -> dict[str, str]:
+    """The `ALLOCATOR_ENV` settings the user has not set (a job's own value wins, and Ray refuses a job whose
+    runtime env and the driver's name the same variable)."""
+    return {key: value for key, value in ALLOCATOR_ENV.items() if key not in os.environ}
+
+
+def ensure_ray(address: str | None = None, **init_options) -> None:
+    """Join `address` / $RAY_ADDRESS (as under `ray job submit`), else start a local instance; either way the
+    job's workers start with the allocator settings (`ALLOCATOR_ENV`). `init_options` go to `ray.init`."""
     import ray
 
     if not ray.is_initialized():
         # "local" explicitly: a stale ray_current_cluster file would make a bare ray.init() join a dead head
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
+                 runtime_env={"env_vars": allocator_env()}, **init_options)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

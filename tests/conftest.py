@@ -23,11 +23,13 @@ def ray_local():
     """A real single-node Ray instance on loopback (4 logical CPUs), stopped at the end of the session."""
     import ray
 
+    from mallows_ray.runtime import ensure_ray
+
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # 4 logical CPUs on a 2-core machine: logical CPUs are scheduling tokens. A Ray Train run can leave its
     # 0.5-CPU placement group behind when its controller outlives the run (seen after an interrupted Tune
     # sweep), and Ray Data's 1-CPU write/filter tasks next to a 0.5-CPU scoring actor then wait forever on 2.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False)
+    # through ensure_ray, as every command starts Ray: the workers get the allocator settings
+    ensure_ray("local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     yield ray
     ray.shutdown()

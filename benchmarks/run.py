@@ -6,6 +6,14 @@
 Each measurement is its own process (`python -m benchmarks.<module> ...`, listed in RESULTS.md), so its peak
 resident memory is its own; each prints one JSON line, which this driver turns into the table. Step figures
 are medians over the measured steps after warm-up steps; the matmul peak is the best of its repeats.
+
+The mallows_ray step runs as it trains by default: shared prompt, packed (`--pack=1`, model.pack) and under the
+malloc settings mallows_ray gives its Ray workers (`step_mallows`'s `--allocator` defaults to `workers`:
+`mallows_ray.runtime.ALLOCATOR_ENV`); `mallows_step_unpacked` (`--pack=0`) and `mallows_step_per_response`
+(`--share-prompt=0 --pack=0`) take each optimisation away in turn. TRL runs as users run it, under glibc's
+default malloc (`step_trl`'s `--allocator` defaults to `glibc`), and once more in its default mode under the
+workers' settings (`trl_default_workers_allocator`, `--allocator=workers`) to show how much of the speed-up
+is the allocator.
 """
 
 from __future__ import annotations
@@ -31,6 +39,11 @@ from benchmarks.results import SECTION as HELDOUT  # noqa: E402
 from benchmarks.scale import SECTIONS as SCALE  # noqa: E402
 from benchmarks.sections import get_section, replace_section  # noqa: E402
 
+# the names of `measurement_plan`'s measurements (what `--skip` accepts)
+MEASUREMENTS = ("matmul", "mallows_step", "mallows_step_unpacked", "mallows_step_per_response", "trl_default",
+                "trl_precompute", "trl_default_workers_allocator", "scoring_loop", "chunked", "naive", "pool",
+                "e2e_mallows", "e2e_trl")
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,10 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scoring-pairs", type=int, default=None, help="pairs of the row 3 scoring runs (16, quick 4)")
     parser.add_argument("--max-prompt-length", type=int, default=64, help="prompt token limit of every row")
     parser.add_argument("--max-response-length", type=int, default=64, help="response token limit of every row")
-    parser.add_argument("--skip", action="append", default=[], metavar="NAME",
-                        help="leave a measurement out (its rows say so): " + ", ".join(
-                            ["matmul", "mallows_step", "mallows_step_per_response", "trl_default", "trl_precompute",
-                             "scoring_loop", "chunked", "naive", "pool", "e2e_mallows", "e2e_trl"]))
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME", choices=MEASUREMENTS,
+                        help="leave a measurement out (its rows say so): " + ", ".join(MEASUREMENTS))
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--logs", type=Path, default=HERE / "logs",
                         help="stderr of each measurement, and results.json with every raw figure")
@@ -114,6 +125,31 @@ def measure(name: str, module: str, flags: list[str], logs: Path) -> tuple[dict 
     return result, shown, wall
 
 
+def measurement_plan(workload: Workload, e2e: Workload, scoring_pairs: int,
+                     quick: bool) -> dict[str, tuple[str, list[str]]]:
+    """Each measurement's module under `benchmarks` and its flags, in the order they run."""
+    lengths = [f"--max-prompt-length={workload.max_prompt_length}",
+               f"--max-response-length={workload.max_response_length}"]
+    return {  # the Ray runs first: the longest, and the ones that depend on the most machinery
+        "pool": ("pipeline_runs", ["pool", f"--pairs={scoring_pairs}", *lengths]),
+        "e2e_mallows": ("pipeline_runs", ["train", f"--pairs={e2e.pairs}", f"--micro-batch={e2e.micro_batch}",
+                                          f"--threads={e2e.threads}", *lengths]),
+        "e2e_trl": ("step_trl", [*workload_flags(e2e), "--epoch"]),
+        "matmul": ("matmul_peak", [f"--threads={workload.threads}", f"--repeats={5 if quick else 20}"]),
+        # the default configuration: shared prompt, packed (model.pack), the workers' allocator settings
+        "mallows_step": ("step_mallows", [*workload_flags(workload), "--pack=1"]),
+        "mallows_step_unpacked": ("step_mallows", [*workload_flags(workload), "--pack=0"]),
+        "mallows_step_per_response": ("step_mallows", [*workload_flags(workload), "--share-prompt=0", "--pack=0"]),
+        # TRL as users run it (glibc's default malloc), and its default mode under the workers' settings
+        "trl_default": ("step_trl", workload_flags(workload)),
+        "trl_precompute": ("step_trl", [*workload_flags(workload), "--precompute"]),
+        "trl_default_workers_allocator": ("step_trl", [*workload_flags(workload), "--allocator=workers"]),
+        "scoring_loop": ("scoring", ["loop", f"--pairs={scoring_pairs}", f"--repeats={1 if quick else 3}", *lengths]),
+        "chunked": ("scoring", ["chunked", f"--pairs={scoring_pairs}", *lengths]),
+        "naive": ("scoring", ["naive", f"--pairs={scoring_pairs}", *lengths]),
+    }
+
+
 def main() -> None:
     args = parse_args()
     quick = args.quick
@@ -127,23 +163,7 @@ def main() -> None:
         raise SystemExit("--warmup-steps must be >= 1: TRL's step time is the interval after a previous step")
     e2e = replace(workload, pairs=args.pairs or (4 if quick else 32))
     scoring_pairs = args.scoring_pairs or (4 if quick else 16)
-    lengths = [f"--max-prompt-length={workload.max_prompt_length}",
-               f"--max-response-length={workload.max_response_length}"]
-    plan = {  # the Ray runs first: the longest, and the ones that depend on the most machinery
-        "pool": ("pipeline_runs", ["pool", f"--pairs={scoring_pairs}", *lengths]),
-        "e2e_mallows": ("pipeline_runs", ["train", f"--pairs={e2e.pairs}", f"--micro-batch={e2e.micro_batch}",
-                                          f"--threads={e2e.threads}", *lengths]),
-        "e2e_trl": ("step_trl", [*workload_flags(e2e), "--epoch"]),
-        "matmul": ("matmul_peak", [f"--threads={workload.threads}", f"--repeats={5 if quick else 20}"]),
-        "mallows_step": ("step_mallows", workload_flags(workload)),
-        "mallows_step_per_response": ("step_mallows", [*workload_flags(workload), "--share-prompt=0"]),
-        "mallows_step_packed": ("step_mallows", [*workload_flags(workload), "--pack=1"]),
-        "trl_default": ("step_trl", workload_flags(workload)),
-        "trl_precompute": ("step_trl", [*workload_flags(workload), "--precompute"]),
-        "scoring_loop": ("scoring", ["loop", f"--pairs={scoring_pairs}", f"--repeats={1 if quick else 3}", *lengths]),
-        "chunked": ("scoring", ["chunked", f"--pairs={scoring_pairs}", *lengths]),
-        "naive": ("scoring", ["naive", f"--pairs={scoring_pairs}", *lengths]),
-    }
+    plan = measurement_plan(workload, e2e, scoring_pairs, quick)
     found = Measurements(machine=machine(), load_before=load_average(), busy_before=other_work(),
                          workload=workload, e2e_pairs=e2e.pairs,
                          scoring_pairs=scoring_pairs, quick=quick,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shlex
@@ -223,9 +224,13 @@ def one(args: argparse.Namespace) -> None:
 
 
 def measure(work: Path, model: Path, *flags: str) -> dict[str, Any]:
+    """One measurement in its own process, under the malloc settings mallows_ray's Ray workers get
+    (`runtime.ALLOCATOR_ENV`): the plain loop runs with what the scoring actors it is compared with run with."""
+    from mallows_ray.runtime import ALLOCATOR_ENV
+
     command = [sys.executable, "-m", "benchmarks.scale", "one", f"--work={work}", f"--model={model}", *flags]
     print(f"[scale] {shlex.join(command[1:])}", flush=True)
-    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ALLOCATOR_ENV})
     if out.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{out.stderr[-4000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -73,11 +73,62 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """The causal LM at `path`; a model that runs sdpa attention runs `GROUPED_SDPA` (the same, and packed rows
+    attend group by group)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
+    if model.config._attn_implementation == "sdpa":
+        register_grouped_sdpa()
+        model.set_attn_implementation(GROUPED_SDPA)
+    return model
+
+
+# A packed row holds several independent groups (data/collate.py) whose dense [T, T] mask is block-diagonal:
+# sdpa over the whole row computes every off-diagonal block only to mask it out. Run sdpa on each group's
+# diagonal block instead: sum_g L_g^2 instead of T^2 scores (two equal groups: half; 17 -> 10 ms forward +
+# backward per layer at T = 600 on this CPU). Without `group_bounds` it is transformers' sdpa, unchanged.
+GROUPED_SDPA = "mallows_ray_grouped_sdpa"
+
+
+def grouped_sdpa_attention(module, query, key, value, attention_mask, group_bounds=None, **kwargs):
+    """transformers' sdpa attention, run per group of a packed row: `group_bounds` [(start, end)] cover the
+    row's T positions in order; query [1, H, T, D], key / value [1, H_kv, T, D], attention_mask [1, 1, T, T]
+    (True = attend, block-diagonal over the groups) -> ([1, T, H, D], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if group_bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    # split, not slices: the backward of a split concatenates the groups' gradients, while each slice's
+    # backward would zero-fill a whole [1, H, T, D] gradient (that cost as much as the blocks saved)
+    sizes = [e - s for s, e in group_bounds]
+    outputs = [sdpa_attention_forward(module, q, k, v, attention_mask[..., s:e, s:e], **kwargs)[0]
+               for q, k, v, (s, e) in zip(query.split(sizes, dim=2), key.split(sizes, dim=2),
+                                          value.split(sizes, dim=2), group_bounds)]
+    return torch.cat(outputs, dim=1), None
+
+
+def register_grouped_sdpa() -> None:
+    """Make `GROUPED_SDPA` a transformers attention implementation (masks built as for sdpa)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
+    AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+
+
+def packed_group_bounds(segment_ids: torch.Tensor) -> list[tuple[int, int]] | None:
+    """[(start, end)] of the runs of one group in a single packed row's [1, T] segment ids (trailing padding,
+    segment -1, a run of its own); None when the row holds one run or there are several rows."""
+    if segment_ids.shape[0] != 1:
+        return None
+    _, lengths = torch.unique_consecutive(segment_ids[0] >> SEGMENT_BITS, return_counts=True)
+    if len(lengths) == 1:
+        return None
+    ends = lengths.cumsum(0).tolist()
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, attn_implementation: str,
@@ -97,7 +148,7 @@ def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, 
         (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))           # [rows, Tq, Tk]
     allowed = causal & same & attention_mask.bool()[:, None, :]
     allowed |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
-    if attn_implementation == "sdpa":
+    if attn_implementation in ("sdpa", GROUPED_SDPA):
         return allowed[:, None]
     if attn_implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
@@ -126,10 +177,15 @@ def response_stats(model, *, input_ids, attention_mask, labels, owner, num_respo
             f"{type(model).__name__} soft-caps its logits; the chunked log-prob path does not apply it yet"
         )
     body = getattr(model, model.base_model_prefix)  # e.g. LlamaForCausalLM.model
+    groups = {}
     if segment_ids is not None:
-        attention_mask = shared_prompt_mask(segment_ids, attention_mask, model.config._attn_implementation,
+        implementation = model.config._attn_implementation
+        attention_mask = shared_prompt_mask(segment_ids, attention_mask, implementation,
                                             body.get_input_embeddings().weight.dtype)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        bounds = packed_group_bounds(segment_ids) if implementation == GROUPED_SDPA else None
+        groups = {} if bounds is None else {"group_bounds": bounds}  # reaches every layer's attention
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  **groups).last_hidden_state
     head = model.get_output_embeddings()  # weight [V, H]; hidden [rows, T, H]
     return response_logprobs(
         hidden, head.weight, labels, bias=head.bias, owner=owner, num_responses=num_responses,

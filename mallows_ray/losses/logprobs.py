@@ -4,7 +4,9 @@ The naive path, `logits = lm_head(hidden)` then `log_softmax`, materialises a fl
 4 x 512 x 128k x 4 bytes = 1 GiB, and autograd keeps more. Here only the labelled (response) positions are
 gathered, and the output embedding is applied to bounded chunks of them, so one float32 [chunk, V] block is
 alive at a time, in the forward and in the backward, which recomputes it from the saved hidden rows (the
-"fused linear cross-entropy" trick, e.g. Liger-Kernel, arXiv:2410.10989). One pass yields the log-probs of
+"fused linear cross-entropy" trick, e.g. Liger-Kernel, arXiv:2410.10989). When all the labelled positions fit
+in one chunk (a training micro-batch, usually) the forward keeps that block's probabilities for the backward
+instead: one [chunk, V] block held a little longer, one [M, H] x [H, V] matmul fewer. One pass yields the log-probs of
 the training step and the entropy of the dispersion estimator (ALGORITHMS.md section 2.3):
 
     lse         = logsumexp_v logit_v
@@ -44,15 +46,18 @@ def _chunk_logits(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _chunked_forward(rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
-                     with_entropy: bool, with_wpo: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(token log-prob [M], entropy [M] or [0], log sum_v p_v^2 [M] or [0], logsumexp [M]) of M labelled rows,
-    `chunk` rows at a time."""
+                     with_entropy: bool, with_wpo: bool,
+                     keep_probs: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """(token log-prob [M], entropy [M] or [0], log sum_v p_v^2 [M] or [0], logsumexp [M], probabilities
+    [M, V] or None) of M labelled rows, `chunk` rows at a time; the probabilities with `keep_probs` when the M
+    rows are one chunk."""
     m = rows.shape[0]
     dtype = torch.promote_types(rows.dtype, torch.float32)
     token_logp = torch.empty(m, dtype=dtype, device=rows.device)
     entropy = torch.empty(m if with_entropy else 0, dtype=dtype, device=rows.device)
     log_sum_sq = torch.empty(m if with_wpo else 0, dtype=dtype, device=rows.device)
     lse = torch.empty(m, dtype=dtype, device=rows.device)
+    probs = None
     for start in range(0, m, chunk):
         sl = slice(start, start + chunk)
         logits = _chunk_logits(rows[sl], weight, bias)              # [c, V]: the only vocab-wide tensor
@@ -65,11 +70,14 @@ def _chunked_forward(rows: Tensor, weight: Tensor, bias: Tensor | None, targets:
             entropy[sl] = lse[sl] - torch.linalg.vecdot(shifted, logits) / total  # sum_v p_v logit_v, no 3rd block
         if with_wpo:  # sum_v p_v^2 = sum_v shifted_v^2 / total^2; the max term of shifted is 1, so no underflow
             log_sum_sq[sl] = torch.linalg.vecdot(shifted, shifted).log() - 2 * total.log()
-    return token_logp, entropy, log_sum_sq, lse
+        if keep_probs and m <= chunk:
+            probs = shifted.div_(total[:, None])                    # [M, V] softmax, for the backward
+    return token_logp, entropy, log_sum_sq, lse, probs
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """Autograd for `_chunked_forward`: saves rows, weight, bias, targets and lse, never a [c, V] block.
+    """Autograd for `_chunked_forward`: saves rows, weight, bias, targets and lse, and a [c, V] block only when
+    the rows are one chunk (their probabilities: the backward then skips recomputing the logits).
 
     d log p(y) / d logit = onehot(y) - softmax(logit), so with g the incoming gradient per row and
     D = g * (onehot - p) ([c, V], rebuilt chunk by chunk): grad_rows = D @ W, grad_W = sum_chunks D^T @ rows,
@@ -78,16 +86,16 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, chunk, with_entropy, with_wpo):
-        token_logp, entropy, log_sum_sq, lse = _chunked_forward(rows, weight, bias, targets, chunk, with_entropy,
-                                                                with_wpo)
-        ctx.save_for_backward(rows, weight, bias, targets, lse)
+        token_logp, entropy, log_sum_sq, lse, probs = _chunked_forward(rows, weight, bias, targets, chunk,
+                                                                       with_entropy, with_wpo, keep_probs=True)
+        ctx.save_for_backward(rows, weight, bias, targets, lse, probs)
         ctx.chunk = chunk
         ctx.mark_non_differentiable(entropy, log_sum_sq)
         return token_logp, entropy, log_sum_sq
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy, _grad_log_sum_sq):
-        rows, weight, bias, targets, lse = ctx.saved_tensors
+        rows, weight, bias, targets, lse, probs = ctx.saved_tensors
         need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_rows = torch.empty_like(rows) if need_rows else None
         # W and bias gradients accumulate over chunks in float32 (as wide as lse), cast once at the end
@@ -95,8 +103,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=lse.dtype) if need_bias else None
         for start in range(0, rows.shape[0], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
-            # D = g * (onehot - p), built in place in the recomputed logits: one [c, V] block per chunk
-            dlogits = _chunk_logits(rows[sl], weight, bias).sub_(lse[sl, None]).exp_().mul_(-grad_logp[sl, None])
+            # D = g * (onehot - p): from the kept probabilities (one chunk), else built in place in the
+            # recomputed logits, one [c, V] block per chunk
+            dlogits = (probs * -grad_logp[:, None] if probs is not None else
+                       _chunk_logits(rows[sl], weight, bias).sub_(lse[sl, None]).exp_().mul_(-grad_logp[sl, None]))
             dlogits.scatter_add_(1, targets[sl, None], grad_logp[sl, None])
             if need_rows:
                 grad_rows[sl] = dlogits.to(weight.dtype) @ weight

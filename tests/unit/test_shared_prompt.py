@@ -11,12 +11,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mallows_ray.data.collate import pack_responses
-from mallows_ray.models import response_stats
+from mallows_ray.models import GROUPED_SDPA, packed_group_bounds, register_grouped_sdpa, response_stats
 
 TOLERANCE = 1e-5  # float32 rounding: the two layouts sum the same terms in a different order
 
 
 def tiny_llama(attn_implementation: str) -> LlamaForCausalLM:
+    register_grouped_sdpa()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
@@ -43,7 +44,7 @@ def statistics_and_gradients(model, prompts, responses, **layout):
     return stats, {name: p.grad.clone() for name, p in model.named_parameters()}, packed
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", GROUPED_SDPA])
 @pytest.mark.parametrize("share, pack", [(True, False), (False, True), (True, True)])
 def test_same_statistics_and_gradients_as_one_row_per_response(attn_implementation, share, pack):
     model = tiny_llama(attn_implementation)
@@ -66,9 +67,10 @@ def test_same_statistics_and_gradients_as_one_row_per_response(attn_implementati
 
 
 @pytest.mark.parametrize("share", [False, True])
-def test_a_packed_prompt_cannot_see_the_others(share):
+@pytest.mark.parametrize("attn_implementation", ["sdpa", GROUPED_SDPA])
+def test_a_packed_prompt_cannot_see_the_others(share, attn_implementation):
     """Changing one prompt of a packed row changes no other prompt's log-probs."""
-    model = tiny_llama("sdpa")
+    model = tiny_llama(attn_implementation)
     prompts, responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[[20, 21], [22]], [[23], [24, 25]], [[26], [27]]]
     stats = lambda: response_stats(model, **pack_responses(prompts, responses, 0, share_prompt=share,  # noqa: E731
                                                            pack=True).model_inputs(), with_entropy=False).logp_sum
@@ -76,6 +78,23 @@ def test_a_packed_prompt_cannot_see_the_others(share):
     prompts[1] = [30, 31, 32]
     after = stats()
     assert torch.equal(before[[0, 1, 4, 5]], after[[0, 1, 4, 5]]) and (before[2:4] != after[2:4]).all()
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_grouped_attention_runs_each_prompt_of_a_packed_row_alone(share):
+    """GROUPED_SDPA gets the spans of the packed row's groups (one per prompt, or per response row unshared),
+    in order and covering the row; an unpacked batch gets none (plain sdpa)."""
+    prompts, responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[[20, 21], [22]], [[23], [24, 25]], [[26], [27]]]
+    packed = pack_responses(prompts, responses, 0, share_prompt=share, pack=True)
+    if share:  # prompt once (its last token opens each segment), then every response
+        lengths = [len(p) - 1 + sum(len(r) + 1 for r in rs) for p, rs in zip(prompts, responses)]
+    else:
+        lengths = [len(p) + len(r) for p, rs in zip(prompts, responses) for r in rs]
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    assert packed_group_bounds(packed.segment_ids) == list(zip([0, *ends[:-1]], ends))
+    assert ends[-1] == packed.input_ids.shape[1]
+    unpacked = pack_responses(prompts, responses, 0, share_prompt=True)
+    assert packed_group_bounds(unpacked.segment_ids) is None
 
 
 def test_a_response_cannot_see_its_siblings():

@@ -11,8 +11,9 @@ import torch
 # thread its own arena, which maps large blocks the same way. A training step frees and reallocates its [V, H]
 # gradients and [chunk, V] logit blocks every step, so the kernel faults and zeroes their pages in again each
 # time: SmolLM2 on CPU, 131k page faults a step and a quarter of the process's CPU time in the kernel. One
-# arena that keeps what it frees: 16k faults a step, the step ~1.2x faster (benchmarks/README.md). glibc reads
-# these at process start (other C libraries ignore them), so they go to Ray's worker processes as environment.
+# arena that keeps what it frees: no fault a step once its heap has grown (~8 steps), the step ~1.2x faster
+# (benchmarks/README.md). glibc reads these at process start (other C libraries ignore them), so they go to
+# Ray's worker processes as environment.
 ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 

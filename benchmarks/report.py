@@ -38,7 +38,8 @@ CAUSES = {
               "activations (~1.2 MB per token run at this size) while the gradients fill in.",
     "mfu": "timed by stage (steady state after 8 steps at 128/128, packed, the workers' allocator settings; "
            "benchmarks/README.md): forward 31%, backward 57%, grad-norm clipping 5% (273 per-tensor norms), fused "
-           "AdamW 6%. aten::mm runs at ~84% of the 2048^3 peak (its matmuls are 240-470 rows, the micro-batch's "
+           "AdamW 6%. aten::mm runs at ~68% of the 2048^3 peak of this host (394 GFLOP/s; its matmuls are 240-470 "
+           "rows, the micro-batch's "
            "tokens, by 576-1536 columns); the rest of the forward and backward is attention, the elementwise ops "
            "of RMSNorm, RoPE, SiLU and the residual adds, and the tied embedding's dense [V, H] gradient. The "
            "chunked head recomputes no logits when a micro-batch's response tokens fit one chunk (here they do). "

@@ -18,9 +18,9 @@ in its own process (`python -m benchmarks.scale one <mode> ...`), so its peak RS
                rank's slices; no model) over the scored split of N rows for W ranks: rows read per rank, and
                the rows/s of those random reads
 Targets: driver peak RSS at 100k rows <= 1.25 x at 10k; rows read per rank per epoch <= 1.05 x rows / W; the
-pipeline at 10k rows >= 0.8 x the plain loop's rows/s. That ratio is taken from the medians of `--repeats`
-alternating rounds (plain, then pipeline with 2 actors) at the smallest size: a single 10k-row plain loop varied
-from 14.8 to 18.2 s on the same idle machine.
+pipeline >= 0.9 x the plain loop's rows/s at >= 2000 rows (issue 20; issue 18 asked 0.8 x at 10k). That ratio
+is taken from the medians of `--repeats` alternating rounds (plain, then pipeline with 2 actors) at the
+smallest size: a single 10k-row plain loop varied from 14.8 to 18.2 s on the same idle machine.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def render(results: dict[str, dict[str, Any]], sizes: list[int], front: list[int
         checks.append(f"driver peak RSS {large} / {small} rows = {ratio:.2f} (target <= 1.25)")
     if f"plain{small}" in results and f"pipe2_{small}" in results:
         ratio = results[f"pipe2_{small}"]["rows_per_second"] / results[f"plain{small}"]["rows_per_second"]
-        checks.append(f"pipeline (2 actors) / plain loop rows/s at {small} rows = {ratio:.2f} (target >= 0.8)"
+        checks.append(f"pipeline (2 actors) / plain loop rows/s at {small} rows = {ratio:.2f} (target >= 0.9)"
                       + (" (medians)" if repeated else ""))
     if repeated:
         rates = lambda found: " / ".join(f"{r['rows_per_second']:.0f}" for r in found)  # noqa: E731

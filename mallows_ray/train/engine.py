@@ -65,6 +65,14 @@ def build_policy(model: ModelConfig, model_path: str, dtype: torch.dtype, zero_s
     return PolicyLogprobs(lm, zero_stage, with_wpo)
 
 
+def clips_itself(zero_stage: int, dtype: torch.dtype) -> bool:
+    """Whether `optimizer_step` computes the global grad norm and clips (fp32 stage 0): there the gradients are
+    whole in `p.grad` at the boundary, and DeepSpeed's clipping computes the norm without keeping it, so letting
+    it clip too would compute the norm twice (~3% of a SmolLM2 CPU step). ZeRO and DeepSpeed's mixed-precision
+    optimizers clip inside their step and record the norm."""
+    return zero_stage == 0 and dtype == torch.float32
+
+
 def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:
     """DeepSpeed's config from ours. Precision follows the model dtype (bf16 on GPU, fp32 on CPU by default)."""
     ds = config.deepspeed
@@ -78,7 +86,8 @@ def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:
     return {
         "train_micro_batch_size_per_gpu": config.batch.micro_batch_size,  # per rank, GPU or not
         "gradient_accumulation_steps": config.batch.gradient_accumulation,
-        "gradient_clipping": config.optim.max_grad_norm,
+        # fp32 stage 0 clips in `optimizer_step`, which needs the norm anyway (DeepSpeed's clipping discards it)
+        "gradient_clipping": 0.0 if clips_itself(ds.zero_stage, dtype) else config.optim.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
@@ -117,21 +126,30 @@ def build_engine(policy: PolicyLogprobs, config: Config, dtype: torch.dtype, tot
         lr_factor, schedule=optim.schedule, warmup=optim.warmup_steps, total=total_steps))
     engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(config, dtype))
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # one rank has nothing to average: stage 0's all-reduce would still flatten every gradient into one
+        # bucket and copy it back (~10% of a SmolLM2 CPU step on one worker)
+        engine.enable_backward_allreduce = False
     return engine
 
 
-def optimizer_step(engine) -> float | None:
+def optimizer_step(engine, max_grad_norm: float) -> float | None:
     """`engine.step()` after each micro-batch's backward; at an accumulation boundary the optimizer steps and
     the pre-clipping global grad norm is returned (None between boundaries).
 
-    ZeRO and DeepSpeed's mixed-precision optimizers record the norm while stepping. Plain fp32 stage 0 clips
-    without keeping it, but there the all-reduced gradients are still whole in `p.grad` before the step.
+    fp32 stage 0 (`clips_itself`): the all-reduced gradients are whole in `p.grad` before the step, so the norm
+    is computed here, once, and the gradients clipped to `max_grad_norm` (0: no clipping) with it, as
+    `torch.nn.utils.clip_grad_norm_` would. ZeRO and DeepSpeed's mixed-precision optimizers clip while stepping
+    and record the norm.
     """
     boundary = engine.is_gradient_accumulation_boundary()
     own_norm = None
-    if boundary and engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
-        own_norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
-                                                        if p.grad is not None]))
+    if boundary and clips_itself(engine.zero_optimization_stage(), next(engine.module.parameters()).dtype):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        own_norm = float(norm)
+        if 0 < max_grad_norm < own_norm:  # a factor of 1 would be a pass over every gradient for nothing
+            torch.nn.utils.clip_grads_with_norm_(engine.module.parameters(), max_grad_norm, norm)
     engine.step()
     if not boundary:
         return None

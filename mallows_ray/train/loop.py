@@ -141,7 +141,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
                                 share_prompt=config.model.share_prompt, pack=config.model.pack).to(engine.device)
                 out = forward_loss(engine, batch, loss, config.lambdas.target_tau)  # out.losses [B]
                 engine.backward(out.losses.mean())  # DeepSpeed divides by `accumulation`; ranks are averaged
-                grad_norm = optimizer_step(engine)  # the optimizer steps after the last micro-batch only
+                grad_norm = optimizer_step(engine, config.optim.max_grad_norm)  # steps after the last micro-batch
                 sums.add_loss_output(out, batch.dispersion)
                 sums.add("tokens", batch.tokens)
             step += 1

@@ -12,7 +12,6 @@ Both read a JSONL of the raw HH lines of the same untruncated pairs the step row
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,9 +35,10 @@ def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: 
         f"data.scoring.num_actors={actors}", "data.scoring.batch_size=8", "model.dtype=float32",
         "loss.name=dpo", "loss.beta=0.1", "optim.epochs=1", "optim.lr=1.0e-6", "optim.schedule=constant",
         f"batch.micro_batch_size={workload.micro_batch}", "batch.gradient_accumulation=1",
-        # 1 CPU of Ray's 2 for the worker leaves room for Ray Data's read tasks (a 2-CPU worker would starve them);
-        # the worker's torch threads come from OMP_NUM_THREADS, set in main() to the step rows' thread count
+        # the worker's torch threads: the step rows' thread count (the default, 0, would give it the same here:
+        # the machine's CPUs over one worker); prepare's actors keep Ray's rule, one thread for 0.5 CPU each
         "deepspeed.zero_stage=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
+        f"scaling.threads_per_worker={workload.threads}",
         f"run.storage_path={folder / 'runs'}", "run.name=bench", "run.log_every=1000000", "export.enabled=false",
     ]
 
@@ -69,8 +69,6 @@ def main() -> None:
         folder = Path(tmp)
         pairs_file = write_raw_pairs(rows, folder / "hh_pairs.jsonl")
         config = load_config(None, config_overrides(pairs_file, folder, workload, args.actors))
-        if args.mode == "train":  # Ray workers inherit the driver's environment when it starts the local instance
-            os.environ["OMP_NUM_THREADS"] = str(args.threads)
         ray_start = time.perf_counter()
         ensure_ray()
         ray_seconds = time.perf_counter() - ray_start

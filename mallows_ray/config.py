@@ -232,6 +232,9 @@ class ScalingConfig:
     num_workers: int = bounded(1, 1)
     use_gpu: bool = False
     cpus_per_worker: float = bounded(0.5, 0.0)  # fractional by default so Ray Data can still read on a 2-core laptop
+    # torch threads of each worker; 0: the node's CPUs shared among the run's workers on it (runtime.worker_threads).
+    # On a node shared with other work, set it (a sweep's trials get their reserved CPUs, at least 1)
+    threads_per_worker: int = bounded(0, 0)
     gpus_per_worker: float = bounded(1.0, 0.0)
 
 

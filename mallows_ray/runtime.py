@@ -34,6 +34,17 @@ def ensure_ray(address: str | None = None, **init_options) -> None:
                  runtime_env={"env_vars": allocator_env()}, **init_options)
 
 
+def worker_threads(requested: int, workers_on_node: int) -> int:
+    """Torch intra-op threads of a training worker: `requested`, or (0) the CPUs this process may run on shared
+    among the run's `workers_on_node`, at least 1. Ray's own rule (OMP_NUM_THREADS = the worker's reserved CPUs,
+    at least 1) gave the default fractional reservation one thread, leaving a 2-core machine's second core idle
+    for the whole of training (prepare's actors are gone by then)."""
+    if requested:
+        return requested
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable // workers_on_node)
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 on a GPU, fp32 on CPU (CPU bf16 matmuls are slow and lose precision)."""
     if name == "auto":

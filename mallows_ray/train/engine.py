@@ -118,8 +118,20 @@ def build_optimizer(params: list[nn.Parameter], optim: OptimConfig) -> torch.opt
                              fused=True)
 
 
+def skip_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed's communication backend from compiling its shared-memory all-reduce kernel.
+
+    On the CPU accelerator the backend JIT-compiles it with gcc when it starts (35-50 s on 2 cores, on the
+    first run of a machine and again whenever ninja sees other flags: seen twice in one session) for
+    `inference_all_reduce` alone, which training never calls. Marked unavailable, as on a platform without
+    the kernel, the backend runs every collective through torch.distributed (gloo or NCCL), as it did anyway.
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(policy: PolicyLogprobs, config: Config, dtype: torch.dtype, total_steps: int):
     """The DeepSpeed engine; it owns the optimizer and steps (and checkpoints) the LR scheduler."""
+    skip_shared_memory_all_reduce()
     optim: OptimConfig = config.optim
     optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(

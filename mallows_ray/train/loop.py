@@ -24,7 +24,7 @@ import torch
 from mallows_ray.config import Config
 from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.models import load_tokenizer
-from mallows_ray.runtime import pick_dtype
+from mallows_ray.runtime import pick_dtype, worker_threads
 from mallows_ray.train import checkpoint
 from mallows_ray.train.batches import collate, epoch_order, micro_batches, rank_slice
 from mallows_ray.train.engine import build_engine, build_policy, optimizer_step, parameter_counts
@@ -81,6 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     plan = TrainPlan(**loop_config["plan"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(worker_threads(config.scaling.threads_per_worker, context.get_local_world_size()))
     micro = config.batch.micro_batch_size
     device = ray.train.torch.get_device()
     dtype = pick_dtype(config.model.dtype, device)  # auto: bf16 on GPU, fp32 on CPU
@@ -94,7 +95,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     counts = parameter_counts(engine)
     local_min, local_max = rank_extremes(counts["local"] / counts["total"])
     params = {"params/total": counts["total"], "params/trainable": counts["trainable"],
-              "params/local_fraction_min": local_min, "params/local_fraction_max": local_max}
+              "params/local_fraction_min": local_min, "params/local_fraction_max": local_max,
+              "threads_per_worker": torch.get_num_threads()}
     seed_everything(config.run.seed + 1 + rank)  # distinct dropout streams per rank from here on
     settings = EvalSettings(loss, tokenizer.pad_token_id, rank, world, config.lambdas.target_tau,
                             config.model.share_prompt, config.model.pack, engine.device)

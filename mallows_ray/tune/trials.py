@@ -81,7 +81,10 @@ class TrialContext:
         set_key(data, "data.train", self.scored[variant_key(self.sweep, values)][0])
         set_key(data, "run.name", name)
         set_key(data, "run.storage_path", f"{self.sweep.experiment_dir}/runs")
-        return from_dict(Config, data)
+        config = from_dict(Config, data)
+        if config.scaling.threads_per_worker == 0:  # trials run side by side: each worker its reserved CPUs
+            config.scaling.threads_per_worker = max(1, int(config.scaling.cpus_per_worker))
+        return config
 
     def plan(self, values: dict[str, Any], name: str):
         from mallows_ray.data.cache import PreparedData

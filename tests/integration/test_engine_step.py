@@ -1,10 +1,12 @@
 """The DeepSpeed engine on one rank, fp32 stage 0, takes the optimizer steps of plain torch: the engine skips
 the all-reduce (nothing to average) and `optimizer_step` computes the grad norm once and clips with it
-(`engine.clips_itself`), so the steps must equal backward + `clip_grad_norm_` + the same AdamW."""
+(`engine.clips_itself`), so the steps must equal backward + `clip_grad_norm_` + the same AdamW. Its
+communication backend starts without compiling the shared-memory kernel (`skip_shared_memory_all_reduce`)."""
 
 import copy
 import socket
 
+import deepspeed
 import pytest
 import torch
 
@@ -38,6 +40,7 @@ def test_one_rank_fp32_steps_equal_plain_torch(tiny_model_dir, one_rank):
     plain = copy.deepcopy(policy)
     engine = build_engine(policy, config, torch.float32, total_steps=3)
     assert not engine.enable_backward_allreduce  # one rank: no bucket flattening and copying back
+    assert deepspeed.comm.comm.cdb.shm_comm_op is None  # the inference-only kernel was not compiled
     optimizer = build_optimizer(list(plain.parameters()), config.optim)
 
     g = torch.Generator().manual_seed(0)

@@ -140,6 +140,9 @@ def test_one_worker_accumulating_two_equals_two_workers(trained):
     print(f"invariance: max |param diff| after {STEPS} steps = {diff:.3g}")
     assert diff < 1e-5  # float32 reduction order only (all-reduce mean vs accumulation)
     assert _steps_from_example_logs(single, 1) == _steps_from_example_logs(pair, 2)
+    # scaling.threads_per_worker=0: the machine's CPUs shared among the run's workers on it
+    usable = len(os.sched_getaffinity(0))
+    assert single.metrics["threads_per_worker"] == usable and pair.metrics["threads_per_worker"] == max(1, usable // 2)
 
 
 def test_each_worker_reads_only_its_share_of_each_epoch(trained):

@@ -1,6 +1,10 @@
-"""runtime.py without Ray: which allocator settings the workers are given."""
+"""runtime.py without Ray: which allocator settings and how many torch threads the workers are given."""
 
-from mallows_ray.runtime import ALLOCATOR_ENV, allocator_env
+import os
+
+import pytest
+
+from mallows_ray.runtime import ALLOCATOR_ENV, allocator_env, worker_threads
 
 
 def test_allocator_env_gives_every_setting_the_user_has_not_set(monkeypatch):
@@ -15,3 +19,11 @@ def test_a_users_own_allocator_setting_wins(monkeypatch):
     settings = allocator_env()
     assert "MALLOC_ARENA_MAX" not in settings
     assert set(settings) == set(ALLOCATOR_ENV) - {"MALLOC_ARENA_MAX"}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_worker_threads_share_the_usable_cpus_among_the_nodes_workers(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert worker_threads(0, 1) == 8 and worker_threads(0, 3) == 2
+    assert worker_threads(0, 16) == 1  # more workers than CPUs: still one thread each
+    assert worker_threads(3, 1) == 3  # scaling.threads_per_worker, when set, wins

@@ -11,7 +11,7 @@ import yaml
 from mallows_ray.config import load_config
 from mallows_ray.tune.config import expected_trials, load_sweep_config, sample_configs
 from mallows_ray.tune.results import best_config, best_row, write_tables
-from mallows_ray.tune.trials import max_concurrent_trials, trial_name
+from mallows_ray.tune.trials import TrialContext, max_concurrent_trials, trial_name, variant_key
 from mallows_ray.typed_config import ConfigError, to_dict
 
 BASE = {
@@ -153,6 +153,23 @@ def test_concurrency_from_cluster_and_trial_needs():
     assert max_concurrent_trials({"CPU": 0.3}, [load_config(None, ["scaling.cpus_per_worker=0.1"])]) == 3
     with pytest.raises(Exception, match="one trial needs 1 CPUs"):
         max_concurrent_trials({"CPU": 0.5}, configs)
+
+
+def test_trials_side_by_side_take_their_reserved_cpus_as_threads(tmp_path):
+    sweep = load_sweep_config(_write(tmp_path, _grid(**{"optim.lr": [1e-3, 1e-2]})))
+    values = {"optim.lr": 1e-2}
+    context = TrialContext(sweep, {variant_key(sweep, values): ("/scored", {})})
+    config = context.trial_config(values, "00001_lr=0.01")
+    assert config.scaling.threads_per_worker == 1  # cpus_per_worker 0.5: one thread, not the node's CPUs
+    assert config.optim.lr == 1e-2 and config.data.train == "/scored"
+    base = {**BASE, "scaling": {"num_workers": 1, "cpus_per_worker": 3, "threads_per_worker": 0}}
+    sweep = load_sweep_config(_write(tmp_path, _grid(**{"optim.lr": [1e-3]}), base))
+    context = TrialContext(sweep, {variant_key(sweep, {"optim.lr": 1e-3}): ("/scored", {})})
+    assert context.trial_config({"optim.lr": 1e-3}, "t").scaling.threads_per_worker == 3
+    base["scaling"]["threads_per_worker"] = 2  # set by the user: kept
+    sweep = load_sweep_config(_write(tmp_path, _grid(**{"optim.lr": [1e-3]}), base))
+    context = TrialContext(sweep, {variant_key(sweep, {"optim.lr": 1e-3}): ("/scored", {})})
+    assert context.trial_config({"optim.lr": 1e-3}, "t").scaling.threads_per_worker == 2
 
 
 def test_trial_names_are_deterministic_and_filesystem_safe():

@@ -132,22 +132,23 @@ def packed_group_bounds(segment_ids: torch.Tensor) -> list[tuple[int, int]] | No
 
 
 def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, attn_implementation: str,
-                       dtype: torch.dtype) -> torch.Tensor:
+                       dtype: torch.dtype, group_bounds: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """[rows, T] segment ids (data/collate.py: group << SEGMENT_BITS | segment, segment 0 the shared prefix,
     i + 1 response i) -> the [rows, 1, T, T] mask in the form the model's attention takes (sdpa: bool,
     True = attend; eager: additive float).
 
     Query q sees key k <= q when k is real, in q's group, and in the prefix or in q's own segment. Padding
     queries see themselves, so no softmax row is empty: an all-masked row gives NaN, and NaN * 0 still
-    poisons the weight gradients through the padding positions.
+    poisons the weight gradients through the padding positions. `group_bounds` (`packed_group_bounds` of a
+    single packed row): every key outside q's group is masked, so only the diagonal blocks are computed.
     """
     t = segment_ids.shape[1]
-    group, segment = segment_ids >> SEGMENT_BITS, segment_ids & ((1 << SEGMENT_BITS) - 1)      # [rows, T]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()            # [T, T]
-    same = (group[:, None, :] == group[:, :, None]) & (
-        (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))           # [rows, Tq, Tk]
-    allowed = causal & same & attention_mask.bool()[:, None, :]
-    allowed |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
+    if group_bounds is None:
+        allowed = _segment_mask(segment_ids, attention_mask)
+    else:  # sum_g L_g^2 positions instead of T^2 (8 prompts a scoring row: an eighth)
+        allowed = torch.zeros(1, t, t, dtype=torch.bool, device=segment_ids.device)
+        for s, e in group_bounds:
+            allowed[:, s:e, s:e] = _segment_mask(segment_ids[:, s:e], attention_mask[:, s:e])
     if attn_implementation in ("sdpa", GROUPED_SDPA):
         return allowed[:, None]
     if attn_implementation == "eager":
@@ -155,6 +156,17 @@ def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, 
             ~allowed, torch.finfo(dtype).min)[:, None]
     raise ValueError(f"model.share_prompt and model.pack need the 'sdpa' or 'eager' attention implementation (a "
                      f"custom 4D mask); this model uses {attn_implementation!r}: set both to false")
+
+
+def _segment_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`shared_prompt_mask`'s rule on [rows, L] positions -> [rows, L, L] bool."""
+    t = segment_ids.shape[1]
+    group, segment = segment_ids >> SEGMENT_BITS, segment_ids & ((1 << SEGMENT_BITS) - 1)      # [rows, L]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()            # [L, L]
+    same = (group[:, None, :] == group[:, :, None]) & (
+        (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))           # [rows, Lq, Lk]
+    allowed = causal & same & attention_mask.bool()[:, None, :]
+    return allowed | torch.eye(t, dtype=torch.bool, device=segment_ids.device)
 
 
 def response_stats(model, *, input_ids, attention_mask, labels, owner, num_responses: int, position_ids=None,
@@ -180,10 +192,11 @@ def response_stats(model, *, input_ids, attention_mask, labels, owner, num_respo
     groups = {}
     if segment_ids is not None:
         implementation = model.config._attn_implementation
+        bounds = packed_group_bounds(segment_ids)
         attention_mask = shared_prompt_mask(segment_ids, attention_mask, implementation,
-                                            body.get_input_embeddings().weight.dtype)
-        bounds = packed_group_bounds(segment_ids) if implementation == GROUPED_SDPA else None
-        groups = {} if bounds is None else {"group_bounds": bounds}  # reaches every layer's attention
+                                            body.get_input_embeddings().weight.dtype, bounds)
+        if bounds is not None and implementation == GROUPED_SDPA:
+            groups = {"group_bounds": bounds}  # reaches every layer's attention
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   **groups).last_hidden_state
     head = model.get_output_embeddings()  # weight [V, H]; hidden [rows, T, H]

@@ -11,7 +11,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mallows_ray.data.collate import pack_responses
-from mallows_ray.models import GROUPED_SDPA, packed_group_bounds, register_grouped_sdpa, response_stats
+from mallows_ray.models import (
+    GROUPED_SDPA,
+    packed_group_bounds,
+    register_grouped_sdpa,
+    response_stats,
+    shared_prompt_mask,
+)
 
 TOLERANCE = 1e-5  # float32 rounding: the two layouts sum the same terms in a different order
 
@@ -95,6 +101,20 @@ def test_grouped_attention_runs_each_prompt_of_a_packed_row_alone(share):
     assert ends[-1] == packed.input_ids.shape[1]
     unpacked = pack_responses(prompts, responses, 0, share_prompt=True)
     assert packed_group_bounds(unpacked.segment_ids) is None
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_a_packed_rows_mask_built_per_group_equals_the_whole_rows(share, attn_implementation):
+    """With the row's group bounds only the diagonal blocks are computed; the mask is the same."""
+    prompts, responses = batch_of_prompts(seed=3)
+    packed = pack_responses(prompts, responses, 0, share_prompt=share, pack=True)
+    bounds = packed_group_bounds(packed.segment_ids)
+    assert bounds is not None and len(bounds) >= len(prompts)
+    blockwise, whole = (shared_prompt_mask(packed.segment_ids, packed.attention_mask, attn_implementation,
+                                           torch.float32, group_bounds) for group_bounds in (bounds, None))
+    assert blockwise.shape == whole.shape == (1, 1, packed.input_ids.shape[1], packed.input_ids.shape[1])
+    assert torch.equal(blockwise, whole)
 
 
 def test_a_response_cannot_see_its_siblings():

@@ -36,16 +36,15 @@ CAUSES = {
               "of ~2.5 GB that fp32 full fine-tuning cannot go below; TRL's default adds one fp32 reference copy "
               "(~0.54 GB) and full-vocabulary logits. The rest of mallows_ray's peak is the backward's live "
               "activations (~1.2 MB per token run at this size) while the gradients fill in.",
-    "mfu": "timed by stage (steady state after 8 steps at 128/128, packed, the workers' allocator settings; "
-           "benchmarks/README.md): forward 31%, backward 57%, grad-norm clipping 5% (273 per-tensor norms), fused "
-           "AdamW 6%. aten::mm runs at ~68% of the 2048^3 peak of this host (394 GFLOP/s; its matmuls are 240-470 "
-           "rows, the micro-batch's "
-           "tokens, by 576-1536 columns); the rest of the forward and backward is attention, the elementwise ops "
-           "of RMSNorm, RoPE, SiLU and the residual adds, and the tied embedding's dense [V, H] gradient. The "
-           "chunked head recomputes no logits when a micro-batch's response tokens fit one chunk (here they do). "
-           "Counted on the tokens the model really ran, not on the pair sequences' tokens (row 2'), so the shared "
-           "prompt does not inflate it. Larger micro-batches run larger, faster matmuls; fewer, larger "
-           "elementwise kernels (torch.compile) were not tried.",
+    "mfu": "session 31's profile (benchmarks/README.md; a host with a 394 GFLOP/s 2048^3 peak; steady state after "
+           "8 steps at 128/128, packed, the workers' allocator settings): forward 31%, backward 57%, grad-norm "
+           "clipping 5% (273 per-tensor norms), fused AdamW 6%; aten::mm at ~68% of that peak (its matmuls are "
+           "240-470 rows, the micro-batch's tokens, by 576-1536 columns); the rest of the forward and backward is "
+           "attention, the elementwise ops of RMSNorm, RoPE, SiLU and the residual adds, and the tied embedding's "
+           "dense [V, H] gradient. The chunked head recomputes no logits when a micro-batch's response tokens fit "
+           "one chunk (here they do). Counted on the tokens the model really ran, not on the pair sequences' "
+           "tokens (row 2'), so the shared prompt does not inflate it. Larger micro-batches run larger, faster "
+           "matmuls; fewer, larger elementwise kernels (torch.compile) were not tried.",
     "share_prompt": "the shared prompt runs each prompt once for both of its responses instead of once per "
                     "response (1/3 fewer tokens run at 64/64), at the price of a per-response attention mask over "
                     "the prompt row; a miss means the saved tokens did not pay for that mask at these lengths, or "
@@ -59,9 +58,12 @@ CAUSES = {
                       "dominated the increment at this batch size (each side's increment is in the raw figures).",
     "entropy": "the entropy term adds one [chunk, V] dot product per chunk (torch.linalg.vecdot) to a forward "
                "whose cost is the transformer body plus the head matmul.",
-    "end_to_end": "mallows_ray pays fixed costs TRL does not: starting Ray, a Ray Data pipeline (tokenize tasks, "
-                  "actor pool start-up, parquet write/read), and a Ray Train worker with DeepSpeed start-up; they "
-                  "amortise over large datasets, not over a few pairs.",
+    "end_to_end": "mallows_ray pays fixed costs TRL does not (timed on 64 pairs, benchmarks/README.md): Ray's "
+                  "start (~4 s), the Ray Data read stage (~5 s), the scoring actors' start-up (a process each, "
+                  "torch, the model), the Ray Train worker's and DeepSpeed's start-up (~10 s) and the final "
+                  "checkpoint (1.6 GB of weights and AdamW moments, ~13 s; TRL's run saves nothing), and its "
+                  "worker's first ~8 steps run at ~2/3 speed while its heap grows; prepare's reference forward "
+                  "over every pair is work TRL's default mode does inside its steps.",
 }
 
 

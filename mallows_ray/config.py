@@ -215,6 +215,11 @@ class OptimConfig:
 class BatchConfig:
     micro_batch_size: int = bounded(2, 1)  # prompts per rank per forward (all their responses go in the same pass)
     gradient_accumulation: int = bounded(1, 1)
+    # > 0: a token budget per micro-batch instead of a row count. A rank's micro_batch_size x gradient_accumulation
+    # prompts of a step (the global batch is unchanged) are cut, in length order, into micro-batches whose forward
+    # runs at most this many positions, padding included (a prompt over it runs alone); ranks run as many
+    # micro-batches as the rank that needs the most. 0: micro_batch_size prompts per micro-batch
+    max_tokens: int = bounded(0, 0)
     group_by_length: bool = True  # order prompts of similar length together within a window, to cut padding
     shuffle: bool = True  # seeded by run.seed and the epoch: the same order on every attempt and resume
 

@@ -111,6 +111,46 @@ def micro_batches(rows: list[Row], micro_batch_size: int) -> list[list[Row]]:
     return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
 
 
+def layout_tokens(rows: list[Row], share_prompt: bool, pack: bool) -> int:
+    """Positions the forward of one micro-batch of `rows` runs, padding included (data/collate.py's layouts):
+    rows x the longest row, or packed, every unpacked row end to end."""
+    if share_prompt:  # a row per prompt: the prompt once, then each response opened by the last prompt token
+        lengths = [padded_length(row, share_prompt=True) for row in rows]
+    else:  # a row per response: prompt + response
+        lengths = [len(row["prompt_ids"]) + len(response) for row in rows for response in row["response_ids"]]
+    return sum(lengths) if pack else len(lengths) * max(lengths)
+
+
+def token_budget_batches(rows: list[Row], max_tokens: int, *, group: int, share_prompt: bool,
+                         pack: bool) -> list[list[Row]]:
+    """`rows` cut, in order, into micro-batches whose forward runs at most `max_tokens` positions
+    (`layout_tokens`); `group` consecutive rows (a prompt's lambda copies) stay in one micro-batch, and a group
+    over the budget on its own runs alone. Rows in length order (`group_by_length`) waste little of it."""
+    batches: list[list[Row]] = []
+    for start in range(0, len(rows), group):
+        rows_of_group = rows[start:start + group]
+        if batches and layout_tokens(batches[-1] + rows_of_group, share_prompt, pack) <= max_tokens:
+            batches[-1] = batches[-1] + rows_of_group
+        else:
+            batches.append(rows_of_group)
+    return batches
+
+
+def split_to_count(batches: list[list[Row]], count: int, group: int) -> list[list[Row]]:
+    """`batches` with the largest one halved (at a group boundary) until there are `count`: ranks whose token
+    budget cut their share into fewer micro-batches than another rank's run as many forwards as it does
+    (ZeRO-3 gathers parameters in every forward, collectively). Needs count <= groups in all the batches."""
+    batches = list(batches)
+    while len(batches) < count:
+        largest = max(range(len(batches)), key=lambda b: len(batches[b]))
+        rows = batches[largest]
+        if len(rows) <= group:
+            raise ValueError(f"cannot cut {sum(map(len, batches)) // group} groups into {count} micro-batches")
+        half = len(rows) // group // 2 * group
+        batches[largest:largest + 1] = [rows[:half], rows[half:]]
+    return batches
+
+
 def eval_slice(global_rows: list[Row], rank: int, world: int) -> tuple[list[Row], int]:
     """Rank r's rows of an evaluation batch and how many of them count.
 

@@ -145,6 +145,15 @@ def build_engine(policy: PolicyLogprobs, config: Config, dtype: torch.dtype, tot
     return engine
 
 
+def backward(engine, loss: torch.Tensor, boundary: bool) -> None:
+    """Backward of one micro-batch's part of the step's loss, already scaled by the caller (its rows' losses
+    over the rank's rows of the step); `boundary`: the step's last micro-batch, after which `optimizer_step`
+    steps. With `batch.max_tokens` micro-batches differ in size and number from step to step, so DeepSpeed's
+    division by the configured accumulation and its micro-step count are both set aside."""
+    engine.set_gradient_accumulation_boundary(boundary)
+    engine.backward(loss, scale_wrt_gas=False)
+
+
 def optimizer_step(engine, max_grad_norm: float) -> float | None:
     """`engine.step()` after each micro-batch's backward; at an accumulation boundary the optimizer steps and
     the pre-clipping global grad norm is returned (None between boundaries).

@@ -2,8 +2,9 @@
 
 B = prompts per micro-batch, N = responses per prompt (pairwise: 2), R = B x N packed rows, T = padded length,
 K = objectives (listwise). One optimizer step consumes one global batch of micro x accumulation x workers
-prompts (`batches.py`). Listwise losses: each prompt of the global batch gets a lambda from the scheduler and,
-with conditioning, a policy prompt with lambda rendered in (`lambda_training.py`, ALGORITHMS 3.1-3.2); pairwise
+prompts (`batches.py`), cut into micro-batches of `micro` prompts or by a token budget (`batch.max_tokens`).
+Listwise losses: each prompt of the global batch gets a lambda from the scheduler and, with conditioning, a
+policy prompt with lambda rendered in (`lambda_training.py`, ALGORITHMS 3.1-3.2); pairwise
 losses run the same loop with its null version.
 """
 
@@ -26,8 +27,15 @@ from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.models import load_tokenizer
 from mallows_ray.runtime import pick_dtype, worker_threads
 from mallows_ray.train import checkpoint
-from mallows_ray.train.batches import collate, epoch_order, micro_batches, rank_slice
-from mallows_ray.train.engine import build_engine, build_policy, optimizer_step, parameter_counts
+from mallows_ray.train.batches import (
+    collate,
+    epoch_order,
+    micro_batches,
+    rank_slice,
+    split_to_count,
+    token_budget_batches,
+)
+from mallows_ray.train.engine import backward, build_engine, build_policy, optimizer_step, parameter_counts
 from mallows_ray.train.evaluation import EvalSettings
 from mallows_ray.train.export import export_model
 from mallows_ray.train.lambda_training import PairwiseTraining, lambda_training
@@ -64,6 +72,18 @@ def read_counts(split: ScoredSplit) -> dict[str, float]:
     only its slice of every global batch: ~rows / W a rank per epoch."""
     _, rows_read = rank_extremes(split.rows_read)
     return {"data/rows_read_max": rows_read}
+
+
+def step_micro_batches(rows: list[dict], config: Config, copies: int) -> list[list[dict]]:
+    """A rank's rows of one step as micro-batches of `batch.micro_batch_size` prompts, or with `batch.max_tokens`
+    of at most that many positions each, as many as on the rank that needs the most (collective). `copies`
+    rows per prompt (lambda copies, `lambda_training`) stay together."""
+    if config.batch.max_tokens == 0:
+        return micro_batches(rows, config.batch.micro_batch_size * copies)  # `accumulation` micro-batches
+    parts = token_budget_batches(rows, config.batch.max_tokens, group=copies,
+                                 share_prompt=config.model.share_prompt, pack=config.model.pack)
+    _, most = rank_extremes(len(parts))
+    return split_to_count(parts, int(most), group=copies)
 
 
 def evaluate(engine, training: PairwiseTraining, batches: list[list[dict]]) -> dict[str, float]:
@@ -138,14 +158,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
             rows = train.take(rank_slice(global_indices, rank, world))  # micro x accumulation prompts
             ids = [row["id"] for row in rows]
             rows = training.step_rows(rows, len(global_indices), step, rank, world)  # under their lambdas
-            for micro_rows in micro_batches(rows, micro * training.copies):  # `accumulation` micro-batches
+            parts = step_micro_batches(rows, config, training.copies)
+            for i, micro_rows in enumerate(parts):
                 batch = collate(micro_rows, tokenizer.pad_token_id, with_scores=loss.listwise,
                                 share_prompt=config.model.share_prompt, pack=config.model.pack).to(engine.device)
                 out = forward_loss(engine, batch, loss, config.lambdas.target_tau)  # out.losses [B]
-                engine.backward(out.losses.mean())  # DeepSpeed divides by `accumulation`; ranks are averaged
+                # the rank's mean over its rows of the step, a micro-batch at a time; DeepSpeed averages ranks
+                backward(engine, out.losses.sum() / len(rows), boundary=i == len(parts) - 1)
                 grad_norm = optimizer_step(engine, config.optim.max_grad_norm)  # steps after the last micro-batch
                 sums.add_loss_output(out, batch.dispersion)
                 sums.add("tokens", batch.tokens)
+                sums.add("micro_batches", 1)
             step += 1
             examples.write(step, ids)
             training.after_step(engine, step)  # the learned scheduler's update, every rank alike

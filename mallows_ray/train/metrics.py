@@ -17,12 +17,18 @@ import torch.distributed as dist
 from mallows_ray.losses import LossOutput
 
 # Summed, not averaged, by `MetricSums.reduce`.
-COUNTS = ("examples", "tokens")
+COUNTS = ("examples", "tokens", "micro_batches")
 
 
 def _all_reduce(vector: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(vector, op=op)
+    """`vector` (a CPU tensor) reduced over the ranks, on the CPU; itself outside a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return vector
+    if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+        on_gpu = vector.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=op)
+        return on_gpu.cpu()
+    dist.all_reduce(vector, op=op)
     return vector
 
 

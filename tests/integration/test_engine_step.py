@@ -1,6 +1,7 @@
 """The DeepSpeed engine on one rank, fp32 stage 0, takes the optimizer steps of plain torch: the engine skips
-the all-reduce (nothing to average) and `optimizer_step` computes the grad norm once and clips with it
-(`engine.clips_itself`), so the steps must equal backward + `clip_grad_norm_` + the same AdamW. Its
+the all-reduce (nothing to average), `backward` accumulates micro-batches of any size and number up to the
+step's boundary, and `optimizer_step` computes the grad norm once and clips with it (`engine.clips_itself`), so
+the steps must equal backward + `clip_grad_norm_` + the same AdamW. Its
 communication backend starts without compiling the shared-memory kernel (`skip_shared_memory_all_reduce`)."""
 
 import copy
@@ -12,7 +13,14 @@ import torch
 
 from mallows_ray.config import load_config
 from mallows_ray.data.collate import pack_responses
-from mallows_ray.train.engine import build_engine, build_optimizer, build_policy, deepspeed_config, optimizer_step
+from mallows_ray.train.engine import (
+    backward,
+    build_engine,
+    build_optimizer,
+    build_policy,
+    deepspeed_config,
+    optimizer_step,
+)
 
 
 @pytest.fixture
@@ -43,20 +51,27 @@ def test_one_rank_fp32_steps_equal_plain_torch(tiny_model_dir, one_rank):
     assert deepspeed.comm.comm.cdb.shm_comm_op is None  # the inference-only kernel was not compiled
     optimizer = build_optimizer(list(plain.parameters()), config.optim)
 
+    # steps of 3 prompts cut into micro-batches of varying sizes and number (as `batch.max_tokens` cuts them),
+    # none matching the configured accumulation of 2: `backward` sets DeepSpeed's own division and count aside
     g = torch.Generator().manual_seed(0)
-    micro_batches = [pack_responses([torch.randint(3, 200, (5 + i,), generator=g).tolist()],
-                                    [[torch.randint(3, 200, (n,), generator=g).tolist() for n in (4, 6)]],
-                                    pad_id=0, share_prompt=True).model_inputs() for i in range(6)]
-    for step in range(3):
-        for i, inputs in enumerate(micro_batches[2 * step:2 * step + 2]):
-            engine.backward(engine(**inputs).sum())  # DeepSpeed divides by the accumulation (2)
+
+    def tokens(length: int) -> list[int]:
+        return torch.randint(3, 200, (length,), generator=g).tolist()
+
+    steps = [[1, 2], [3], [1, 1, 1]]
+    for sizes in steps:
+        for i, size in enumerate(sizes):
+            inputs = pack_responses([tokens(5 + p) for p in range(size)], [[tokens(4), tokens(6)]] * size,
+                                    pad_id=0, share_prompt=True, pack=True).model_inputs()
+            backward(engine, engine(**inputs).sum() / sum(sizes), boundary=i == len(sizes) - 1)
             norm = optimizer_step(engine, max_norm)
-            assert (norm is None) == (i == 0)  # a norm at the accumulation boundary only
-            (plain(**inputs).sum() / 2).backward()
+            assert (norm is None) == (i < len(sizes) - 1)  # a norm at the step's last micro-batch only
+            (plain(**inputs).sum() / sum(sizes)).backward()
         expected = float(torch.nn.utils.clip_grad_norm_(plain.parameters(), max_norm))
         optimizer.step()
         optimizer.zero_grad()
         assert expected > max_norm and norm == pytest.approx(expected, rel=1e-5)
+    assert engine.global_steps == len(steps)  # one optimizer step per step, whatever its micro-batches
     for (name, trained), reference in zip(engine.module.named_parameters(), plain.parameters()):
         assert torch.allclose(trained, reference, atol=1e-6, rtol=0), name
     moved = max((t - s).abs().max() for t, s in zip(plain.parameters(), build_policy(

@@ -26,6 +26,8 @@ from preference_data import yes_no_pairs as _pairs
 from safetensors.torch import load_file
 
 from mallows_ray.data.pipeline import prepare
+from mallows_ray.data.scored_split import ScoredSplit
+from mallows_ray.train.batches import epoch_order, rank_slice, token_budget_batches
 
 TRAIN_ROWS, VALIDATION_ROWS = 32, 7  # 7: the last evaluation batch is short, so a rank pads its share
 STEPS = 16  # 2 epochs of 32 prompts in global batches of 4
@@ -143,6 +145,35 @@ def test_one_worker_accumulating_two_equals_two_workers(trained):
     # scaling.threads_per_worker=0: the machine's CPUs shared among the run's workers on it
     usable = len(os.sched_getaffinity(0))
     assert single.metrics["threads_per_worker"] == usable and pair.metrics["threads_per_worker"] == max(1, usable // 2)
+
+
+def _budget_with_uneven_steps(folder: Path) -> int:
+    """The smallest token budget under which, in the first epoch, some step's two rank shares both run whole
+    and some other step's need one micro-batch on one rank and two on the other (prompts of similar lengths)."""
+    split = ScoredSplit(folder / "train", 1.0)
+    lengths = split.padded_lengths(share_prompt=True)
+    rows = split.take(range(len(split)))
+    order = epoch_order(len(split), global_batch_size=4, seed=0, epoch=0, shuffle=True, lengths=lengths)
+    for budget in range(2 * int(lengths.min()), 2 * int(lengths.max())):
+        counts = {tuple(len(token_budget_batches([rows[i] for i in rank_slice(batch, rank, 2)], budget, group=1,
+                                                 share_prompt=True, pack=True)) for rank in range(2))
+                  for batch in order}
+        if (1, 1) in counts and {(1, 2), (2, 1)} & counts:
+            return budget
+    raise AssertionError(f"no budget cuts the steps unevenly; padded lengths {sorted(lengths)}")
+
+
+def test_a_token_budget_cuts_micro_batches_and_takes_the_same_steps(trained, scored):
+    """batch.max_tokens under ZeRO-3 on 2 workers: a rank's share of a step runs as one micro-batch or is cut in
+    two where its two prompts together exceed the budget, and a rank that needs one runs two when the other
+    rank needs two (ZeRO-3's collectives pair up; the run fails without it). The steps are the row-count
+    run's: the same mean gradient, summed over other micro-batches."""
+    result = trained("zero3_tokens", **{"batch.max_tokens": _budget_with_uneven_steps(Path(scored.folder))})
+    counts = [h["micro_batches"] for h in result.history if "micro_batches" in h]  # over both ranks, per step
+    assert len(counts) == STEPS and set(counts) == {2, 4}
+    assert [h["loss"] for h in result.history] == pytest.approx([h["loss"] for h in trained("zero3").history],
+                                                                 abs=1e-5)
+    assert _max_abs_diff(_weights(result), _weights(trained("zero3"))) < 1e-5
 
 
 def test_each_worker_reads_only_its_share_of_each_epoch(trained):

@@ -15,10 +15,13 @@ from mallows_ray.train.batches import (
     epoch_batches,
     epoch_order,
     eval_slice,
+    layout_tokens,
     micro_batches,
     order_window,
     padded_length,
     rank_slice,
+    split_to_count,
+    token_budget_batches,
 )
 from mallows_ray.train.objective import forward_loss, loss_inputs
 
@@ -73,6 +76,33 @@ def test_one_worker_accumulating_sees_the_micro_batches_of_two_workers():
     single = micro_batches(rank_slice(global_rows, 0, 1), 4)  # 1 worker x accumulation 2
     pair = [micro_batches(rank_slice(global_rows, r, 2), 4)[0] for r in range(2)]  # 2 workers x 1
     assert _ids(single) == _ids(pair)
+
+
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("pack", [False, True])
+def test_layout_tokens_are_the_positions_of_the_collated_micro_batch(share, pack):
+    rows = [_row(0, prompt_len=3, response_lens=(2, 5)), _row(1, prompt_len=7, response_lens=(1, 1, 4))]
+    packed = pack_responses([r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], pad_id=0,
+                            share_prompt=share, pack=pack)
+    assert layout_tokens(rows, share, pack) == packed.input_ids.numel()
+
+
+def test_token_budget_keeps_order_and_groups_and_runs_a_long_group_alone():
+    rows = [_row(i, prompt_len=p) for i, p in enumerate([2, 2, 3, 3, 30, 30, 4, 4])]  # groups of 2 (copies)
+    batches = token_budget_batches(rows, 40, group=2, share_prompt=True, pack=True)
+    assert [r["id"] for b in batches for r in b] == [r["id"] for r in rows]
+    assert [len(b) for b in batches] == [4, 2, 2]  # 36 positions, then the 30-token prompts over the budget alone
+    assert layout_tokens(batches[0], True, True) <= 40 < layout_tokens(batches[1], True, True)
+    assert [len(b) for b in token_budget_batches(rows, 10**6, group=2, share_prompt=True, pack=True)] == [8]
+
+
+def test_split_to_count_halves_the_largest_at_group_boundaries():
+    rows = _rows(8)
+    parts = split_to_count([rows[:6], rows[6:]], 4, group=2)
+    assert [len(b) for b in parts] == [2, 2, 2, 2]  # 6 -> 2 + 4, then 4 -> 2 + 2
+    assert [r["id"] for b in parts for r in b] == [r["id"] for r in rows]
+    with pytest.raises(ValueError, match="cannot cut 4 groups into 5"):
+        split_to_count(parts, 5, group=2)
 
 
 def test_eval_slice_pads_short_shares_and_counts_real_rows():

@@ -11,7 +11,8 @@ What runs (each in its own process, as benchmarks/run.py does, so peak memory is
   trl         TRL's DPOTrainer on the same pairs, lengths and micro-batch, bf16 on the same GPU: default and
               precompute_ref_log_probs (`benchmarks.step_trl`)
   ray         `mallows-ray train` on 1 GPU (Ray Train + DeepSpeed), a few steps each: ZeRO-2 bf16 packed, whose
-              prepare runs the scoring actor on the GPU (data.scoring.num_gpus_per_actor=1); ZeRO-3 bf16; LoRA
+              prepare runs the scoring actor on the GPU (data.scoring.num_gpus_per_actor=1); ZeRO-3 bf16 with a
+              token budget per micro-batch (`batch.max_tokens`); LoRA
 The last stdout line of every measurement is JSON; the table at the end puts them side by side.
 """
 
@@ -107,7 +108,7 @@ def main() -> None:
         cli = [py, "-m", "mallows_ray.cli", "train", *train_overrides(data, work, dry)]
         scoring_gpu = [] if dry else ["data.scoring.num_gpus_per_actor=1"]
         for name, extra in [("ray_zero2_packed", ["deepspeed.zero_stage=2", "model.pack=true", *scoring_gpu]),
-                            ("ray_zero3", ["deepspeed.zero_stage=3"]),
+                            ("ray_zero3", ["deepspeed.zero_stage=3", "batch.max_tokens=384"]),
                             ("ray_lora", ["deepspeed.zero_stage=2", "model.lora.rank=16"])]:
             results[name] = run(name, [*cli, *extra, f"run.name={name}"], 900, json_result=False)
     print(render(results, dry))

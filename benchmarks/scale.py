@@ -252,6 +252,11 @@ MODELS = {"tiny": ("Scale (issue 18)", "tiny model (`tests/tiny_model.py`)"),
           "embedded": ("Scale with SmolLM2-135M-Instruct (issues 18, 20)", "the embedded SmolLM2-135M-Instruct")}
 
 
+def _figure(value: float) -> str:
+    """A table figure: whole numbers, with one decimal below 100 (SmolLM2 scores a few rows a second)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
 def render(results: dict[str, dict[str, Any]], sizes: list[int], front: list[int], load: tuple[str, str],
            invocation: str, model: str = "tiny") -> str:
     small, large = sizes[0], sizes[-1]
@@ -274,10 +279,10 @@ def render(results: dict[str, dict[str, Any]], sizes: list[int], front: list[int
         ("training reads, 2 ranks: rows read per rank per epoch", "reads", "rows_read_max"),
         ("training reads, 2 ranks: random rows read per second (one process)", "reads", "rows_per_second"),
     ]:
-        cells = [f"{results[f'{key}{n}'][field]:.0f}" if f"{key}{n}" in results else "-" for n in sizes]
+        cells = [_figure(results[f"{key}{n}"][field]) if f"{key}{n}" in results else "-" for n in sizes]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     checks = []
-    if f"pipe2_{small}" in results and f"pipe2_{large}" in results:
+    if large != small and f"pipe2_{small}" in results and f"pipe2_{large}" in results:
         ratio = results[f"pipe2_{large}"]["peak_rss_mib"] / results[f"pipe2_{small}"]["peak_rss_mib"]
         checks.append(f"driver peak RSS {large} / {small} rows = {ratio:.2f} (target <= 1.25)")
     if f"plain{small}" in results and f"pipe2_{small}" in results:
@@ -285,7 +290,7 @@ def render(results: dict[str, dict[str, Any]], sizes: list[int], front: list[int
         checks.append(f"pipeline (2 actors) / plain loop rows/s at {small} rows = {ratio:.2f} (target >= 0.9)"
                       + (" (medians)" if repeated else ""))
     if repeated:
-        rates = lambda found: " / ".join(f"{r['rows_per_second']:.0f}" for r in found)  # noqa: E731
+        rates = lambda found: " / ".join(_figure(r["rows_per_second"]) for r in found)  # noqa: E731
         checks.append(f"rounds at {small} rows (plain, then pipeline, alternating): plain {rates(plain_rounds)} "
                       f"rows/s; pipeline (2 actors) {rates(pipe_rounds)} rows/s; ratio per round " + " / ".join(
                           f"{b['rows_per_second'] / a['rows_per_second']:.2f}"

@@ -3,7 +3,7 @@ learned scheduler's update cadence and its state (ALGORITHMS 3.1-3.2). Pairwise 
 so the loop reads top to bottom with no mode branches:
 
     rows = training.step_rows(rows, n, step, rank, world)   # lambdas drawn for the global batch, then sliced
-    for micro in micro_batches(rows, micro_batch_size * training.copies): ...
+    for micro in step_micro_batches(rows, config, training.copies): ...  # a prompt's copies stay together
     training.after_step(engine, step)                       # learned scheduler: score candidates, update
     training.evaluate(engine, batches)                      # per-lambda passes (listwise) or one pass
     training.state_dict() / load_state_dict(saved)          # in the checkpoint, back on resume

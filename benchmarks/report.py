@@ -44,7 +44,9 @@ CAUSES = {
            "dense [V, H] gradient. The chunked head recomputes no logits when a micro-batch's response tokens fit "
            "one chunk (here they do). Counted on the tokens the model really ran, not on the pair sequences' "
            "tokens (row 2'), so the shared prompt does not inflate it. Larger micro-batches run larger, faster "
-           "matmuls; fewer, larger elementwise kernels (torch.compile) were not tried.",
+           "matmuls. torch.compile of the model body (tried once in session 33, unpacked shared layout, "
+           "dynamic shapes, not integrated): steps 15-20% shorter after ~6 minutes of compiling on 2 cores "
+           "(benchmarks/README.md).",
     "share_prompt": "the shared prompt runs each prompt once for both of its responses instead of once per "
                     "response (1/3 fewer tokens run at 64/64), at the price of a per-response attention mask over "
                     "the prompt row; a miss means the saved tokens did not pay for that mask at these lengths, or "

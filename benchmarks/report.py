@@ -65,9 +65,10 @@ CAUSES = {
                   "torch, the model), the Ray Train worker's and DeepSpeed's start-up (~10 s) and the final "
                   "checkpoint (1.6 GB of weights and AdamW moments, ~13 s; TRL's run saves nothing), and its "
                   "worker's first ~8 steps run at ~2/3 speed while its heap grows; prepare's reference forward "
-                  "over every pair is work TRL's default mode does inside its steps. Its steps then run ~15% "
-                  "below the in-process step on the same pairs: Ray's own ~12 processes wake on the same 2 "
-                  "cores and stall the step's OpenMP threads (benchmarks/README.md).",
+                  "over every pair is work TRL's default mode does inside its steps. Its steps then run below "
+                  "the in-process step on the same pairs: Ray's own processes wake on the same 2 cores and "
+                  "stall the step's OpenMP threads (the dashboard's ten, ~8%, are off since session 34; "
+                  "benchmarks/README.md).",
 }
 
 

@@ -13,7 +13,8 @@ from mallows_ray.typed_config import ConfigError
 _EPILOG = """\
 Configuration: a YAML file (--config) with sections model, data, loss, then `section.key=value`
 overrides, e.g.  mallows-ray prepare --config jobs/configs/local_cpu.yaml data.max_prompt_length=256
-Ray: joins $RAY_ADDRESS (as under `ray job submit`) or --address, else starts a local instance.
+Ray: joins $RAY_ADDRESS (as under `ray job submit`) or --address, else starts a local instance, without
+Ray's dashboard (its processes slow training on a small machine); MALLOWS_RAY_DASHBOARD=1 starts it.
 """
 
 

@@ -23,15 +23,34 @@ def allocator_env() -> dict[str, str]:
     return {key: value for key, value in ALLOCATOR_ENV.items() if key not in os.environ}
 
 
+# Set to 1 to start a local instance with Ray's dashboard (http://127.0.0.1:8265)
+DASHBOARD_ENV = "MALLOWS_RAY_DASHBOARD"
+
+
 def ensure_ray(address: str | None = None, **init_options) -> None:
     """Join `address` / $RAY_ADDRESS (as under `ray job submit`), else start a local instance; either way the
-    job's workers start with the allocator settings (`ALLOCATOR_ENV`). `init_options` go to `ray.init`."""
+    job's workers start with the allocator settings (`ALLOCATOR_ENV`). `init_options` go to `ray.init`.
+
+    A local instance starts without Ray's dashboard unless $MALLOWS_RAY_DASHBOARD=1 (`wants_dashboard`): its
+    ten processes (the head and nine modules) poll all the time, and on a 2-core machine they took ~8% of a
+    training worker's speed (benchmarks/README.md, "Ray's own processes"). A cluster keeps its own dashboard."""
     import ray
 
     if not ray.is_initialized():
         # "local" explicitly: a stale ray_current_cluster file would make a bare ray.init() join a dead head
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
-                 runtime_env={"env_vars": allocator_env()}, **init_options)
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":  # ray.init refuses include_dashboard when it joins a running cluster
+            init_options.setdefault("include_dashboard", wants_dashboard())
+        ray.init(address=address, runtime_env={"env_vars": allocator_env()}, **init_options)
+
+
+def wants_dashboard() -> bool:
+    """$MALLOWS_RAY_DASHBOARD: 1 starts a local instance with Ray's dashboard, 0 or unset without it."""
+    value = os.environ.get(DASHBOARD_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"${DASHBOARD_ENV}={value!r}: set it to 1 to start the local Ray instance with its "
+                         "dashboard, or to 0 (the default) to start it without")
+    return value == "1"
 
 
 def worker_threads(requested: int, workers_on_node: int) -> int:

@@ -29,7 +29,7 @@ def ray_local():
     # 4 logical CPUs on a 2-core machine: logical CPUs are scheduling tokens. A Ray Train run can leave its
     # 0.5-CPU placement group behind when its controller outlives the run (seen after an interrupted Tune
     # sweep), and Ray Data's 1-CPU write/filter tasks next to a 0.5-CPU scoring actor then wait forever on 2.
-    # through ensure_ray, as every command starts Ray: the workers get the allocator settings
-    ensure_ray("local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    # through ensure_ray, as every command starts Ray: the workers get the allocator settings, no dashboard
+    ensure_ray("local", num_cpus=4, _node_ip_address="127.0.0.1", configure_logging=False)
     yield ray
     ray.shutdown()

@@ -1,8 +1,9 @@
-"""What every Ray worker of a mallows_ray job starts with (runtime.ensure_ray, which the `ray_local` fixture and
-every command go through)."""
+"""What a local Ray instance and every Ray worker of a mallows_ray job start with (runtime.ensure_ray, which the
+`ray_local` fixture and every command go through)."""
 
 import os
 
+import pytest
 import ray
 
 from mallows_ray.runtime import ALLOCATOR_ENV
@@ -19,3 +20,10 @@ def test_workers_start_with_the_allocator_settings(ray_local):
     expected = {key: os.environ.get(key, value) for key, value in ALLOCATOR_ENV.items()}  # a user's value wins
     started = ray.get(_start_environment.remote())
     assert {key: started.get(key) for key in ALLOCATOR_ENV} == expected
+
+
+def test_a_local_instance_starts_without_the_dashboard(ray_local):
+    # the fixture starts Ray through ensure_ray without naming include_dashboard: the default decides
+    if os.environ.get("MALLOWS_RAY_DASHBOARD", "0") != "0":
+        pytest.skip("$MALLOWS_RAY_DASHBOARD asks for the dashboard")
+    assert ray._private.worker.global_worker.node.address_info["webui_url"] in ("", None)

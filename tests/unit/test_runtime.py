@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mallows_ray.runtime import ALLOCATOR_ENV, allocator_env, worker_threads
+from mallows_ray.runtime import ALLOCATOR_ENV, DASHBOARD_ENV, allocator_env, wants_dashboard, worker_threads
 
 
 def test_allocator_env_gives_every_setting_the_user_has_not_set(monkeypatch):
@@ -27,3 +27,18 @@ def test_worker_threads_share_the_usable_cpus_among_the_nodes_workers(monkeypatc
     assert worker_threads(0, 1) == 8 and worker_threads(0, 3) == 2
     assert worker_threads(0, 16) == 1  # more workers than CPUs: still one thread each
     assert worker_threads(3, 1) == 3  # scaling.threads_per_worker, when set, wins
+
+
+def test_the_dashboard_is_off_unless_asked_for(monkeypatch):
+    monkeypatch.delenv(DASHBOARD_ENV, raising=False)
+    assert wants_dashboard() is False
+    monkeypatch.setenv(DASHBOARD_ENV, "1")
+    assert wants_dashboard() is True
+    monkeypatch.setenv(DASHBOARD_ENV, "0")
+    assert wants_dashboard() is False
+
+
+def test_an_unclear_dashboard_setting_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(DASHBOARD_ENV, "yes")
+    with pytest.raises(ValueError, match=r"\$MALLOWS_RAY_DASHBOARD='yes'.*1.*0"):
+        wants_dashboard()

@@ -1,4 +1,5 @@
-"""runtime.py without Ray: which allocator settings and how many torch threads the workers are given."""
+"""runtime.py without Ray: which allocator settings and how many torch threads the workers are given, and whether a
+local instance starts with the dashboard."""
 
 import os
 

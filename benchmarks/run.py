@@ -35,9 +35,7 @@ sys.path.insert(0, str(HERE.parent))  # `python benchmarks/run.py` from anywhere
 
 from benchmarks.common import REPO, Workload, workload_flags  # noqa: E402
 from benchmarks.report import Measurements, render  # noqa: E402
-from benchmarks.results import SECTION as HELDOUT  # noqa: E402
-from benchmarks.scale import SECTIONS as SCALE  # noqa: E402
-from benchmarks.sections import get_section, replace_section  # noqa: E402
+from benchmarks.sections import get_section, replace_section, section_names  # noqa: E402
 
 # the names of `measurement_plan`'s measurements (what `--skip` accepts)
 MEASUREMENTS = ("matmul", "mallows_step", "mallows_step_unpacked", "mallows_step_per_response", "trl_default",
@@ -178,9 +176,9 @@ def main() -> None:
     found.total_seconds = time.perf_counter() - started
     text = render(found)
     previous = args.output.read_text() if args.output.exists() else ""
-    for other in (HELDOUT, *SCALE.values()):  # the sections results.py and scale.py write stay
+    for other in section_names(previous):  # the sections results.py and scale.py wrote (or renamed ones) stay
         kept = get_section(previous, other)
-        text = replace_section(text, other, kept) if kept else text
+        text = replace_section(text, other, kept) if kept is not None else text
     args.output.write_text(text)
     (args.logs / "results.json").write_text(json.dumps(found.results, indent=1))
     print(f"[bench] wrote {args.output} ({found.total_seconds:.0f} s)")

@@ -4,9 +4,17 @@ one keeps the others."""
 
 from __future__ import annotations
 
+import re
+
 
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def section_names(document: str) -> list[str]:
+    """The names of the sections `document` holds, in order (a section's name may be set by hand, e.g. a
+    `scale` run's block renamed so that a later run at other sizes does not replace it)."""
+    return re.findall(r"<!-- ([\w.-]+):start -->", document)
 
 
 def get_section(document: str, name: str) -> str | None:

@@ -1,7 +1,7 @@
 """benchmarks/sections.py: each command rewrites only its own block of RESULTS.md."""
 
 from benchmarks.results import last_json, standard_error
-from benchmarks.sections import get_section, replace_section
+from benchmarks.sections import get_section, replace_section, section_names
 
 
 def test_replace_section_appends_then_replaces_in_place_keeping_the_rest():
@@ -11,6 +11,12 @@ def test_replace_section_appends_then_replaces_in_place_keeping_the_rest():
     twice = replace_section(once + "\ntrailer\n", "heldout", "table v2")
     assert get_section(twice, "heldout") == "table v2"
     assert "table v1" not in twice and twice.endswith("\ntrailer\n") and twice.count("heldout:start") == 1
+
+
+def test_section_names_lists_every_section_in_order_whatever_its_name():
+    doc = replace_section(replace_section("# Results\n", "heldout", "t"), "scale-pool", "s")
+    assert section_names(doc) == ["heldout", "scale-pool"]  # a renamed section too: run.py keeps them all
+    assert section_names("no markers here") == []
 
 
 def test_get_section_is_none_without_markers():

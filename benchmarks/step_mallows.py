@@ -1,9 +1,10 @@
 """Row 1-2, mallows_ray side: the training step the Ray workers run, in one process without Ray or DeepSpeed.
 
 One step = collate a micro-batch of scored rows, `forward_loss` through `PolicyLogprobs` (transformer body +
-chunked log-prob head), backward, grad-norm clipping at 1.0 (DeepSpeed's gradient_clipping), the training
-engine's AdamW step (`engine.build_optimizer`, fused). Reference log-probs are a column of the scored data,
-so here they are computed once beforehand with the same forward under no_grad, outside the timed region.
+chunked log-prob head), backward, the training engine's AdamW step (`engine.build_optimizer`, fused) clipping
+the gradients to norm 1.0 as a one-rank fp32 worker's does (`engine.grad_norm`, `engine.clipped_in_step`).
+Reference log-probs are a column of the scored data, so here they are computed once beforehand with the same
+forward under no_grad, outside the timed region.
 `--share-prompt 0` packs one row per response instead of each prompt once (model.share_prompt=false); `--pack 1`
 lays the micro-batch's prompts end to end in one row (model.pack). `--device cuda --dtype bfloat16`: the GPU step
 (gpu_check.py), with its peak GPU memory.
@@ -56,7 +57,7 @@ def main() -> None:
     from mallows_ray.losses import build_loss
     from mallows_ray.models import load_model, load_tokenizer, response_stats
     from mallows_ray.train.batches import collate
-    from mallows_ray.train.engine import PolicyLogprobs, build_optimizer
+    from mallows_ray.train.engine import PolicyLogprobs, build_optimizer, clipped_in_step, grad_norm
     from mallows_ray.train.objective import forward_loss
 
     path = model_path()
@@ -87,8 +88,8 @@ def main() -> None:
                         pack=pack).to(device)
         loss = forward_loss(policy, batch, loss_fn).losses.mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
+        with clipped_in_step(optimizer, grad_norm([p.grad for p in policy.parameters()]), 1.0):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(args.device)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0

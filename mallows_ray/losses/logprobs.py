@@ -98,9 +98,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         rows, weight, bias, targets, lse, probs = ctx.saved_tensors
         need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_rows = torch.empty_like(rows) if need_rows else None
-        # W and bias gradients accumulate over chunks in float32 (as wide as lse), cast once at the end
-        grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=lse.dtype) if need_bias else None
+        # W and bias gradients accumulate over chunks in float32 (as wide as lse), cast once at the end; the
+        # first chunk's product creates them (no zero-filled [V, H] to add it to: one chunk is the usual case)
+        grad_weight = grad_bias = None
         for start in range(0, rows.shape[0], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
             # D = g * (onehot - p): from the kept probabilities (one chunk), else built in place in the
@@ -111,9 +111,11 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_rows:
                 grad_rows[sl] = dlogits.to(weight.dtype) @ weight
             if need_weight:
-                grad_weight.addmm_(dlogits.T, rows[sl].to(dlogits.dtype))
+                chunk_rows = rows[sl].to(dlogits.dtype)
+                grad_weight = (dlogits.T @ chunk_rows if grad_weight is None
+                               else grad_weight.addmm_(dlogits.T, chunk_rows))
             if need_bias:
-                grad_bias += dlogits.sum(dim=0)
+                grad_bias = dlogits.sum(dim=0) if grad_bias is None else grad_bias.add_(dlogits.sum(dim=0))
         return (grad_rows, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
 

@@ -7,7 +7,8 @@ The measurements (run.py's `measurement_plan`): `mallows_step` is the mallows_ra
 (shared prompt, packed: model.pack; under the malloc settings it gives its Ray workers, runtime.ALLOCATOR_ENV);
 `mallows_step_unpacked` the same without packing, `mallows_step_per_response` one row per response, unpacked;
 `trl_default` and `trl_precompute` TRL's `DPOTrainer` as users run it (glibc's default malloc), and
-`trl_default_workers_allocator` its default mode under the workers' malloc settings (rows 1g, 1g').
+`trl_default_workers_allocator` its default mode under the workers' malloc settings (rows 1g, 1g');
+`mallows_step_compiled` the default step with model.compile (row 1h: what the switch buys once compiled).
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ def _ratio_row(item: str, num: float | None, den: float | None, target: str, ok:
     return Row(item, f"**{ratio:.2f}x** ({detail(num, den)})", target, met, "" if met in (True, None) else cause)
 
 
+def _first_step_s(m: Measurements, name: str) -> str:
+    """The first warm-up step's seconds of a step measurement (with model.compile: the compiling)."""
+    warmup = (m.results.get(name) or {}).get("warmup_seconds") or [None]
+    return "?" if warmup[0] is None else f"{warmup[0]:.0f} s"
+
+
 def rows(m: Measurements) -> list[Row]:
     tps = lambda name: _get(m, name, "median_tokens_per_s")  # noqa: E731
     cpu_tps = lambda name: _get(m, name, "median_tokens_per_cpu_s")  # noqa: E731
@@ -146,6 +153,10 @@ def rows(m: Measurements) -> list[Row]:
                    tok),
         _ratio_row("1g'. step tokens/s, mallows_ray / TRL default under the same allocator settings",
                    tps("mallows_step"), tps("trl_default_workers_allocator"), "(context)", None, "", tok),
+        _ratio_row("1h. step tokens/s, mallows_ray with model.compile / without (off by default: the compiling is "
+                   "in the first, unmeasured step)", tps("mallows_step_compiled"), tps("mallows_step"), "(context)",
+                   None, "", lambda a, b: f"{tok(a, b)}; first step {_first_step_s(m, 'mallows_step_compiled')} "
+                                          f"against {_first_step_s(m, 'mallows_step')}"),
     ]
     peak = _get(m, "matmul", "peak_flops")
     # (measurement, label, tokens key, target, threshold or None): achieved = (6 + 2 x reference forwards) x
@@ -156,6 +167,8 @@ def rows(m: Measurements) -> list[Row]:
                  ("mallows_step_unpacked", "mallows_ray unpacked (tokens the model ran)", model_tokens, "(context)",
                   None),
                  ("mallows_step", "mallows_ray packed (pair-sequence tokens, 2')", pair_tokens, "(context)", None),
+                 ("mallows_step_compiled", "mallows_ray packed, model.compile (tokens the model ran)", model_tokens,
+                  "(context)", None),
                  ("trl_default", "TRL default", pair_tokens, "(none)", None),
                  ("trl_precompute", "TRL precompute", pair_tokens, "(none)", None),
                  ("trl_default_workers_allocator", "TRL default under the workers' allocator settings", pair_tokens,

@@ -10,7 +10,8 @@ are medians over the measured steps after warm-up steps; the matmul peak is the 
 The mallows_ray step runs as it trains by default: shared prompt, packed (`--pack=1`, model.pack) and under the
 malloc settings mallows_ray gives its Ray workers (`step_mallows`'s `--allocator` defaults to `workers`:
 `mallows_ray.runtime.ALLOCATOR_ENV`); `mallows_step_unpacked` (`--pack=0`) and `mallows_step_per_response`
-(`--share-prompt=0 --pack=0`) take each optimisation away in turn. TRL runs as users run it, under glibc's
+(`--share-prompt=0 --pack=0`) take each optimisation away in turn; `mallows_step_compiled` (`--compile=1`) adds
+model.compile, which is off by default. TRL runs as users run it, under glibc's
 default malloc (`step_trl`'s `--allocator` defaults to `glibc`), and once more in its default mode under the
 workers' settings (`trl_default_workers_allocator`, `--allocator=workers`) to show how much of the speed-up
 is the allocator.
@@ -38,9 +39,9 @@ from benchmarks.report import Measurements, render  # noqa: E402
 from benchmarks.sections import get_section, replace_section, section_names  # noqa: E402
 
 # the names of `measurement_plan`'s measurements (what `--skip` accepts)
-MEASUREMENTS = ("matmul", "mallows_step", "mallows_step_unpacked", "mallows_step_per_response", "trl_default",
-                "trl_precompute", "trl_default_workers_allocator", "scoring_loop", "chunked", "naive", "pool",
-                "e2e_mallows", "e2e_trl")
+MEASUREMENTS = ("matmul", "mallows_step", "mallows_step_unpacked", "mallows_step_per_response",
+                "mallows_step_compiled", "trl_default", "trl_precompute", "trl_default_workers_allocator",
+                "scoring_loop", "chunked", "naive", "pool", "e2e_mallows", "e2e_trl")
 
 
 def parse_args() -> argparse.Namespace:
@@ -138,6 +139,7 @@ def measurement_plan(workload: Workload, e2e: Workload, scoring_pairs: int,
         "mallows_step": ("step_mallows", [*workload_flags(workload), "--pack=1"]),
         "mallows_step_unpacked": ("step_mallows", [*workload_flags(workload), "--pack=0"]),
         "mallows_step_per_response": ("step_mallows", [*workload_flags(workload), "--share-prompt=0", "--pack=0"]),
+        "mallows_step_compiled": ("step_mallows", [*workload_flags(workload), "--pack=1", "--compile=1"]),
         # TRL as users run it (glibc's default malloc), and its default mode under the workers' settings
         "trl_default": ("step_trl", workload_flags(workload)),
         "trl_precompute": ("step_trl", [*workload_flags(workload), "--precompute"]),

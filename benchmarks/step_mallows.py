@@ -6,8 +6,9 @@ the gradients to norm 1.0 as a one-rank fp32 worker's does (`engine.grad_norm`, 
 Reference log-probs are a column of the scored data, so here they are computed once beforehand with the same
 forward under no_grad, outside the timed region.
 `--share-prompt 0` packs one row per response instead of each prompt once (model.share_prompt=false); `--pack 1`
-lays the micro-batch's prompts end to end in one row (model.pack). `--device cuda --dtype bfloat16`: the GPU step
-(gpu_check.py), with its peak GPU memory.
+lays the micro-batch's prompts end to end in one row (model.pack); `--compile 1` compiles the transformer body
+(model.compile; the warm-up steps include the compiling, `warmup_seconds`). `--device cuda --dtype bfloat16`:
+the GPU step (gpu_check.py), with its peak GPU memory.
 
 Tokens per step are the pair sequences' tokens, a prompt counted once per response (the unit TRL's
 attention-mask count uses); `model_tokens` are those the model actually ran (fewer with a shared prompt).
@@ -16,6 +17,8 @@ attention-mask count uses); `model_tokens` are those the model actually ran (few
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 from benchmarks.common import (
@@ -41,6 +44,7 @@ def main() -> None:
     add_workload_args(parser)
     parser.add_argument("--share-prompt", type=int, choices=[0, 1], default=1, help="model.share_prompt")
     parser.add_argument("--pack", type=int, choices=[0, 1], default=0, help="model.pack")
+    parser.add_argument("--compile", type=int, choices=[0, 1], default=0, help="model.compile")
     add_device_args(parser)
     add_allocator_arg(parser, "workers")
     args = parser.parse_args()
@@ -49,13 +53,16 @@ def main() -> None:
     share, pack = bool(args.share_prompt), bool(args.pack)
     quiet_libraries()
     set_threads(workload.threads)
+    if args.compile:  # an empty compile cache, so the first step's time is what compiling costs from nothing
+        cache = tempfile.TemporaryDirectory(prefix="mallows-ray-bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
 
     import torch
 
     from mallows_ray.config import OptimConfig
     from mallows_ray.data.collate import pack_responses
     from mallows_ray.losses import build_loss
-    from mallows_ray.models import load_model, load_tokenizer, response_stats
+    from mallows_ray.models import compile_body, load_model, load_tokenizer, response_stats
     from mallows_ray.train.batches import collate
     from mallows_ray.train.engine import PolicyLogprobs, build_optimizer, clipped_in_step, grad_norm
     from mallows_ray.train.objective import forward_loss
@@ -72,13 +79,15 @@ def main() -> None:
             stats = response_stats(lm, **packed.model_inputs(), with_entropy=False)
             row.update(ref_logps=stats.logp_sum.tolist(), dispersion=1.0)
 
+    if args.compile:  # after the reference pass above, which scoring runs eagerly too
+        compile_body(lm)
     policy = PolicyLogprobs(lm, zero_stage=0).train()
     optimizer = build_optimizer(list(policy.parameters()), OptimConfig(lr=1e-6))
     loss_fn = build_loss("dpo", beta=0.1)
     n_params = sum(p.numel() for p in policy.parameters())
     mb = workload.micro_batch
 
-    seconds, cpu_seconds, tokens, model_tokens = [], [], [], []
+    seconds, cpu_seconds, tokens, model_tokens, warmup_seconds = [], [], [], [], []
     for step in range(workload.warmup_steps + workload.measured_steps):
         start_row = (step * mb) % len(rows)
         batch_rows = (rows + rows)[start_row:start_row + mb]
@@ -93,14 +102,17 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         synchronize(args.device)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if step >= workload.warmup_steps:
+        if step < workload.warmup_steps:
+            warmup_seconds.append(elapsed)
+        else:
             seconds.append(elapsed)
             cpu_seconds.append(cpu)
             tokens.append(batch.tokens)
             model_tokens.append(batch.packed.model_tokens)
     emit({
         "framework": "mallows_ray", "device": args.device, "dtype": args.dtype,
-        "mode": "reference precomputed" + (", shared prompt" if share else "") + (", packed" if pack else ""),
+        "mode": "reference precomputed" + (", shared prompt" if share else "") + (", packed" if pack else "")
+        + (", compiled" if args.compile else ""), "warmup_seconds": warmup_seconds,
         "step_seconds": seconds, "step_cpu_seconds": cpu_seconds, "step_tokens": tokens,
         "step_model_tokens": model_tokens, "model_tokens_per_s": sum(model_tokens) / sum(seconds),
         "median_model_tokens_per_s": median([t / s for t, s in zip(model_tokens, seconds)]),

@@ -59,6 +59,11 @@ class ModelConfig:
     # rows; attention stays within each prompt's segments, positions restart per prompt (data/collate.py), and
     # runs prompt by prompt (models.GROUPED_SDPA). Same log-probs within rounding, more tokens/s (RESULTS row 1f)
     pack: bool = True
+    # torch.compile the transformer body in training (models.compile_body; dynamic shapes, one graph per count
+    # of prompts in a packed row): fewer, fused elementwise kernels. On this CPU SmolLM2's step runs ~11% faster
+    # after ~3.5 minutes of compiling (benchmarks RESULTS row 1h), so it pays on runs of hours, not minutes.
+    # Not with ZeRO-3, whose per-layer parameter gathering happens in module hooks inside the body.
+    compile: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
 
@@ -284,6 +289,10 @@ class Config:
     lambdas: LambdaConfig = field(default_factory=LambdaConfig)
 
     def check(self, where: str) -> None:
+        if self.model.compile and self.deepspeed.zero_stage == 3:
+            raise ConfigError("model.compile=true with deepspeed.zero_stage=3: ZeRO-3 gathers each layer's "
+                              "parameters in module hooks inside the body that would be compiled; use "
+                              "deepspeed.zero_stage 0, 1 or 2 with model.compile, or model.compile=false")
         if self.loss.build().across_lambdas and not (self.lambdas.vertex_copies and self.lambdas.condition):
             raise ConfigError("loss: lambda_contrast compares each prompt's replies under several lambdas, so it "
                               "needs lambdas.vertex_copies=true and lambdas.condition=true (with one lambda per "

@@ -110,6 +110,17 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, group_boun
     return torch.cat(outputs, dim=1), None
 
 
+def compile_body(model) -> None:
+    """torch.compile `model`'s transformer body in place (`nn.Module.compile`: parameter names and checkpoints
+    unchanged), with dynamic shapes so that micro-batches of other lengths reuse the graph.
+
+    A packed row's attention loops over its groups (`grouped_sdpa_attention`): the graph is traced per count of
+    groups, so a run compiles once per count of prompts its micro-batches hold (their bounds stay symbolic).
+    The chunked log-prob head stays eager: its autograd Function picks the chunking at run time.
+    """
+    getattr(model, model.base_model_prefix).compile(dynamic=True)
+
+
 def register_grouped_sdpa() -> None:
     """Make `GROUPED_SDPA` a transformers attention implementation (masks built as for sdpa)."""
     from transformers import AttentionInterface

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mallows_ray.config import Config, LoraConfig, ModelConfig, OptimConfig
-from mallows_ray.models import load_model, response_stats
+from mallows_ray.models import compile_body, load_model, response_stats
 from mallows_ray.train.objective import policy_outputs
 
 
@@ -63,6 +63,8 @@ def build_policy(model: ModelConfig, model_path: str, dtype: torch.dtype, zero_s
         # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False  # no KV cache in training forwards
+    if model.compile:
+        compile_body(lm)
     return PolicyLogprobs(lm, zero_stage, with_wpo)
 
 

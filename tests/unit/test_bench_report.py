@@ -24,6 +24,7 @@ def _measurements(**overrides) -> Measurements:
         "mallows_step": _step(1600.0, rss_mib=1900.0, model_tokens_per_s=1200.0),
         "mallows_step_unpacked": _step(1200.0, rss_mib=2000.0, model_tokens_per_s=800.0),
         "mallows_step_per_response": _step(900.0, rss_mib=2100.0),
+        "mallows_step_compiled": {**_step(1800.0, model_tokens_per_s=1350.0), "warmup_seconds": [210.4]},
         "trl_default": _step(500.0, rss_mib=3000.0, reference_forwards=1),
         "trl_precompute": _step(600.0, rss_mib=2800.0),
         "trl_default_workers_allocator": _step(625.0, rss_mib=3100.0, reference_forwards=1),
@@ -65,6 +66,8 @@ def test_bench_table_rows_targets_and_met_flags():
         "2. achieved / fp32 matmul peak, mallows_ray packed, the default": (">= 0.65", True),
         "2. achieved / fp32 matmul peak, mallows_ray unpacked": ("(context)", None),
         "2. achieved / fp32 matmul peak, mallows_ray packed (pair-sequence tokens, 2')": ("(context)", None),
+        "2. achieved / fp32 matmul peak, mallows_ray packed, model.compile": ("(context)", None),
+        "1h. step tokens/s, mallows_ray with model.compile / without": ("(context)", None),
         "2. achieved / fp32 matmul peak, TRL default under the workers' allocator settings": ("(context)", None),
         "3a. reference scoring rows/s": ("(context)", None),
         "3b. scoring time": ("<= 1.10x", True),
@@ -74,7 +77,9 @@ def test_bench_table_rows_targets_and_met_flags():
     for prefix, (target, met) in expected.items():
         row = _row(m, prefix)
         assert (row.target, row.met, row.cause) == (target, met, ""), prefix
-    assert len(table) == 11 + 6 + 4  # step rows, row 2 (x6), rows 3a-3c and 4
+    assert len(table) == 12 + 7 + 4  # step rows, row 2 (x7), rows 3a-3c and 4
+    # 1h: the compiled step against the default one, and what compiling cost (the first step; here none recorded)
+    assert _row(m, "1h.").measured == "**1.12x** (1800 vs 1600 tokens/s; first step 210 s against ?)"
     # the measurements each ratio is taken from: 1e is the shared prompt alone, 1f packing alone
     assert _row(m, "1e.").measured.startswith("**1.33x** (1200 vs 900 tokens/s)")
     assert _row(m, "1f.").measured.startswith("**1.33x** (1600 vs 1200 tokens/s)")

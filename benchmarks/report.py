@@ -39,14 +39,15 @@ CAUSES = {
               "activations (~1.2 MB per token run at this size) while the gradients fill in.",
     "mfu": "session 31's profile (benchmarks/README.md; a host with a 394 GFLOP/s 2048^3 peak; steady state after "
            "8 steps at 128/128, packed, the workers' allocator settings): forward 31%, backward 57%, grad-norm "
-           "clipping 5% (273 per-tensor norms), fused AdamW 6%; aten::mm at ~68% of that peak (its matmuls are "
+           "clipping 5% (since session 35 ~2%: chunked dot products, the clip inside the fused AdamW), fused "
+           "AdamW 6%; aten::mm at ~68% of that peak (its matmuls are "
            "240-470 rows, the micro-batch's tokens, by 576-1536 columns); the rest of the forward and backward is "
            "attention, the elementwise ops of RMSNorm, RoPE, SiLU and the residual adds, and the tied embedding's "
            "dense [V, H] gradient. The chunked head recomputes no logits when a micro-batch's response tokens fit "
            "one chunk (here they do). Counted on the tokens the model really ran, not on the pair sequences' "
            "tokens (row 2'), so the shared prompt does not inflate it. Larger micro-batches run larger, faster "
-           "matmuls. torch.compile of the model body (tried once in session 33, unpacked shared layout, "
-           "dynamic shapes, not integrated): steps 15-20% shorter after ~6 minutes of compiling on 2 cores "
+           "matmuls. model.compile (off by default) fuses the elementwise ops and attention's neighbours: "
+           "its step and its share of the peak are rows 1h and 2 (model.compile), after minutes of compiling "
            "(benchmarks/README.md).",
     "share_prompt": "the shared prompt runs each prompt once for both of its responses instead of once per "
                     "response (1/3 fewer tokens run at 64/64), at the price of a per-response attention mask over "

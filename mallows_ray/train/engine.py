@@ -65,7 +65,9 @@ def build_policy(model: ModelConfig, model_path: str, dtype: torch.dtype, zero_s
     lm.config.use_cache = False  # no KV cache in training forwards
     if model.compile:
         compile_body(lm)
-    return PolicyLogprobs(lm, zero_stage, with_wpo)
+    # from_pretrained hands the model over in eval mode: train mode from the first step (dropout where the
+    # model's config or LoRA asks for it), not only after the first evaluation's engine.train()
+    return PolicyLogprobs(lm, zero_stage, with_wpo).train()
 
 
 def clips_itself(zero_stage: int, dtype: torch.dtype) -> bool:

@@ -140,6 +140,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     examples = ExampleLog(plan.run_dir, rank, enabled=plan.local_run_dir)
 
     # ---- train: one optimizer step per global batch
+    if config.model.compile and rank == 0:  # the first step then takes minutes: say why before it starts
+        log.info("[train] model.compile: the first step compiles the model body (minutes on a CPU; an evaluation's "
+                 "first batch compiles its own graph), the later ones run compiled")
     sums, history = MetricSums(), []
     if config.run.eval_at_start and step == 0 and plan.has_validation:  # the baseline: policy == initial weights
         baseline = {"step": 0, **evaluate(engine, training, validation())}

@@ -5,8 +5,8 @@ norm from chunked dot products is torch's within float rounding, and clipping in
 import pytest
 import torch
 
-from mallows_ray.config import OptimConfig
-from mallows_ray.train.engine import NORM_CHUNK, build_optimizer, clipped_in_step, grad_norm
+from mallows_ray.config import LoraConfig, ModelConfig, OptimConfig
+from mallows_ray.train.engine import NORM_CHUNK, build_optimizer, build_policy, clipped_in_step, grad_norm
 
 
 def test_fused_adamw_matches_the_for_loop_implementation():
@@ -79,3 +79,11 @@ def test_clipping_in_the_step_refuses_an_unfused_optimizer():
     with pytest.raises(TypeError, match="fused"):
         with clipped_in_step(torch.optim.AdamW([param], fused=False), torch.tensor(5.0), 1.0):
             pass
+
+
+@pytest.mark.parametrize("lora", [None, {"rank": 4, "dropout": 0.1}])
+def test_the_policy_trains_in_train_mode_from_its_first_step(tiny_model_dir, lora):
+    model = ModelConfig(name_or_path=str(tiny_model_dir), lora=None if lora is None else LoraConfig(**lora))
+    policy = build_policy(model, str(tiny_model_dir), torch.float32, zero_stage=0)
+    # from_pretrained returns eval mode; the dropout of a LoRA adapter would be off until the first evaluation
+    assert all(module.training for module in policy.modules())

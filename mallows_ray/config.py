@@ -62,7 +62,8 @@ class ModelConfig:
     # torch.compile the transformer body in training (models.compile_body; dynamic shapes, one graph per count
     # of prompts in a packed row): fewer, fused elementwise kernels. On this 2-core CPU SmolLM2's step runs 1.14x
     # faster after ~3 minutes of compiling (benchmarks/RESULTS.md row 1h): it pays on runs over ~25 minutes.
-    # Not with ZeRO-3, whose per-layer parameter gathering happens in module hooks inside the body.
+    # Not with ZeRO-3, whose per-layer parameter gathering happens in module hooks inside the body. With
+    # gradient_checkpointing it computes the same, but dynamo breaks the graph at the checkpointed layers.
     compile: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig | None = None

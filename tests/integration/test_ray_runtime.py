@@ -6,7 +6,7 @@ import os
 import pytest
 import ray
 
-from mallows_ray.runtime import ALLOCATOR_ENV
+from mallows_ray.runtime import ALLOCATOR_ENV, wants_dashboard
 
 
 @ray.remote
@@ -24,6 +24,6 @@ def test_workers_start_with_the_allocator_settings(ray_local):
 
 def test_a_local_instance_starts_without_the_dashboard(ray_local):
     # the fixture starts Ray through ensure_ray without naming include_dashboard: the default decides
-    if os.environ.get("MALLOWS_RAY_DASHBOARD", "0") != "0":
+    if wants_dashboard():
         pytest.skip("$MALLOWS_RAY_DASHBOARD asks for the dashboard")
     assert ray._private.worker.global_worker.node.address_info["webui_url"] in ("", None)

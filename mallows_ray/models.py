@@ -180,9 +180,19 @@ def _segment_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor) -> to
     return allowed | torch.eye(t, dtype=torch.bool, device=segment_ids.device)
 
 
+def tied_input_embedding(model) -> torch.nn.Embedding | None:
+    """`model`'s input embedding when it is a plain `nn.Embedding` whose trainable weight is the output
+    embedding's too (tied, as in SmolLM2), else None (untied, frozen as under LoRA, or a subclass that scales
+    or otherwise changes the lookup)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    plain = (type(embedding) is torch.nn.Embedding and embedding.max_norm is None
+             and not embedding.scale_grad_by_freq and not embedding.sparse)
+    return embedding if plain and embedding.weight is head.weight and embedding.weight.requires_grad else None
+
+
 def response_stats(model, *, input_ids, attention_mask, labels, owner, num_responses: int, position_ids=None,
                    segment_ids=None, with_entropy: bool, max_chunk_bytes: int | None = None, with_wpo: bool = False,
-                   prefix_lengths=None):
+                   prefix_lengths=None, tie_grads: bool = False):
     """Per-response log-prob sums, token counts and mean normalised entropy of the labelled tokens under `model`.
 
     The tensors are `PackedResponses.model_inputs()` (data/collate.py), [rows, T] each: one response per row,
@@ -192,8 +202,12 @@ def response_stats(model, *, input_ids, attention_mask, labels, owner, num_respo
     of the loss library, so the float32 [rows, T, V] logits are never materialised (ALGORITHMS 2.3).
     `prefix_lengths` [R] (`PackedResponses.shared_lengths`): also the log-prob sums of each response's first
     l tokens (LD-DPO's `ld_alpha`).
+    `tie_grads`: when the model's embeddings are tied (`tied_input_embedding`) and gradients are on, look the
+    input embeddings up here so that the tied weight's gradient is summed in place (`TiedWeightGrad`: no
+    zero-filled [V, H] gradient for the lookup). The training step sets it, except under ZeRO-3, whose
+    parameter gathering hooks the embedding module's own forward.
     """
-    from mallows_ray.losses.logprobs import DEFAULT_MAX_CHUNK_BYTES, response_logprobs
+    from mallows_ray.losses.logprobs import DEFAULT_MAX_CHUNK_BYTES, TiedWeightGrad, embedding_lookup, response_logprobs
 
     if getattr(model.config, "final_logit_softcapping", None):
         raise NotImplementedError(
@@ -208,11 +222,14 @@ def response_stats(model, *, input_ids, attention_mask, labels, owner, num_respo
                                             body.get_input_embeddings().weight.dtype, bounds)
         if bounds is not None and implementation == GROUPED_SDPA:
             groups = {"group_bounds": bounds}  # reaches every layer's attention
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  **groups).last_hidden_state
+    embedding = tied_input_embedding(model) if tie_grads and torch.is_grad_enabled() else None
+    tied = TiedWeightGrad() if embedding is not None else None
+    inputs = ({"input_ids": input_ids} if tied is None else
+              {"inputs_embeds": embedding_lookup(input_ids, embedding.weight, tied, embedding.padding_idx)})
+    hidden = body(**inputs, attention_mask=attention_mask, position_ids=position_ids, **groups).last_hidden_state
     head = model.get_output_embeddings()  # weight [V, H]; hidden [rows, T, H]
     return response_logprobs(
         hidden, head.weight, labels, bias=head.bias, owner=owner, num_responses=num_responses,
         with_entropy=with_entropy, max_chunk_bytes=max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES, with_wpo=with_wpo,
-        prefix_lengths=prefix_lengths,
+        prefix_lengths=prefix_lengths, tied=tied,
     )

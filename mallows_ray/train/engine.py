@@ -33,6 +33,7 @@ class PolicyLogprobs(nn.Module):
         super().__init__()
         self.lm = lm  # the HF model; with LoRA its attention projections carry the adapters in place
         self.with_wpo = with_wpo  # also return the WPO aligned log-probs (a loss with wpo: true)
+        self.tie_grads = zero_stage != 3  # response_stats' in-place tied-embedding gradient (not under ZeRO-3)
         if zero_stage == 3:
             deepspeed.zero.register_external_parameter(self, lm.get_output_embeddings().weight)
 
@@ -40,8 +41,8 @@ class PolicyLogprobs(nn.Module):
         """`PackedResponses.model_inputs()` ([rows, T] tensors) -> lp(y) [R], each response's log-prob sum
         (`objective.policy_outputs`: with WPO, or prefix_lengths among the inputs (ld_alpha), the triple
         (lp(y), a(y), lp_l(y)))."""
-        return policy_outputs(response_stats(self.lm, **inputs, with_entropy=False, with_wpo=self.with_wpo),
-                              self.with_wpo)
+        return policy_outputs(response_stats(self.lm, **inputs, with_entropy=False, with_wpo=self.with_wpo,
+                                             tie_grads=self.tie_grads), self.with_wpo)
 
 
 def apply_lora(lm: nn.Module, lora: LoraConfig) -> nn.Module:

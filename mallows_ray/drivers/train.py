@@ -155,8 +155,9 @@ def run_training(config: Config, *, address: str | None = None) -> TrainResult:
         print(f"[train] resuming {plan.run_dir} from its newest complete checkpoint, after step {record['step']} "
               f"of {plan.total_steps}", flush=True)
     check_splits(plan)
-    result = build_trainer(config, plan).fit()  # raises TrainingFailedError
-    history = result.return_value or []                                       # once max_failures are used up
+    with checkpoint.staging_cleared(plan):
+        result = build_trainer(config, plan).fit()  # raises TrainingFailedError once max_failures are used up
+    history = result.return_value or []
     return TrainResult(
         metrics=history[-1] if history else (result.metrics or {}),
         history=history,

@@ -20,11 +20,13 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import pyarrow.fs as pafs
 
 RECORD = "mallows_ray_checkpoint.json"
+STAGING = ".staging"  # in a local run folder: the ranks' checkpoint files before they are renamed into place
 FORMAT = 1
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of reported checkpoints, in the run folder
 _FOLDER = re.compile(r"ckpt_step(\d{6,})")
@@ -33,6 +35,16 @@ _CHUNK = 1 << 22
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the folder or file and what to do."""
+
+
+def staging_dir(run_dir: str) -> str:
+    """Where the ranks of a local run folder write a checkpoint before it is renamed into place; what a save cut
+    short leaves there is removed when the run starts and ends (`clear_staging`)."""
+    return os.path.join(run_dir, STAGING)
+
+
+def clear_staging(run_dir: str) -> None:
+    shutil.rmtree(staging_dir(run_dir), ignore_errors=True)
 
 
 def folder_name(step: int) -> str:

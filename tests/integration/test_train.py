@@ -129,6 +129,12 @@ def test_zero3_learns_and_shards_parameters(trained):
     # a checkpoint every 4 steps, the default run.keep_checkpoints=2 newest kept
     assert sorted(p.name for p in Path(result.run_dir).glob("ckpt_step*")) == ["ckpt_step000012", "ckpt_step000016"]
     assert Path(result.checkpoint).name == f"ckpt_step{STEPS:06d}"
+    # both ranks' files were renamed into place from the run folder's staging folder, which is gone
+    assert not (Path(result.run_dir) / ".staging").exists()
+    record = json.loads((Path(result.checkpoint) / "mallows_ray_checkpoint.json").read_text())
+    assert {"rng_rank0.safetensors", "rng_rank1.safetensors"} <= {Path(name).name for name in record["files"]}
+    for name, (size, _) in record["files"].items():
+        assert (Path(result.checkpoint) / name).stat().st_size == size
 
 
 def test_zero2_learns(trained):

@@ -4,6 +4,7 @@ folders), which checkpoint a resume takes (the newest complete one), damaged fil
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,21 @@ def test_demo_replaces_an_earlier_run_only_when_asked_and_only_a_marked_one(tmp_
     assert (tmp_path / "demo").is_dir()
     start_fresh(tmp_path / "demo", fresh=True)
     assert not (tmp_path / "demo").exists() and (tmp_path / "data").is_dir()
+
+
+def test_a_local_checkpoint_is_renamed_into_the_run_folder_not_copied(tmp_path):
+    from ray.train import Checkpoint
+
+    from mallows_ray.train.checkpoint import _move_into_run_dir
+
+    staged = tmp_path / "run" / files.STAGING / "mallows_ckpt_r1_x"
+    (staged / "step4").mkdir(parents=True)
+    (staged / "step4" / "mp_rank_01_model_states.pt").write_bytes(b"weights")
+    (staged / "rng_rank1.safetensors").write_bytes(b"rng")
+    inodes = {p.name: p.stat().st_ino for p in staged.rglob("*") if p.is_file()}
+    moved = _move_into_run_dir(str(tmp_path / "run"))(Checkpoint(str(staged)), "ckpt_step000004")
+    target = tmp_path / "run" / "ckpt_step000004"
+    assert Path(moved.path) == target
+    assert (target / "step4" / "mp_rank_01_model_states.pt").read_bytes() == b"weights"
+    assert {p.name: p.stat().st_ino for p in target.rglob("*") if p.is_file()} == inodes  # the same files
+    assert not [p for p in staged.rglob("*") if p.is_file()]

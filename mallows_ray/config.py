@@ -60,7 +60,7 @@ class ModelConfig:
     # runs prompt by prompt (models.GROUPED_SDPA). Same log-probs within rounding, more tokens/s (RESULTS row 1f)
     pack: bool = True
     # torch.compile the transformer body in training (models.compile_body; dynamic shapes, one graph per count
-    # of prompts in a packed row): fewer, fused elementwise kernels. On this 2-core CPU SmolLM2's step runs 1.14x
+    # of prompts in a packed row): fewer, fused elementwise kernels. On this 2-core CPU SmolLM2's step runs 1.14-1.17x
     # faster after ~3 minutes of compiling (benchmarks/RESULTS.md row 1h): it pays on runs over ~25 minutes.
     # Not with ZeRO-3, whose per-layer parameter gathering happens in module hooks inside the body. With
     # gradient_checkpointing it computes the same, but dynamo breaks the graph at the checkpointed layers.

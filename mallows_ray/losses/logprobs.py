@@ -87,12 +87,10 @@ class TiedWeightGrad:
     lookup's incoming gradient is computed from the head's gradient for the hidden states."""
 
     def __init__(self) -> None:
-        self.grad: Tensor | None = None
-
-    def put(self, grad: Tensor) -> None:
-        self.grad = grad if self.grad is None else self.grad.add_(grad)
+        self.grad: Tensor | None = None  # set by the head's backward (one head per lookup: `response_stats`)
 
     def take(self) -> Tensor | None:
+        """The head's gradient, released here so that the carrier does not keep a [V, H] tensor alive."""
         grad, self.grad = self.grad, None
         return grad
 
@@ -171,7 +169,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
             if ctx.tied is not None:
-                ctx.tied.put(grad_weight)
+                ctx.tied.grad = grad_weight
                 grad_weight = None
         return (grad_rows, grad_weight, None if grad_bias is None else grad_bias.to(bias.dtype),
                 None, None, None, None, None)

@@ -62,7 +62,7 @@ def main() -> None:
     from mallows_ray.config import OptimConfig
     from mallows_ray.data.collate import pack_responses
     from mallows_ray.losses import build_loss
-    from mallows_ray.models import compile_body, load_model, load_tokenizer, response_stats
+    from mallows_ray.models import compile_layers, load_model, load_tokenizer, response_stats
     from mallows_ray.train.batches import collate
     from mallows_ray.train.engine import PolicyLogprobs, build_optimizer, clipped_in_step, grad_norm
     from mallows_ray.train.objective import forward_loss
@@ -80,7 +80,7 @@ def main() -> None:
             row.update(ref_logps=stats.logp_sum.tolist(), dispersion=1.0)
 
     if args.compile:  # after the reference pass above, which scoring runs eagerly too
-        compile_body(lm)
+        compile_layers(lm)
     policy = PolicyLogprobs(lm, zero_stage=0).train()
     optimizer = build_optimizer(list(policy.parameters()), OptimConfig(lr=1e-6))
     loss_fn = build_loss("dpo", beta=0.1)

@@ -59,10 +59,12 @@ class ModelConfig:
     # rows; attention stays within each prompt's segments, positions restart per prompt (data/collate.py), and
     # runs prompt by prompt (models.GROUPED_SDPA). Same log-probs within rounding, more tokens/s (RESULTS row 1f)
     pack: bool = True
-    # torch.compile the transformer body in training (models.compile_body; dynamic shapes, one graph per count
-    # of prompts in a packed row): fewer, fused elementwise kernels. On this 2-core CPU SmolLM2's step runs 1.14-1.17x
-    # faster after ~3 minutes of compiling (benchmarks/RESULTS.md row 1h): it pays on runs over ~25 minutes.
-    # Not with ZeRO-3, whose per-layer parameter gathering happens in module hooks inside the body. With
+    # torch.compile the decoder layers in training (models.compile_layers: the layers share one graph; dynamic
+    # shapes, one graph per count of prompts in a packed row): fewer, fused elementwise kernels. On this 2-core
+    # CPU SmolLM2's step runs ~1.1-1.17x faster after 36-42 s of compiling from an empty compile cache (~10 s
+    # from a warm one; benchmarks/RESULTS.md row 1h): it pays on runs over ~6 minutes. Off by default: short
+    # runs lose, and the compiled path is untested on GPUs here.
+    # Not with ZeRO-3, whose per-layer parameter gathering happens in module hooks inside the layers. With
     # gradient_checkpointing it computes the same, but dynamo breaks the graph at the checkpointed layers.
     compile: bool = False
     trust_remote_code: bool = False
@@ -292,7 +294,7 @@ class Config:
     def check(self, where: str) -> None:
         if self.model.compile and self.deepspeed.zero_stage == 3:
             raise ConfigError("model.compile=true with deepspeed.zero_stage=3: ZeRO-3 gathers each layer's "
-                              "parameters in module hooks inside the body that would be compiled; use "
+                              "parameters in module hooks inside the layers that would be compiled; use "
                               "deepspeed.zero_stage 0, 1 or 2 with model.compile, or model.compile=false")
         if self.loss.build().across_lambdas and not (self.lambdas.vertex_copies and self.lambdas.condition):
             raise ConfigError("loss: lambda_contrast compares each prompt's replies under several lambdas, so it "

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mallows_ray.config import Config, LoraConfig, ModelConfig, OptimConfig
-from mallows_ray.models import compile_body, load_model, response_stats
+from mallows_ray.models import compile_layers, load_model, response_stats
 from mallows_ray.train.objective import policy_outputs
 
 
@@ -65,7 +65,7 @@ def build_policy(model: ModelConfig, model_path: str, dtype: torch.dtype, zero_s
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False  # no KV cache in training forwards
     if model.compile:
-        compile_body(lm)
+        compile_layers(lm)
     # from_pretrained hands the model over in eval mode: train mode from the first step (dropout where the
     # model's config or LoRA asks for it), not only after the first evaluation's engine.train()
     return PolicyLogprobs(lm, zero_stage, with_wpo).train()

@@ -98,7 +98,7 @@ def _steps_from_example_logs(result, world):
 
 def _assert_learned(result, policy_is_reference_bitwise=True):
     """`policy_is_reference_bitwise`: the policy's first forward is the (eager) reference scoring's, bit for bit;
-    a compiled body rounds differently, so its step-1 rewards are float noise around 0 instead of exactly 0."""
+    compiled layers round differently, so its step-1 rewards are float noise around 0 instead of exactly 0."""
     first, last = result.history[0], result.history[-1]
     assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
     if policy_is_reference_bitwise:
@@ -145,8 +145,8 @@ def test_zero2_learns(trained):
     assert _max_abs_diff(_weights(result), _weights(trained("zero3"))) < 1e-5
 
 
-@pytest.mark.slow  # each worker compiles the body before its first step (~1-2 minutes here)
-def test_a_compiled_body_learns_and_takes_the_eager_steps(trained):
+@pytest.mark.slow  # each worker compiles the decoder layers before its first step (~1 minute here)
+def test_compiled_layers_learn_and_take_the_eager_steps(trained):
     result = trained("zero2_compiled")
     _assert_learned(result, policy_is_reference_bitwise=False)
     # fused kernels round differently; 16 AdamW steps of lr 5e-3 carry that, no more

@@ -5,13 +5,15 @@ Modes:
          timing starts after Ray is up (a cluster is started once, not per dataset).
   train  `run_training`: prepare + one epoch of DPO on one Ray Train worker with DeepSpeed (stage 0, fp32
          CPU), the same micro-batch and lengths as row 1; Ray start-up included, as a user would wait for it
-         (imports and the choice of pairs are not, as on the TRL side).
+         (imports and the choice of pairs are not, as on the TRL side). `--compile 1`: with model.compile,
+         the worker compiling from an empty compile cache.
 Both read a JSONL of the raw HH lines of the same untruncated pairs the step rows use.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +29,8 @@ from benchmarks.common import (
 )
 
 
-def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: int) -> list[str]:
+def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: int, compile_layers: bool
+                     ) -> list[str]:
     return [
         f"data.train={data_file}", "data.format=hh", f"data.cache_dir={folder / 'cache'}",
         f"data.max_prompt_length={workload.max_prompt_length}",
@@ -40,6 +43,7 @@ def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: 
         "deepspeed.zero_stage=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
         f"scaling.threads_per_worker={workload.threads}",
         f"run.storage_path={folder / 'runs'}", "run.name=bench", "run.log_every=1000000", "export.enabled=false",
+        f"model.compile={str(compile_layers).lower()}",
     ]
 
 
@@ -52,6 +56,8 @@ def main() -> None:
     parser.add_argument("--max-prompt-length", type=int, default=64)
     parser.add_argument("--max-response-length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", type=int, choices=[0, 1], default=0,
+                        help="model.compile (train mode), compiled from an empty compile cache")
     args = parser.parse_args()
     quiet_libraries()
 
@@ -68,7 +74,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
         folder = Path(tmp)
         pairs_file = write_raw_pairs(rows, folder / "hh_pairs.jsonl")
-        config = load_config(None, config_overrides(pairs_file, folder, workload, args.actors))
+        config = load_config(None, config_overrides(pairs_file, folder, workload, args.actors, bool(args.compile)))
+        if args.compile:  # set before Ray starts: its worker processes inherit it
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
         ray_start = time.perf_counter()
         ensure_ray()
         ray_seconds = time.perf_counter() - ray_start

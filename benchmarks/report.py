@@ -47,9 +47,9 @@ CAUSES = {
            "The chunked head recomputes no logits when a micro-batch's response tokens fit "
            "one chunk (here they do). Counted on the tokens the model really ran, not on the pair sequences' "
            "tokens (row 2'), so the shared prompt does not inflate it. Larger micro-batches run larger, faster "
-           "matmuls. model.compile (off by default) fuses the elementwise ops and attention's neighbours: "
-           "its step and its share of the peak are rows 1h and 2 (model.compile), after minutes of compiling "
-           "(benchmarks/README.md).",
+           "matmuls. model.compile (off by default) fuses the elementwise ops and attention's neighbours in "
+           "each decoder layer: its step and its share of the peak are rows 1h and 2 (model.compile), after "
+           "the first step's compiling (benchmarks/README.md).",
     "share_prompt": "the shared prompt runs each prompt once for both of its responses instead of once per "
                     "response (1/3 fewer tokens run at 64/64), at the price of a per-response attention mask over "
                     "the prompt row; a miss means the saved tokens did not pay for that mask at these lengths, or "

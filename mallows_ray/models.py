@@ -118,8 +118,8 @@ def compile_layers(model) -> None:
     LlamaDecoderLayer) is compiled, and as the layers run the same code dynamo compiles it once for all of them:
     on 2 CPU cores SmolLM2's 30 layers compile in 36-42 s from an empty cache (10 s from a warm one) where the
     whole body took ~200 s, for the same gain (benchmarks/README.md). A model that names no such block has
-    its whole body compiled. The norm, the rotary tables and the embedding between the layers stay eager, as
-    does the chunked log-prob head (its autograd Function picks the chunking at run time).
+    its whole body compiled. The embedding, the rotary tables and the final norm around the layers stay eager,
+    as does the chunked log-prob head (its autograd Function picks the chunking at run time).
 
     A packed row's attention loops over its groups (`grouped_sdpa_attention`) inside the layer: the graph is
     traced per count of groups, so a run compiles once per count of prompts its micro-batches hold (their

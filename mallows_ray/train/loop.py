@@ -140,7 +140,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
     examples = ExampleLog(plan.run_dir, rank, enabled=plan.local_run_dir)
 
     # ---- train: one optimizer step per global batch
-    if config.model.compile and rank == 0:  # the first step then takes minutes: say why before it starts
+    if config.model.compile and rank == 0:  # the first step then takes far longer: say why before it starts
         log.info("[train] model.compile: the first step compiles the decoder layers (~40 s on 2 CPU cores from an "
                  "empty compile cache; an evaluation's first batch compiles its own graph), the later ones run "
                  "compiled")

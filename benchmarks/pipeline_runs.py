@@ -29,7 +29,7 @@ from benchmarks.common import (
 )
 
 
-def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: int, compile_layers: bool
+def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: int, compiled: bool
                      ) -> list[str]:
     return [
         f"data.train={data_file}", "data.format=hh", f"data.cache_dir={folder / 'cache'}",
@@ -43,7 +43,7 @@ def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: 
         "deepspeed.zero_stage=0", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
         f"scaling.threads_per_worker={workload.threads}",
         f"run.storage_path={folder / 'runs'}", "run.name=bench", "run.log_every=1000000", "export.enabled=false",
-        f"model.compile={str(compile_layers).lower()}",
+        f"model.compile={str(compiled).lower()}",
     ]
 
 

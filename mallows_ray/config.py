@@ -61,11 +61,11 @@ class ModelConfig:
     pack: bool = True
     # torch.compile the decoder layers in training (models.compile_layers: the layers share one graph; dynamic
     # shapes, one graph per count of prompts in a packed row): fewer, fused elementwise kernels. On this 2-core
-    # CPU SmolLM2's step runs ~1.1-1.17x faster after 36-42 s of compiling from an empty compile cache (~10 s
+    # CPU SmolLM2's step runs ~1.1x faster after 36-42 s of compiling from an empty compile cache (~10 s
     # from a warm one; benchmarks/RESULTS.md row 1h): it pays on runs over ~6 minutes. Off by default: short
     # runs lose, and the compiled path is untested on GPUs here.
-    # Not with ZeRO-3, whose per-layer parameter gathering happens in module hooks inside the layers. With
-    # gradient_checkpointing it computes the same, but dynamo breaks the graph at the checkpointed layers.
+    # Not with ZeRO-3, whose per-layer parameter gathering happens in module hooks inside the layers, nor with
+    # gradient_checkpointing: dynamo cannot trace a checkpointed layer and runs it eagerly (nothing compiled).
     compile: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
@@ -296,6 +296,10 @@ class Config:
             raise ConfigError("model.compile=true with deepspeed.zero_stage=3: ZeRO-3 gathers each layer's "
                               "parameters in module hooks inside the layers that would be compiled; use "
                               "deepspeed.zero_stage 0, 1 or 2 with model.compile, or model.compile=false")
+        if self.model.compile and self.model.gradient_checkpointing:
+            raise ConfigError("model.compile=true with model.gradient_checkpointing=true: dynamo cannot trace a "
+                              "checkpointed layer (it breaks the graph there and runs the layer eagerly), so nothing "
+                              "would be compiled; set one of them false")
         if self.loss.build().across_lambdas and not (self.lambdas.vertex_copies and self.lambdas.condition):
             raise ConfigError("loss: lambda_contrast compares each prompt's replies under several lambdas, so it "
                               "needs lambdas.vertex_copies=true and lambdas.condition=true (with one lambda per "

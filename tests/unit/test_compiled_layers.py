@@ -41,3 +41,10 @@ def test_compile_is_refused_with_zero_3():
     with pytest.raises(ConfigError, match="model.compile=true with deepspeed.zero_stage=3"):
         load_config(None, ["model.compile=true", "deepspeed.zero_stage=3"])
     assert load_config(None, ["model.compile=true", "deepspeed.zero_stage=2"]).model.compile
+
+
+def test_compile_is_refused_with_gradient_checkpointing():
+    # a checkpointed layer breaks dynamo's graph and runs eagerly: the switch would compile nothing
+    with pytest.raises(ConfigError, match="model.compile=true with model.gradient_checkpointing=true"):
+        load_config(None, ["model.compile=true", "model.gradient_checkpointing=true"])
+    assert load_config(None, ["model.gradient_checkpointing=true"]).model.gradient_checkpointing

@@ -34,7 +34,8 @@ def evaluate_export(config: Config, model_dir: str, *, split: str = "validation"
     batch = config.batch.micro_batch_size
     batches = lambda: [rows[i:i + batch] for i in range(0, len(rows), batch)]  # noqa: E731
     settings = EvalSettings(loss, tokenizer.pad_token_id, target_tau=config.lambdas.target_tau,
-                            share_prompt=config.model.share_prompt, pack=config.model.pack)
+                            share_prompt=config.model.share_prompt, pack=config.model.pack,
+                            max_tokens=config.batch.max_tokens)
     if not loss.listwise:
         return {"pairwise": evaluate_rows(policy, batches(), settings)}
     objectives = prepared.manifest.get("objectives") or []

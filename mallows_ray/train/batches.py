@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from mallows_ray.data.collate import PackedResponses, pack_responses
+from mallows_ray.train.metrics import rank_extremes
 
 # Global batches per shuffle / length-grouping window (the "megabatch" of HF's LengthGroupedSampler).
 WINDOW_BATCHES = 50
@@ -134,6 +135,15 @@ def token_budget_batches(rows: list[Row], max_tokens: int, *, group: int, share_
         else:
             batches.append(rows_of_group)
     return batches
+
+
+def budget_micro_batches(rows: list[Row], max_tokens: int, *, group: int, share_prompt: bool,
+                         pack: bool) -> list[list[Row]]:
+    """A rank's `rows` as `token_budget_batches`, as many as on the rank that needs the most (collective: under
+    ZeRO-3 every forward gathers parameters with all ranks, so every rank must run as many)."""
+    parts = token_budget_batches(rows, max_tokens, group=group, share_prompt=share_prompt, pack=pack)
+    _, most = rank_extremes(len(parts))
+    return split_to_count(parts, int(most), group=group)
 
 
 def split_to_count(batches: list[list[Row]], count: int, group: int) -> list[list[Row]]:

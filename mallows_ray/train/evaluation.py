@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from mallows_ray.losses import Loss
-from mallows_ray.train.batches import Row, collate, eval_slice
+from mallows_ray.train.batches import Row, budget_micro_batches, collate, eval_slice
 from mallows_ray.train.conditioning import Conditioner
 from mallows_ray.train.metrics import MetricSums
 from mallows_ray.train.objective import forward_loss
@@ -29,6 +29,7 @@ class EvalSettings:
     share_prompt: bool = False
     pack: bool = False
     device: torch.device | None = None
+    max_tokens: int = 0  # > 0: a rank's rows of a batch run in forwards of at most this many positions
 
 
 def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[list[Row]], settings: EvalSettings,
@@ -42,13 +43,26 @@ def evaluate_rows(model: Callable[..., torch.Tensor], global_batches: Iterable[l
             rows, count = eval_slice(global_rows, settings.rank, settings.world)  # every rank: same forwards
             if transform is not None:
                 rows = transform(rows)
-            batch = collate(rows, settings.pad_id, with_scores=settings.loss.listwise,
-                            share_prompt=settings.share_prompt, pack=settings.pack)
-            if settings.device is not None:
-                batch = batch.to(settings.device)
-            out = forward_loss(model, batch, settings.loss, settings.target_tau)
-            sums.add_loss_output(out, batch.dispersion, count)
+            for part, part_count in forward_parts(rows, count, settings):
+                batch = collate(part, settings.pad_id, with_scores=settings.loss.listwise,
+                                share_prompt=settings.share_prompt, pack=settings.pack)
+                if settings.device is not None:
+                    batch = batch.to(settings.device)
+                out = forward_loss(model, batch, settings.loss, settings.target_tau)
+                sums.add_loss_output(out, batch.dispersion, part_count)
     return sums.reduce()
+
+
+def forward_parts(rows: list[Row], count: int, settings: EvalSettings) -> list[tuple[list[Row], int]]:
+    """A rank's `rows` of an evaluation batch (the first `count` real, see `eval_slice`) as forwards, each with
+    how many of its rows count: one forward, or with `settings.max_tokens` forwards of at most that many
+    positions, as many as on the rank that needs the most (collective, as training's micro-batches)."""
+    if settings.max_tokens == 0:
+        return [(rows, count)]
+    parts = budget_micro_batches(rows, settings.max_tokens, group=1, share_prompt=settings.share_prompt,
+                                 pack=settings.pack)
+    starts = [sum(map(len, parts[:i])) for i in range(len(parts))]
+    return [(part, min(len(part), max(0, count - start))) for part, start in zip(parts, starts)]
 
 
 def evaluate_under_lambdas(model: Callable[..., torch.Tensor], batches: Callable[[], Iterable[list[Row]]],

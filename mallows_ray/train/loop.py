@@ -27,14 +27,7 @@ from mallows_ray.data.scored_split import ScoredSplit
 from mallows_ray.models import load_tokenizer
 from mallows_ray.runtime import pick_dtype, worker_threads
 from mallows_ray.train import checkpoint
-from mallows_ray.train.batches import (
-    collate,
-    epoch_order,
-    micro_batches,
-    rank_slice,
-    split_to_count,
-    token_budget_batches,
-)
+from mallows_ray.train.batches import budget_micro_batches, collate, epoch_order, micro_batches, rank_slice
 from mallows_ray.train.engine import backward, build_engine, build_policy, optimizer_step, parameter_counts
 from mallows_ray.train.evaluation import EvalSettings
 from mallows_ray.train.export import export_model
@@ -80,10 +73,8 @@ def step_micro_batches(rows: list[dict], config: Config, copies: int) -> list[li
     rows per prompt (lambda copies, `lambda_training`) stay together."""
     if config.batch.max_tokens == 0:
         return micro_batches(rows, config.batch.micro_batch_size * copies)  # `accumulation` micro-batches
-    parts = token_budget_batches(rows, config.batch.max_tokens, group=copies,
-                                 share_prompt=config.model.share_prompt, pack=config.model.pack)
-    _, most = rank_extremes(len(parts))
-    return split_to_count(parts, int(most), group=copies)
+    return budget_micro_batches(rows, config.batch.max_tokens, group=copies, share_prompt=config.model.share_prompt,
+                                pack=config.model.pack)
 
 
 def evaluate(engine, training: PairwiseTraining, batches: list[list[dict]]) -> dict[str, float]:
@@ -119,7 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]] |
               "threads_per_worker": torch.get_num_threads()}
     seed_everything(config.run.seed + 1 + rank)  # distinct dropout streams per rank from here on
     settings = EvalSettings(loss, tokenizer.pad_token_id, rank, world, config.lambdas.target_tau,
-                            config.model.share_prompt, config.model.pack, engine.device)
+                            config.model.share_prompt, config.model.pack, engine.device, config.batch.max_tokens)
 
     # ---- data: each rank reads its rows of the scored parquet itself (data/scored_split.py; the driver
     # checked its columns and row count, drivers/train.py's check_splits)

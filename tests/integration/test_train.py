@@ -187,13 +187,16 @@ def test_a_token_budget_cuts_micro_batches_and_takes_the_same_steps(trained, sco
     """batch.max_tokens under ZeRO-3 on 2 workers: a rank's share of a step runs as one micro-batch or is cut in
     two where its two prompts together exceed the budget, and a rank that needs one runs two when the other
     rank needs two (ZeRO-3's collectives pair up; the run fails without it). The steps are the row-count
-    run's: the same mean gradient, summed over other micro-batches."""
+    run's: the same mean gradient, summed over other micro-batches; so are the evaluations."""
     result = trained("zero3_tokens", **{"batch.max_tokens": _budget_with_uneven_steps(Path(scored.folder))})
     counts = [h["micro_batches"] for h in result.history if "micro_batches" in h]  # over both ranks, per step
     assert len(counts) == STEPS and set(counts) == {2, 4}
     assert [h["loss"] for h in result.history] == pytest.approx([h["loss"] for h in trained("zero3").history],
                                                                  abs=1e-5)
     assert _max_abs_diff(_weights(result), _weights(trained("zero3"))) < 1e-5
+    # evaluations run under the budget too (forwards paired across ranks the same way), with the same metrics
+    evals = lambda run: [h["eval/loss"] for h in run.history if "eval/loss" in h]  # noqa: E731
+    assert len(evals(result)) == 2 and evals(result) == pytest.approx(evals(trained("zero3")), abs=1e-5)
 
 
 def test_each_worker_reads_only_its_share_of_each_epoch(trained):

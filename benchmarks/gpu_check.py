@@ -1,8 +1,8 @@
 """Every GPU path once, on one GPU, in a few minutes (issue 20); `benchmarks/gpu_check.sh` runs it.
 
     bash benchmarks/gpu_check.sh             # a GPU machine with this repository and a CUDA build of torch
-    bash benchmarks/gpu_check.sh --dry-run   # the same paths on the CPU, tiny sizes: the script is tested,
-                                             # the figures mean nothing
+    bash benchmarks/gpu_check.sh --dry-run   # the same paths on the CPU in bf16, tiny sizes: the script and
+                                             # the bf16 code paths are tested, the figures mean nothing
 
 What runs (each in its own process, as benchmarks/run.py does, so peak memory is its own):
   peak        the GPU's dense bf16 matmul rate (8192^3; the denominator of "fraction of peak")
@@ -66,17 +66,19 @@ def run(name: str, argv: list[str], timeout: int, *, json_result: bool = True) -
 
 def train_overrides(data: Path, work: Path, dry: bool) -> list[str]:
     """The `mallows-ray train` settings every Ray path shares: a few steps on the pairs in `data`."""
-    gpu = [] if dry else ["scaling.use_gpu=true", "scaling.gpus_per_worker=1", "model.dtype=bfloat16"]
+    gpu = [] if dry else ["scaling.use_gpu=true", "scaling.gpus_per_worker=1"]
     return [f"data.train={data}", "data.format=hh", f"data.cache_dir={work / 'cache'}",
             "data.max_prompt_length=128", "data.max_response_length=128",
             "loss.name=dpo", "loss.beta=0.1", "optim.lr=1e-6", f"optim.max_steps={2 if dry else 8}",
             "batch.micro_batch_size=2", "batch.gradient_accumulation=1", "scaling.num_workers=1",
-            f"run.storage_path={work / 'runs'}", "run.checkpoint_every=0", "export.enabled=false", *gpu]
+            f"run.storage_path={work / 'runs'}", "run.checkpoint_every=0", "export.enabled=false",
+            "model.dtype=bfloat16", *gpu]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="CPU, fp32, tiny sizes: the paths run, no figures")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, tiny sizes: the paths run in bf16 as on the GPU, no figures")
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     dry = args.dry_run
@@ -84,7 +86,7 @@ def main() -> None:
         raise SystemExit(f"{HH_FILE} not found: the checks run on the shared HH pairs (set MALLOWS_RAY_HH_FILE to "
                          "their path)")
     py = sys.executable
-    device = ["--device=cpu", "--dtype=float32"] if dry else ["--device=cuda", "--dtype=bfloat16"]
+    device = ["--device=cpu" if dry else "--device=cuda", "--dtype=bfloat16"]
     steps = DRY_STEPS if dry else STEPS
     workload = [f"--pairs={4 if dry else 16}", "--micro-batch=2", "--max-prompt-length=128",
                 "--max-response-length=128", f"--warmup-steps={steps['warmup']}",

@@ -6,7 +6,8 @@ Modes:
   train  `run_training`: prepare + one epoch of DPO on one Ray Train worker with DeepSpeed (stage 0, fp32
          CPU), the same micro-batch and lengths as row 1; Ray start-up included, as a user would wait for it
          (imports and the choice of pairs are not, as on the TRL side). `--compile 1`: with model.compile,
-         the worker compiling from an empty compile cache.
+         the worker compiling from an empty compile cache. `--dtype bfloat16`: model.dtype=bfloat16 (bf16
+         forward and backward, fp32 master weights in DeepSpeed's optimizer; scoring in bf16 too).
 Both read a JSONL of the raw HH lines of the same untruncated pairs the step rows use.
 """
 
@@ -29,13 +30,13 @@ from benchmarks.common import (
 )
 
 
-def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: int, compiled: bool
-                     ) -> list[str]:
+def config_overrides(data_file: Path, folder: Path, workload: Workload, actors: int, compiled: bool,
+                     dtype: str = "float32") -> list[str]:
     return [
         f"data.train={data_file}", "data.format=hh", f"data.cache_dir={folder / 'cache'}",
         f"data.max_prompt_length={workload.max_prompt_length}",
         f"data.max_response_length={workload.max_response_length}",
-        f"data.scoring.num_actors={actors}", "data.scoring.batch_size=8", "model.dtype=float32",
+        f"data.scoring.num_actors={actors}", "data.scoring.batch_size=8", f"model.dtype={dtype}",
         "loss.name=dpo", "loss.beta=0.1", "optim.epochs=1", "optim.lr=1.0e-6", "optim.schedule=constant",
         f"batch.micro_batch_size={workload.micro_batch}", "batch.gradient_accumulation=1",
         # the worker's torch threads: the step rows' thread count (the default, 0, would give it the same here:
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", type=int, choices=[0, 1], default=0,
                         help="model.compile (train mode), compiled from an empty compile cache")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model.dtype")
     args = parser.parse_args()
     quiet_libraries()
 
@@ -74,7 +76,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
         folder = Path(tmp)
         pairs_file = write_raw_pairs(rows, folder / "hh_pairs.jsonl")
-        config = load_config(None, config_overrides(pairs_file, folder, workload, args.actors, bool(args.compile)))
+        config = load_config(None, config_overrides(pairs_file, folder, workload, args.actors, bool(args.compile),
+                                                   args.dtype))
         if args.compile:  # set before Ray starts: its worker processes inherit it
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
         ray_start = time.perf_counter()

@@ -65,7 +65,9 @@ def worker_threads(requested: int, workers_on_node: int) -> int:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on a GPU, fp32 on CPU (CPU bf16 matmuls are slow and lose precision)."""
+    """`auto`: bf16 on a GPU, fp32 on CPU. On a CPU without AMX bf16 matmuls are slow; with it (this Xeon) they
+    run 5x faster than fp32, yet a Ray worker's bf16 step was no faster than its fp32 one on SmolLM2
+    (benchmarks/README.md, bf16 on the CPU), and fp32 keeps CPU runs bit-reproducible."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)

@@ -190,9 +190,11 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
     On this CPU that is 5x faster than `torch.linalg.vector_norm` on SmolLM2's [49152, 576] embedding gradient
     (2.6 vs 12.3 ms; 36 vs 65 ms over the whole model) and closer to the float64 norm on a 28M-element fp32
-    vector (1e-7 relative error against vector_norm's 1.7e-3); benchmarks/README.md.
+    vector (1e-7 relative error against vector_norm's 1.7e-3); benchmarks/README.md. Summed in fp32 whatever
+    the gradients' dtype (a no-op for fp32 ones): a bf16 sum would round each chunk's square to 8 bits, and the
+    fused AdamW takes its `grad_scale` (`clipped_in_step`) as an fp32 tensor only.
     """
-    return torch.stack([torch.dot(c, c) for g in grads for c in g.reshape(-1).split(NORM_CHUNK)]).sum().sqrt()
+    return torch.stack([torch.dot(c, c) for g in grads for c in g.float().reshape(-1).split(NORM_CHUNK)]).sum().sqrt()
 
 
 @contextmanager

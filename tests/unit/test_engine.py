@@ -42,6 +42,24 @@ def test_grad_norm_is_the_float64_norm_within_fp32_rounding():
     assert grad_norm(grads).item() == pytest.approx(torch.nn.utils.get_total_norm(grads).item(), rel=1e-4)
 
 
+
+def test_grad_norm_of_bf16_gradients_is_an_fp32_sum_the_fused_step_takes():
+    """bf16 gradients (a bf16 model's step, `benchmarks/step_mallows.py --dtype bfloat16`): the norm sums in fp32,
+    and the fused AdamW accepts it as its grad_scale (it refuses a bf16 one)."""
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(2 * NORM_CHUNK + 5, generator=g).bfloat16(), torch.randn(33, 9, generator=g).bfloat16()]
+    norm = grad_norm(grads)
+    assert norm.dtype == torch.float32
+    # fp32 rounding over 2.5M squares (a bf16 sum would be off by ~1e-3)
+    assert norm.item() == pytest.approx(torch.cat([t.double().reshape(-1) for t in grads]).norm().item(), rel=1e-5)
+    param = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    param.grad = torch.full((3,), 4.0, dtype=torch.bfloat16)
+    optimizer = build_optimizer([param], OptimConfig(lr=0.5))
+    with clipped_in_step(optimizer, grad_norm([param.grad]), 1.0):
+        optimizer.step()
+    assert torch.all(param < 1)
+
+
 def _five_steps(start: list[torch.Tensor], clipping: str, max_grad_norm: float) -> list[torch.nn.Parameter]:
     """Five fused AdamW steps from `start` on gradients whose norms differ from step to step, clipped
     "in_step" (`clipped_in_step`), "before" (`clip_grad_norm_`) or not at all ("none")."""

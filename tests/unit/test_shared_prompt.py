@@ -103,6 +103,26 @@ def test_grouped_attention_runs_each_prompt_of_a_packed_row_alone(share):
     assert packed_group_bounds(unpacked.segment_ids) is None
 
 
+@pytest.mark.parametrize("group_bounds", [None, [(0, 5), (5, 9)]])
+def test_a_bf16_model_attends_in_fp32_on_the_cpu(group_bounds):
+    """bf16 query/key/value on the CPU: the fp32 attention of the same values, rounded to bf16 (torch's CPU
+    bf16 flash-attention kernels are the slow ones), with bf16 gradients flowing back."""
+    from mallows_ray.models import grouped_sdpa_attention
+
+    module = tiny_llama(GROUPED_SDPA).model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, heads, 9, 8, generator=g).bfloat16().requires_grad_()
+                         for heads in (4, 2, 2))
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
+    if group_bounds:
+        mask[..., 5:, :5] = False
+    out, _ = grouped_sdpa_attention(module, query, key, value, mask, group_bounds)
+    upcast, _ = grouped_sdpa_attention(module, query.float(), key.float(), value.float(), mask, group_bounds)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, upcast.bfloat16())
+    out.float().square().sum().backward()
+    assert query.grad.dtype == torch.bfloat16 and query.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_a_packed_rows_mask_built_per_group_equals_the_whole_rows(share, attn_implementation):

@@ -20,6 +20,7 @@ from mallows_ray.lambdas import schedulers as lambda_schedulers
 from mallows_ray.losses import composite as loss_composite
 from mallows_ray.losses import registry as loss_registry
 from mallows_ray.losses.types import Loss
+from mallows_ray.runtime import dtype_name
 from mallows_ray.typed_config import ConfigError, apply_override, bounded, from_dict, read_yaml_file, to_dict
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -323,7 +324,9 @@ def changes_scored_data(key: str) -> bool:
 def scored_data_settings(config: "Config") -> dict[str, Any]:
     """Every setting the scores depend on but the model files (part of the cache key and of the manifest)."""
     data = {key: value for key, value in to_dict(config.data).items() if changes_scored_data(f"data.{key}")}
-    data["model_dtype"] = config.model.dtype
+    # the dtype the scores are computed in, `auto` resolved: a scoring actor has a GPU iff it reserves one
+    # (runtime.DEVICE_ENV), so bf16 scores from GPU actors never stand in for a CPU run's fp32 ones, or back
+    data["model_dtype"] = dtype_name(config.model.dtype, on_gpu=config.data.scoring.num_gpus_per_actor > 0)
     return data
 
 

@@ -15,12 +15,18 @@ import torch
 # (benchmarks/README.md). glibc reads these at process start (other C libraries ignore them), so they go to
 # Ray's worker processes as environment.
 ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+# Since Ray 2.49 (ray-project/ray#54868) a task or actor that reserved no GPU still sees every GPU of its node
+# (CUDA_VISIBLE_DEVICES is left as it is), so a scoring actor with data.scoring.num_gpus_per_actor=0 would pick
+# GPU 0 without reserving it, and a worker of a scaling.use_gpu=false run would have DeepSpeed move its model to
+# a GPU while torch.distributed runs gloo. This restores Ray's older rule: no GPU reserved, none visible.
+DEVICE_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+WORKER_ENV = {**ALLOCATOR_ENV, **DEVICE_ENV}
 
 
-def allocator_env() -> dict[str, str]:
-    """The `ALLOCATOR_ENV` settings the user has not set (a job's own value wins, and Ray refuses a job whose
+def worker_env() -> dict[str, str]:
+    """The `WORKER_ENV` settings the user has not set (a job's own value wins, and Ray refuses a job whose
     runtime env and the driver's name the same variable)."""
-    return {key: value for key, value in ALLOCATOR_ENV.items() if key not in os.environ}
+    return {key: value for key, value in WORKER_ENV.items() if key not in os.environ}
 
 
 # Set to 1 to start a local instance with Ray's dashboard (http://127.0.0.1:8265)
@@ -29,7 +35,8 @@ DASHBOARD_ENV = "MALLOWS_RAY_DASHBOARD"
 
 def ensure_ray(address: str | None = None, **init_options) -> None:
     """Join `address` / $RAY_ADDRESS (as under `ray job submit`), else start a local instance; either way the
-    job's workers start with the allocator settings (`ALLOCATOR_ENV`). `init_options` go to `ray.init`.
+    job's workers start with the allocator and device-visibility settings (`WORKER_ENV`). `init_options` go to
+    `ray.init`.
 
     A local instance starts without Ray's dashboard unless $MALLOWS_RAY_DASHBOARD=1 (`wants_dashboard`): its
     ten processes (the head and nine modules) poll all the time, and on a 2-core machine they took ~8% of a
@@ -41,7 +48,7 @@ def ensure_ray(address: str | None = None, **init_options) -> None:
         address = address or os.environ.get("RAY_ADDRESS") or "local"
         if address == "local":  # ray.init refuses include_dashboard when it joins a running cluster
             init_options.setdefault("include_dashboard", wants_dashboard())
-        ray.init(address=address, runtime_env={"env_vars": allocator_env()}, **init_options)
+        ray.init(address=address, runtime_env={"env_vars": worker_env()}, **init_options)
 
 
 def wants_dashboard() -> bool:
@@ -64,10 +71,15 @@ def worker_threads(requested: int, workers_on_node: int) -> int:
     return max(1, usable // workers_on_node)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on a GPU, fp32 on CPU. On a CPU without AMX bf16 matmuls are slow; with it (this Xeon) they
-    run 5x faster than fp32, yet a Ray worker's bf16 step was no faster than its fp32 one on SmolLM2
-    (benchmarks/README.md, bf16 on the CPU), and fp32 keeps CPU runs bit-reproducible."""
+def dtype_name(name: str, on_gpu: bool) -> str:
+    """model.dtype `name` with `auto` resolved: bf16 on a GPU, fp32 on CPU. On a CPU without AMX bf16 matmuls
+    are slow; with it (this Xeon) they run 5x faster than fp32, yet a Ray worker's bf16 step was no faster than
+    its fp32 one on SmolLM2 (benchmarks/README.md, bf16 on the CPU), and fp32 keeps CPU runs bit-reproducible."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+        return "bfloat16" if on_gpu else "float32"
+    return name
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of model.dtype `name` on `device` (`dtype_name`)."""
+    return getattr(torch, dtype_name(name, device.type == "cuda"))

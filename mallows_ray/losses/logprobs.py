@@ -115,6 +115,12 @@ class _TiedEmbeddingLookup(torch.autograd.Function):
         grad = ctx.tied.take()
         if grad is None:  # the head took no gradient for the weight in this backward
             grad = rows.new_zeros(ctx.weight_shape)
+        if grad.dtype != torch.float32:
+            # on CUDA a bf16 index_add_ adds with atomics in bf16, rounding at every repeat of a token (a chat
+            # template's repeat hundreds of times; CPU's accumulates in fp32): each token's rows are summed in
+            # fp32 first and rounded once, as autograd's embedding backward does on either device
+            ids, inverse = torch.unique(ids, return_inverse=True)
+            rows = rows.new_zeros((len(ids), rows.shape[-1]), dtype=torch.float32).index_add_(0, inverse, rows.float())
         return grad.index_add_(0, ids, rows.to(grad.dtype)), None, None, None
 
 

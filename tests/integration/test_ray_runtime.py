@@ -6,7 +6,7 @@ import os
 import pytest
 import ray
 
-from mallows_ray.runtime import ALLOCATOR_ENV, wants_dashboard
+from mallows_ray.runtime import WORKER_ENV, wants_dashboard
 
 
 @ray.remote
@@ -16,10 +16,21 @@ def _start_environment() -> dict[str, str]:
         return dict(item.split("=", 1) for item in fh.read().split("\0") if "=" in item)
 
 
-def test_workers_start_with_the_allocator_settings(ray_local):
-    expected = {key: os.environ.get(key, value) for key, value in ALLOCATOR_ENV.items()}  # a user's value wins
+@ray.remote(num_gpus=0)
+def _visible_gpus() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_workers_start_with_the_allocator_and_device_settings(ray_local):
+    expected = {key: os.environ.get(key, value) for key, value in WORKER_ENV.items()}  # a user's value wins
     started = ray.get(_start_environment.remote())
-    assert {key: started.get(key) for key in ALLOCATOR_ENV} == expected
+    assert {key: started.get(key) for key in WORKER_ENV} == expected
+
+
+def test_a_task_that_reserved_no_gpu_sees_none(ray_local):
+    """Ray >= 2.49 leaves CUDA_VISIBLE_DEVICES alone for a task with no GPU (it would see them all); the job's
+    workers restore the older rule, so a zero-GPU scoring actor or CPU training worker cannot take a GPU."""
+    assert ray.get(_visible_gpus.remote()) == ""
 
 
 def test_a_local_instance_starts_without_the_dashboard(ray_local):

@@ -132,3 +132,15 @@ def test_evaluation_needs_the_vertex_or_the_uniform_pass():
     assert from_dict(Config, {"lambdas": {"eval_uniform": False}}).lambdas.eval_vertices
     with pytest.raises(ConfigError, match="lambdas.eval_vertices and lambdas.eval_uniform are both false"):
         from_dict(Config, {"lambdas": {"eval_vertices": False, "eval_uniform": False}})
+
+
+def test_scored_data_settings_record_the_scoring_dtype_resolved():
+    """model.dtype=auto enters the cache key as the dtype the scoring actors compute in: fp32 on CPU actors, bf16
+    on actors that reserve a GPU (and only those see one, runtime.DEVICE_ENV); an explicit dtype as it is."""
+    from mallows_ray.config import scored_data_settings
+
+    dtype = lambda *overrides: scored_data_settings(load_config(None, list(overrides)))["model_dtype"]  # noqa: E731
+    assert dtype() == "float32"
+    assert dtype("data.scoring.num_gpus_per_actor=1") == "bfloat16"
+    assert dtype("data.scoring.num_gpus_per_actor=0.5", "model.dtype=float32") == "float32"
+    assert dtype("model.dtype=bfloat16") == "bfloat16"

@@ -1,25 +1,34 @@
-"""runtime.py without Ray: which allocator settings and how many torch threads the workers are given, and whether a
-local instance starts with the dashboard."""
+"""runtime.py without Ray: which allocator and device settings and how many torch threads the workers are given,
+and whether a local instance starts with the dashboard."""
 
 import os
 
 import pytest
 
-from mallows_ray.runtime import ALLOCATOR_ENV, DASHBOARD_ENV, allocator_env, wants_dashboard, worker_threads
+from mallows_ray.runtime import (
+    ALLOCATOR_ENV,
+    DASHBOARD_ENV,
+    DEVICE_ENV,
+    WORKER_ENV,
+    wants_dashboard,
+    worker_env,
+    worker_threads,
+)
 
 
-def test_allocator_env_gives_every_setting_the_user_has_not_set(monkeypatch):
-    for key in ALLOCATOR_ENV:
+def test_worker_env_gives_every_setting_the_user_has_not_set(monkeypatch):
+    for key in WORKER_ENV:
         monkeypatch.delenv(key, raising=False)
-    assert allocator_env() == ALLOCATOR_ENV
+    assert worker_env() == WORKER_ENV == {**ALLOCATOR_ENV, **DEVICE_ENV}
     assert ALLOCATOR_ENV["MALLOC_ARENA_MAX"] == "1" and ALLOCATOR_ENV["MALLOC_MMAP_MAX_"] == "0"
+    assert DEVICE_ENV == {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
 
 
-def test_a_users_own_allocator_setting_wins(monkeypatch):
+def test_a_users_own_worker_setting_wins(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # Ray refuses a job env and a driver env naming one variable
-    settings = allocator_env()
+    settings = worker_env()
     assert "MALLOC_ARENA_MAX" not in settings
-    assert set(settings) == set(ALLOCATOR_ENV) - {"MALLOC_ARENA_MAX"}
+    assert set(settings) == set(WORKER_ENV) - {"MALLOC_ARENA_MAX"}
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")

@@ -83,3 +83,21 @@ def test_only_a_plain_trainable_tied_embedding_is_looked_up_in_place():
     scaled = tiny_llama()
     scaled.model.embed_tokens.max_norm = 1.0  # a lookup that renormalises rows is not F.embedding(ids, weight)
     assert tied_input_embedding(scaled) is None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_a_bf16_lookup_rounds_each_tokens_summed_rows_once(device):
+    """bf16 weights: a token repeated 401 times gets the fp32 sum of its rows' gradients rounded once to bf16
+    (within bf16's unit roundoff of the exact sum). 401 bf16 additions, as CUDA's index_add_ makes with atomics,
+    are off by up to ~14% here; CPU's index_add_ accumulates in fp32 itself, so only a GPU tells them apart."""
+    from mallows_ray.losses.logprobs import TiedWeightGrad, embedding_lookup
+
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(7, 16, generator=g).bfloat16().to(device).requires_grad_()
+    ids = torch.tensor([3] * 400 + [1, 2, 3], device=device)
+    grad_rows = torch.randn(len(ids), 16, generator=g).bfloat16().to(device)
+    embedding_lookup(ids, weight, TiedWeightGrad()).backward(grad_rows)  # the head took no weight gradient
+    exact = torch.zeros(7, 16, dtype=torch.float64, device=device).index_add_(0, ids, grad_rows.double())
+    assert weight.grad.dtype == torch.bfloat16
+    assert ((weight.grad.double() - exact).abs() <= exact.abs() * 2**-8).all()

@@ -10,6 +10,9 @@ What runs (each in its own process, as benchmarks/run.py does, so peak memory is
               (`model.pack`); tokens/s, peak GPU memory, achieved FLOP/s / peak on the tokens the model ran
   trl         TRL's DPOTrainer on the same pairs, lengths and micro-batch, bf16 on the same GPU: default and
               precompute_ref_log_probs (`benchmarks.step_trl`)
+              Both step rows load the model in bf16, so weights and AdamW moments are bf16 on both sides (at
+              lr 1e-6 most updates round away): a like-for-like speed comparison, but their peak GPU memory is
+              below a real run's, whose DeepSpeed optimizer keeps fp32 master weights and moments (the Ray runs)
   ray         `mallows-ray train` on 1 GPU (Ray Train + DeepSpeed), a few steps each: ZeRO-2 bf16 packed, whose
               prepare runs the scoring actor on the GPU (data.scoring.num_gpus_per_actor=1); ZeRO-3 bf16 with a
               token budget per micro-batch (`batch.max_tokens`); LoRA
@@ -124,7 +127,7 @@ def render(results: dict[str, dict[str, Any] | None], dry: bool) -> str:
     """The side-by-side table: tokens/s, peak GPU memory, achieved fraction of the matmul peak."""
     peak = (results.get("peak") or {}).get("peak_flops")
     lines = ["", f"gpu_check ({'CPU dry run: the figures mean nothing' if dry else 'GPU'})", "",
-             "| path | tokens/s | step s | peak GPU MiB | achieved / peak |", "|---|---|---|---|---|"]
+             "| path | tokens/s | step s | peak GPU MiB (pure bf16) | achieved / peak |", "|---|---|---|---|---|"]
     # mallows_ray: FLOPs on the tokens the model ran; TRL: on its batches' tokens (as RESULTS.md row 2)
     for name, tokens in (("step_shared", "median_model_tokens_per_s"), ("step_packed", "median_model_tokens_per_s"),
                          ("trl_default", "median_tokens_per_s"), ("trl_precompute", "median_tokens_per_s")):

@@ -32,6 +32,9 @@ def worker_env() -> dict[str, str]:
 # Set to 1 to start a local instance with Ray's dashboard (http://127.0.0.1:8265)
 DASHBOARD_ENV = "MALLOWS_RAY_DASHBOARD"
 
+# Whether `ensure_ray` started this process's Ray instance locally (`check_local_resources`)
+_started_local = False
+
 
 def ensure_ray(address: str | None = None, **init_options) -> None:
     """Join `address` / $RAY_ADDRESS (as under `ray job submit`), else start a local instance; either way the
@@ -49,6 +52,25 @@ def ensure_ray(address: str | None = None, **init_options) -> None:
         if address == "local":  # ray.init refuses include_dashboard when it joins a running cluster
             init_options.setdefault("include_dashboard", wants_dashboard())
         ray.init(address=address, runtime_env={"env_vars": worker_env()}, **init_options)
+        global _started_local
+        _started_local = address == "local"
+
+
+def check_local_resources(need: dict[str, float], asked_by: str) -> None:
+    """ValueError when a local Ray instance that `ensure_ray` started has less of a resource than `need`
+    ({"CPU": n, "GPU": n}): no autoscaler adds nodes to it, so the actors or workers asking would wait forever.
+    `asked_by` names the settings that ask. A joined cluster is not checked (its autoscaler may add nodes)."""
+    import ray
+
+    if not (_started_local and ray.is_initialized()):
+        return
+    have = ray.cluster_resources()
+    short = {name: amount for name, amount in need.items() if amount > have.get(name, 0.0)}
+    if short:
+        wanted = ", ".join(f"{amount:g} {name}" for name, amount in short.items())
+        held = ", ".join(f"{have.get(name, 0.0):g} {name}" for name in short)
+        raise ValueError(f"{asked_by} ask for {wanted}; this machine's Ray instance has {held}, and a local instance "
+                         "gets no more: lower them (or join a cluster that has them: --address / RAY_ADDRESS)")
 
 
 def wants_dashboard() -> bool:

@@ -65,7 +65,7 @@ from mallows_ray.data.stages import REJECT_FIELDS, TOKENIZED_SCHEMA, normalise_u
 from mallows_ray.data.tokenize import LengthLimits
 from mallows_ray.losses import EntropyAggregate
 from mallows_ray.models import resolve_model_path
-from mallows_ray.runtime import ensure_ray
+from mallows_ray.runtime import check_local_resources, ensure_ray
 
 # The scored split: tokenized rows (less the staging columns) + the reference's scores.
 SCORED_SCHEMA = pa.schema([f for f in TOKENIZED_SCHEMA if f.name not in {"order", *(r.name for r in REJECT_FIELDS)}]
@@ -221,6 +221,10 @@ def _leaves_a_cpu(scoring) -> bool:
 
 def _scoring_pool(config: Config, model_path: Path, limits: LengthLimits) -> ScoringPool:
     scoring = config.data.scoring
+    if scoring.num_gpus_per_actor > 0:
+        check_local_resources({"GPU": scoring.num_actors * scoring.num_gpus_per_actor},
+                              f"data.scoring.num_actors={scoring.num_actors} x num_gpus_per_actor="
+                              f"{scoring.num_gpus_per_actor:g}")
     return ScoringPool(
         scoring.num_actors, num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
         tokenizer_path=str(model_path), limits=limits, batch_size=scoring.batch_size, model_path=str(model_path),

@@ -15,7 +15,7 @@ from mallows_ray.data.cache import PreparedData, open_cache
 from mallows_ray.data.pipeline import prepare
 from mallows_ray.drivers import run_dir
 from mallows_ray.models import resolve_model_path
-from mallows_ray.runtime import ensure_ray
+from mallows_ray.runtime import check_local_resources, ensure_ray
 from mallows_ray.train import checkpoint
 from mallows_ray.train.plan import TrainPlan
 from mallows_ray.typed_config import to_dict
@@ -147,6 +147,11 @@ def run_training(config: Config, *, address: str | None = None) -> TrainResult:
     against this run's settings here, before any worker starts (`checkpoint.check_resume`).
     """
     ensure_ray(address)
+    scaling = config.scaling  # before prepare: a worker group that can never start fails now, not after scoring
+    check_local_resources({"CPU": scaling.num_workers * scaling.cpus_per_worker,
+                           **({"GPU": scaling.num_workers * scaling.gpus_per_worker} if scaling.use_gpu else {})},
+                          f"scaling.num_workers={scaling.num_workers} x cpus_per_worker={scaling.cpus_per_worker:g}"
+                          + (f" / gpus_per_worker={scaling.gpus_per_worker:g}" if scaling.use_gpu else ""))
     prepared = scored_data(config, address)
     plan = make_plan(config, prepared)
     run_dir.claim(plan)

@@ -71,3 +71,12 @@ def test_every_row_bad_still_writes_the_rejects_file(ray_local, tmp_path, tiny_m
         prepare(_config(tmp_path, tiny_model_dir, train, **{"data.max_bad_fraction": 1.0}))
     [path] = rejects_files()
     assert len(path.read_text().splitlines()) == 3
+
+
+def test_scoring_actors_asking_for_gpus_a_local_instance_lacks_are_refused(ray_local, tmp_path, tiny_model_dir):
+    """No autoscaler adds a GPU to a local instance: actors asking for one would wait forever, so prepare says
+    which settings ask for what it lacks instead."""
+    train = _write_jsonl(tmp_path / "train.jsonl", GOOD)
+    with pytest.raises(ValueError, match=r"data\.scoring\.num_actors=1 x num_gpus_per_actor=1 ask for 1 GPU; "
+                                         r"this machine's Ray instance has 0 GPU"):
+        prepare(_config(tmp_path, tiny_model_dir, train, **{"data.scoring.num_gpus_per_actor": 1}))

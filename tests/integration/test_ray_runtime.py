@@ -38,3 +38,18 @@ def test_a_local_instance_starts_without_the_dashboard(ray_local):
     if wants_dashboard():
         pytest.skip("$MALLOWS_RAY_DASHBOARD asks for the dashboard")
     assert ray._private.worker.global_worker.node.address_info["webui_url"] in ("", None)
+
+
+def test_training_asking_for_more_than_a_local_instance_has_is_refused_before_prepare(ray_local, tmp_path):
+    """The worker group could never start; the run says so before it prepares anything (data.train need not
+    even exist yet). 5 workers x 1 CPU on the fixture's 4 logical CPUs; a GPU on a machine with none."""
+    from mallows_ray.config import load_config
+    from mallows_ray.drivers.train import run_training
+
+    base = [f"data.train={tmp_path / 'absent.jsonl'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(ValueError, match=r"scaling\.num_workers=5 x cpus_per_worker=1 ask for 5 CPU; this "
+                                         r"machine's Ray instance has 4 CPU"):
+        run_training(load_config(None, [*base, "scaling.num_workers=5", "scaling.cpus_per_worker=1"]))
+    with pytest.raises(ValueError, match=r"gpus_per_worker=1 ask for 1 GPU; this machine's Ray instance has 0 GPU"):
+        run_training(load_config(None, [*base, "scaling.use_gpu=true"]))
+    assert not (tmp_path / "cache").exists()

@@ -56,21 +56,25 @@ def ensure_ray(address: str | None = None, **init_options) -> None:
         _started_local = address == "local"
 
 
-def check_local_resources(need: dict[str, float], asked_by: str) -> None:
-    """ValueError when a local Ray instance that `ensure_ray` started has less of a resource than `need`
-    ({"CPU": n, "GPU": n}): no autoscaler adds nodes to it, so the actors or workers asking would wait forever.
-    `asked_by` names the settings that ask. A joined cluster is not checked (its autoscaler may add nodes)."""
+def check_local_resources(count: tuple[str, int], each: dict[str, tuple[str, float]]) -> None:
+    """ValueError when a local Ray instance that `ensure_ray` started has less of a resource than `count` actors
+    or workers reserving `each` ask for: no autoscaler adds nodes to it, so they would wait forever. `count`:
+    (its setting, n); `each`: {resource: (its setting, amount per actor or worker)}, e.g. {"GPU":
+    ("gpus_per_worker", 1.0)}. A joined cluster is not checked (its autoscaler may add nodes)."""
     import ray
 
     if not (_started_local and ray.is_initialized()):
         return
     have = ray.cluster_resources()
-    short = {name: amount for name, amount in need.items() if amount > have.get(name, 0.0)}
+    (count_key, n) = count
+    short = {name: (key, amount) for name, (key, amount) in each.items() if n * amount > have.get(name, 0.0)}
     if short:
-        wanted = ", ".join(f"{amount:g} {name}" for name, amount in short.items())
+        asking = " / ".join(f"{key}={amount:g}" for key, amount in short.values())
+        wanted = ", ".join(f"{n * amount:g} {name}" for name, (_, amount) in short.items())
         held = ", ".join(f"{have.get(name, 0.0):g} {name}" for name in short)
-        raise ValueError(f"{asked_by} ask for {wanted}; this machine's Ray instance has {held}, and a local instance "
-                         "gets no more: lower them (or join a cluster that has them: --address / RAY_ADDRESS)")
+        raise ValueError(f"{count_key}={n} x {asking} ask for {wanted}; this machine's Ray instance has {held}, and "
+                         "a local instance gets no more: lower them (or join a cluster that has them: --address / "
+                         "RAY_ADDRESS)")
 
 
 def wants_dashboard() -> bool:

@@ -221,10 +221,9 @@ def _leaves_a_cpu(scoring) -> bool:
 
 def _scoring_pool(config: Config, model_path: Path, limits: LengthLimits) -> ScoringPool:
     scoring = config.data.scoring
-    if scoring.num_gpus_per_actor > 0:
-        check_local_resources({"GPU": scoring.num_actors * scoring.num_gpus_per_actor},
-                              f"data.scoring.num_actors={scoring.num_actors} x num_gpus_per_actor="
-                              f"{scoring.num_gpus_per_actor:g}")
+    check_local_resources(("data.scoring.num_actors", scoring.num_actors),
+                          {"CPU": ("num_cpus_per_actor", scoring.num_cpus_per_actor),
+                           "GPU": ("num_gpus_per_actor", scoring.num_gpus_per_actor)})
     return ScoringPool(
         scoring.num_actors, num_cpus=scoring.num_cpus_per_actor, num_gpus=scoring.num_gpus_per_actor,
         tokenizer_path=str(model_path), limits=limits, batch_size=scoring.batch_size, model_path=str(model_path),

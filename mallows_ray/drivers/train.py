@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mallows_ray.config import Config
+from mallows_ray.config import Config, ScalingConfig
 from mallows_ray.data import manifest as mf
 from mallows_ray.data.cache import PreparedData, open_cache
 from mallows_ray.data.pipeline import prepare
@@ -110,6 +110,15 @@ def check_splits(plan: TrainPlan) -> None:
         plan.open_split("validation")
 
 
+WORKER_RESOURCE_KEYS = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}  # the scaling setting of each
+
+
+def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
+    """What each Ray Train worker reserves: {"CPU": scaling.cpus_per_worker, "GPU": scaling.gpus_per_worker
+    with scaling.use_gpu}."""
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+
+
 def build_trainer(config: Config, plan: TrainPlan, *, callbacks: Sequence[Any] = ()) -> Any:
     """The `TorchTrainer` of one training run: `train_loop_per_worker` on `scaling.num_workers` workers.
 
@@ -123,13 +132,12 @@ def build_trainer(config: Config, plan: TrainPlan, *, callbacks: Sequence[Any] =
     from mallows_ray.train.loop import train_loop_per_worker  # imported here: it imports Ray Train and DeepSpeed
 
     scaling = config.scaling
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "plan": asdict(plan)},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=worker_resources(scaling)),
         run_config=ray.train.RunConfig(
             name=plan.run_name, storage_path=plan.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
@@ -147,11 +155,10 @@ def run_training(config: Config, *, address: str | None = None) -> TrainResult:
     against this run's settings here, before any worker starts (`checkpoint.check_resume`).
     """
     ensure_ray(address)
-    scaling = config.scaling  # before prepare: a worker group that can never start fails now, not after scoring
-    check_local_resources({"CPU": scaling.num_workers * scaling.cpus_per_worker,
-                           **({"GPU": scaling.num_workers * scaling.gpus_per_worker} if scaling.use_gpu else {})},
-                          f"scaling.num_workers={scaling.num_workers} x cpus_per_worker={scaling.cpus_per_worker:g}"
-                          + (f" / gpus_per_worker={scaling.gpus_per_worker:g}" if scaling.use_gpu else ""))
+    # before prepare: a worker group that can never start fails now, not after the scoring
+    check_local_resources(("scaling.num_workers", config.scaling.num_workers),
+                          {name: (WORKER_RESOURCE_KEYS[name], amount)
+                           for name, amount in worker_resources(config.scaling).items()})
     prepared = scored_data(config, address)
     plan = make_plan(config, prepared)
     run_dir.claim(plan)

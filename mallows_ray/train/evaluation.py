@@ -6,6 +6,7 @@ metrics under given lambdas. Used by the training loop (sharded over ranks, one 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -61,7 +62,7 @@ def forward_parts(rows: list[Row], count: int, settings: EvalSettings) -> list[t
         return [(rows, count)]
     parts = budget_micro_batches(rows, settings.max_tokens, group=1, share_prompt=settings.share_prompt,
                                  pack=settings.pack)
-    starts = [sum(map(len, parts[:i])) for i in range(len(parts))]
+    starts = accumulate(map(len, parts), initial=0)  # each part's first row in `rows`
     return [(part, min(len(part), max(0, count - start))) for part, start in zip(parts, starts)]
 
 

@@ -73,10 +73,13 @@ def test_every_row_bad_still_writes_the_rejects_file(ray_local, tmp_path, tiny_m
     assert len(path.read_text().splitlines()) == 3
 
 
-def test_scoring_actors_asking_for_gpus_a_local_instance_lacks_are_refused(ray_local, tmp_path, tiny_model_dir):
-    """No autoscaler adds a GPU to a local instance: actors asking for one would wait forever, so prepare says
-    which settings ask for what it lacks instead."""
+def test_scoring_actors_asking_for_more_than_a_local_instance_has_are_refused(ray_local, tmp_path, tiny_model_dir):
+    """No autoscaler adds a GPU or CPUs to a local instance: actors asking for more than it has would wait
+    forever, so prepare says which settings ask for what it lacks instead."""
     train = _write_jsonl(tmp_path / "train.jsonl", GOOD)
     with pytest.raises(ValueError, match=r"data\.scoring\.num_actors=1 x num_gpus_per_actor=1 ask for 1 GPU; "
                                          r"this machine's Ray instance has 0 GPU"):
         prepare(_config(tmp_path, tiny_model_dir, train, **{"data.scoring.num_gpus_per_actor": 1}))
+    with pytest.raises(ValueError, match=r"num_actors=1 x num_cpus_per_actor=5 ask for 5 CPU; this machine's Ray "
+                                         r"instance has 4 CPU"):  # the fixture's 4 logical CPUs
+        prepare(_config(tmp_path, tiny_model_dir, train, **{"data.scoring.num_cpus_per_actor": 5}))

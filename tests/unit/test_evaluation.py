@@ -1,6 +1,8 @@
 """Evaluation passes under a token budget (`batch.max_tokens`): the same metrics as whole-share forwards, in
 forwards of at most the budget, padding rows of a short share never counted."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_shared_prompt import tiny_llama
@@ -36,7 +38,7 @@ def test_a_token_budget_gives_the_same_metrics_in_smaller_forwards(share, pack):
     whole = evaluate_rows(counted, batches, settings)
     assert len(widths) == len(batches)
     widths.clear()
-    cut = evaluate_rows(counted, batches, EvalSettings(**{**settings.__dict__, "max_tokens": budget}))
+    cut = evaluate_rows(counted, batches, dataclasses.replace(settings, max_tokens=budget))
     assert len(widths) > len(batches)
     # a forward over the budget holds one prompt alone (a prompt is never split)
     singles = [layout_tokens([row], share, pack) for row in rows]

@@ -6,8 +6,12 @@
 
 What runs (each in its own process, as benchmarks/run.py does, so peak memory is its own):
   peak        the GPU's dense bf16 matmul rate (8192^3; the denominator of "fraction of peak")
+  attention   tests/unit/test_varlen_attention.py: on the GPU its last test runs torch's varlen flash kernel
+              through a tiny model against the grouped sdpa path (log-probs and gradients, bf16 tolerance)
   step        the SmolLM2 training step in bf16 (`benchmarks.step_mallows`): shared prompt, then packed
-              (`model.pack`); tokens/s, peak GPU memory, achieved FLOP/s / peak on the tokens the model ran
+              (`model.pack`: the varlen flash kernel, `attention.VARLEN`), then packed with grouped sdpa under
+              masks (the path before the kernel, and the CPU's); tokens/s, peak GPU memory, achieved FLOP/s /
+              peak on the tokens the model ran
   trl         TRL's DPOTrainer on the same pairs, lengths and micro-batch, bf16 on the same GPU: default and
               precompute_ref_log_probs (`benchmarks.step_trl`)
               Both step rows load the model in bf16, so weights and AdamW moments are bf16 on both sides (at
@@ -97,9 +101,13 @@ def main() -> None:
     results: dict[str, dict[str, Any] | None] = {}
     results["peak"] = run("peak", [py, "-m", "benchmarks.matmul_peak", *device,
                                    f"--size={512 if dry else 8192}", f"--repeats={2 if dry else 20}"], 300)
+    results["attention"] = run("attention", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                             "tests/unit/test_varlen_attention.py"], 300, json_result=False)
     results["step_shared"] = run("step_shared", [py, "-m", "benchmarks.step_mallows", *device, *workload], 600)
     results["step_packed"] = run("step_packed", [py, "-m", "benchmarks.step_mallows", *device, *workload,
                                                  "--pack=1"], 600)
+    results["step_packed_grouped"] = run("step_packed_grouped", [py, "-m", "benchmarks.step_mallows", *device,
+                                                                 *workload, "--pack=1", "--attention=grouped"], 600)
     results["trl_default"] = run("trl_default", [py, "-m", "benchmarks.step_trl", *device, *workload], 600)
     results["trl_precompute"] = run("trl_precompute", [py, "-m", "benchmarks.step_trl", *device, *workload,
                                                        "--precompute"], 600)
@@ -130,17 +138,19 @@ def render(results: dict[str, dict[str, Any] | None], dry: bool) -> str:
              "| path | tokens/s | step s | peak GPU MiB (pure bf16) | achieved / peak |", "|---|---|---|---|---|"]
     # mallows_ray: FLOPs on the tokens the model ran; TRL: on its batches' tokens (as RESULTS.md row 2)
     for name, tokens in (("step_shared", "median_model_tokens_per_s"), ("step_packed", "median_model_tokens_per_s"),
-                         ("trl_default", "median_tokens_per_s"), ("trl_precompute", "median_tokens_per_s")):
+                         ("step_packed_grouped", "median_model_tokens_per_s"), ("trl_default", "median_tokens_per_s"),
+                         ("trl_precompute", "median_tokens_per_s")):
         r = results.get(name)
         if r is None:
             lines.append(f"| {name} | FAILED | | | |")
             continue
         fraction = f"{achieved_flops(r, tokens) / peak:.2f}" if peak else "-"
         memory = f"{r['peak_gpu_mib']:.0f}" if r.get("peak_gpu_mib") is not None else "-"
-        lines.append(f"| {name} | {r['median_tokens_per_s']:.0f} | {r['median_step_s']:.3f} | {memory} | {fraction} |")
+        label = f"{name} (varlen kernel)" if r.get("varlen_attention") else name
+        lines.append(f"| {label} | {r['median_tokens_per_s']:.0f} | {r['median_step_s']:.3f} | {memory} | {fraction} |")
     if peak:
         lines.append(f"\nmatmul peak: {peak / 1e12:.1f} TFLOP/s")
-    for name in ("ray_zero2_packed", "ray_zero3", "ray_lora"):
+    for name in ("attention", "ray_zero2_packed", "ray_zero3", "ray_lora"):
         r = results.get(name)
         lines.append(f"- {name}: " + (f"ok ({r['seconds']:.0f} s)" if r else "FAILED"))
     return "\n".join(lines)

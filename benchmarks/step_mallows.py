@@ -8,7 +8,8 @@ forward under no_grad, outside the timed region.
 `--share-prompt 0` packs one row per response instead of each prompt once (model.share_prompt=false); `--pack 1`
 lays the micro-batch's prompts end to end in one row (model.pack); `--compile 1` compiles the transformer body
 (model.compile; the warm-up steps include the compiling, `warmup_seconds`). `--device cuda --dtype bfloat16`:
-the GPU step (gpu_check.py), with its peak GPU memory.
+the GPU step (gpu_check.py), with its peak GPU memory; there a packed row runs torch's varlen flash kernel
+(`attention.VARLEN`), and `--attention grouped` runs it group by group under masks instead (the CPU's path).
 
 Tokens per step are the pair sequences' tokens, a prompt counted once per response (the unit TRL's
 attention-mask count uses); `model_tokens` are those the model actually ran (fewer with a shared prompt).
@@ -45,6 +46,9 @@ def main() -> None:
     parser.add_argument("--share-prompt", type=int, choices=[0, 1], default=1, help="model.share_prompt")
     parser.add_argument("--pack", type=int, choices=[0, 1], default=0, help="model.pack")
     parser.add_argument("--compile", type=int, choices=[0, 1], default=0, help="model.compile")
+    parser.add_argument("--attention", choices=["varlen", "grouped"], default="varlen",
+                        help="varlen: the default (the varlen kernel on a GPU in bf16, grouped elsewhere); grouped: "
+                             "attention.GROUPED_SDPA everywhere")
     add_device_args(parser)
     add_allocator_arg(parser, "workers")
     args = parser.parse_args()
@@ -59,6 +63,7 @@ def main() -> None:
 
     import torch
 
+    from mallows_ray.attention import GROUPED_SDPA, varlen_applies
     from mallows_ray.config import OptimConfig
     from mallows_ray.data.collate import pack_responses
     from mallows_ray.losses import build_loss
@@ -72,6 +77,8 @@ def main() -> None:
     rows = untruncated_pairs(tokenizer, workload)
     device = torch.device(args.device)
     lm = load_model(path, getattr(torch, args.dtype)).to(device)
+    if args.attention == "grouped":
+        lm.set_attn_implementation(GROUPED_SDPA)
     lm.config.use_cache = False
     with torch.no_grad():  # the scored data's ref_logps column, as prepare would write it
         for row in rows:
@@ -112,7 +119,8 @@ def main() -> None:
     emit({
         "framework": "mallows_ray", "device": args.device, "dtype": args.dtype,
         "mode": "reference precomputed" + (", shared prompt" if share else "") + (", packed" if pack else "")
-        + (", compiled" if args.compile else ""), "warmup_seconds": warmup_seconds,
+        + (", compiled" if args.compile else ""), "varlen_attention": pack and varlen_applies(lm, device),
+        "warmup_seconds": warmup_seconds,
         "step_seconds": seconds, "step_cpu_seconds": cpu_seconds, "step_tokens": tokens,
         "step_model_tokens": model_tokens, "model_tokens_per_s": sum(model_tokens) / sum(seconds),
         "median_model_tokens_per_s": median([t / s for t, s in zip(model_tokens, seconds)]),

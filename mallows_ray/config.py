@@ -58,7 +58,8 @@ class ModelConfig:
     share_prompt: bool = True
     # Lay a micro-batch's prompts (with their responses) end to end in one row, without the padding between
     # rows; attention stays within each prompt's segments, positions restart per prompt (data/collate.py), and
-    # runs prompt by prompt (models.GROUPED_SDPA). Same log-probs within rounding, more tokens/s (RESULTS row 1f)
+    # runs prompt by prompt (attention.GROUPED_SDPA; on a GPU in bf16/fp16 torch's varlen flash kernel, no
+    # mask: attention.VARLEN). Same log-probs within rounding, more tokens/s (RESULTS row 1f)
     pack: bool = True
     # torch.compile the decoder layers in training (models.compile_layers: the layers share one graph; dynamic
     # shapes, one graph per count of prompts in a packed row): fewer, fused elementwise kernels. On this 2-core

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from mallows_ray.attention import VARLEN, attention_inputs, register_packed_attention
 from mallows_ray.config import CACHE_ROOT, EMBEDDED_MODEL
-from mallows_ray.data.collate import SEGMENT_BITS
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -73,51 +73,17 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """The causal LM at `path`; a model that runs sdpa attention runs `GROUPED_SDPA` (the same, and packed rows
-    attend group by group)."""
+    """The causal LM at `path`; a model that runs sdpa attention runs `attention.VARLEN` (the same, and a packed
+    row attends group by group, or as causal sequences through the varlen flash kernel on a GPU in bf16/fp16)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
     if model.config._attn_implementation == "sdpa":
-        register_grouped_sdpa()
-        model.set_attn_implementation(GROUPED_SDPA)
+        register_packed_attention()
+        model.set_attn_implementation(VARLEN)
     return model
-
-
-# A packed row holds several independent groups (data/collate.py) whose dense [T, T] mask is block-diagonal:
-# sdpa over the whole row computes every off-diagonal block only to mask it out. Run sdpa on each group's
-# diagonal block instead: sum_g L_g^2 instead of T^2 scores (two equal groups: half; 17 -> 10 ms forward +
-# backward per layer at T = 600 on this CPU). Without `group_bounds` it is transformers' sdpa, unchanged.
-GROUPED_SDPA = "mallows_ray_grouped_sdpa"
-HALF_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def grouped_sdpa_attention(module, query, key, value, attention_mask, group_bounds=None, **kwargs):
-    """transformers' sdpa attention, run per group of a packed row: `group_bounds` [(start, end)] cover the
-    row's T positions in order; query [1, H, T, D], key / value [1, H_kv, T, D], attention_mask [1, 1, T, T]
-    (True = attend, block-diagonal over the groups) -> ([1, T, H, D], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if query.device.type == "cpu" and query.dtype in HALF_DTYPES:
-        # torch's CPU flash-attention kernels run bf16 far slower than fp32 (the backward ~6x on SmolLM2's
-        # packed rows: ~10 ms against ~1.75 ms a layer, while bf16 matmuls run 2-5x faster on AMX): attend in
-        # fp32 and round the output back, which is more precise too. GPUs keep their native kernels.
-        additive = attention_mask is not None and attention_mask.is_floating_point()
-        mask = attention_mask.float() if additive else attention_mask  # bool (True = attend) or None as it is
-        out, _ = grouped_sdpa_attention(module, query.float(), key.float(), value.float(), mask, group_bounds,
-                                        **kwargs)
-        return out.to(query.dtype), None
-    if group_bounds is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    # split, not slices: the backward of a split concatenates the groups' gradients, while each slice's
-    # backward would zero-fill a whole [1, H, T, D] gradient (that cost as much as the blocks saved)
-    sizes = [e - s for s, e in group_bounds]
-    outputs = [sdpa_attention_forward(module, q, k, v, attention_mask[..., s:e, s:e], **kwargs)[0]
-               for q, k, v, (s, e) in zip(query.split(sizes, dim=2), key.split(sizes, dim=2),
-                                          value.split(sizes, dim=2), group_bounds)]
-    return torch.cat(outputs, dim=1), None
 
 
 def compile_layers(model) -> None:
@@ -131,7 +97,7 @@ def compile_layers(model) -> None:
     its whole body compiled. The embedding, the rotary tables and the final norm around the layers stay eager,
     as does the chunked log-prob head (its autograd Function picks the chunking at run time).
 
-    A packed row's attention loops over its groups (`grouped_sdpa_attention`) inside the layer: the graph is
+    A packed row's attention loops over its groups (`attention.packed_attention`) inside the layer: the graph is
     traced per count of groups, so a run compiles once per count of prompts its micro-batches hold (their
     bounds stay symbolic).
     """
@@ -139,65 +105,6 @@ def compile_layers(model) -> None:
     layers = [module for module in model.modules() if type(module).__name__ in repeated]
     for module in layers or [getattr(model, model.base_model_prefix)]:
         module.compile(dynamic=True)
-
-
-def register_grouped_sdpa() -> None:
-    """Make `GROUPED_SDPA` a transformers attention implementation (masks built as for sdpa)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
-    AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
-
-
-def packed_group_bounds(segment_ids: torch.Tensor) -> list[tuple[int, int]] | None:
-    """[(start, end)] of the runs of one group in a single packed row's [1, T] segment ids (trailing padding,
-    segment -1, a run of its own); None when the row holds one run or there are several rows."""
-    if segment_ids.shape[0] != 1:
-        return None
-    _, lengths = torch.unique_consecutive(segment_ids[0] >> SEGMENT_BITS, return_counts=True)
-    if len(lengths) == 1:
-        return None
-    ends = lengths.cumsum(0).tolist()
-    return list(zip([0, *ends[:-1]], ends))
-
-
-def shared_prompt_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, attn_implementation: str,
-                       dtype: torch.dtype, group_bounds: list[tuple[int, int]] | None = None) -> torch.Tensor:
-    """[rows, T] segment ids (data/collate.py: group << SEGMENT_BITS | segment, segment 0 the shared prefix,
-    i + 1 response i) -> the [rows, 1, T, T] mask in the form the model's attention takes (sdpa: bool,
-    True = attend; eager: additive float).
-
-    Query q sees key k <= q when k is real, in q's group, and in the prefix or in q's own segment. Padding
-    queries see themselves, so no softmax row is empty: an all-masked row gives NaN, and NaN * 0 still
-    poisons the weight gradients through the padding positions. `group_bounds` (`packed_group_bounds` of a
-    single packed row): every key outside q's group is masked, so only the diagonal blocks are computed.
-    """
-    t = segment_ids.shape[1]
-    if group_bounds is None:
-        allowed = _segment_mask(segment_ids, attention_mask)
-    else:  # sum_g L_g^2 positions instead of T^2 (8 prompts a scoring row: an eighth)
-        allowed = torch.zeros(1, t, t, dtype=torch.bool, device=segment_ids.device)
-        for s, e in group_bounds:
-            allowed[:, s:e, s:e] = _segment_mask(segment_ids[:, s:e], attention_mask[:, s:e])
-    if attn_implementation in ("sdpa", GROUPED_SDPA):
-        return allowed[:, None]
-    if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-            ~allowed, torch.finfo(dtype).min)[:, None]
-    raise ValueError(f"model.share_prompt and model.pack need the 'sdpa' or 'eager' attention implementation (a "
-                     f"custom 4D mask); this model uses {attn_implementation!r}: set both to false")
-
-
-def _segment_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """`shared_prompt_mask`'s rule on [rows, L] positions -> [rows, L, L] bool."""
-    t = segment_ids.shape[1]
-    group, segment = segment_ids >> SEGMENT_BITS, segment_ids & ((1 << SEGMENT_BITS) - 1)      # [rows, L]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()            # [L, L]
-    same = (group[:, None, :] == group[:, :, None]) & (
-        (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))           # [rows, Lq, Lk]
-    allowed = causal & same & attention_mask.bool()[:, None, :]
-    return allowed | torch.eye(t, dtype=torch.bool, device=segment_ids.device)
 
 
 def tied_input_embedding(model) -> torch.nn.Embedding | None:
@@ -234,14 +141,9 @@ def response_stats(model, *, input_ids, attention_mask, labels, owner, num_respo
             f"{type(model).__name__} soft-caps its logits; the chunked log-prob path does not apply it yet"
         )
     body = getattr(model, model.base_model_prefix)  # e.g. LlamaForCausalLM.model
-    groups = {}
+    layout = {}  # group bounds or causal sequences of a packed row: they reach every layer's attention
     if segment_ids is not None:
-        implementation = model.config._attn_implementation
-        bounds = packed_group_bounds(segment_ids)
-        attention_mask = shared_prompt_mask(segment_ids, attention_mask, implementation,
-                                            body.get_input_embeddings().weight.dtype, bounds)
-        if bounds is not None and implementation == GROUPED_SDPA:
-            groups = {"group_bounds": bounds}  # reaches every layer's attention
+        attention_mask, layout = attention_inputs(model, segment_ids, attention_mask)
     embedding = tied_input_embedding(model) if tie_grads and torch.is_grad_enabled() else None
     tied = TiedWeightGrad() if embedding is not None else None
     inputs = ({"input_ids": input_ids} if tied is None else
@@ -249,7 +151,7 @@ def response_stats(model, *, input_ids, attention_mask, labels, owner, num_respo
     # use_cache=False: a model whose config keeps the KV cache on (the default) would otherwise hold every
     # layer's keys and values to the end of the forward, and hand the compiled layers a cache to guard on
     hidden = body(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                  **groups).last_hidden_state
+                  **layout).last_hidden_state
     head = model.get_output_embeddings()  # weight [V, H]; hidden [rows, T, H]
     return response_logprobs(
         hidden, head.weight, labels, bias=head.bias, owner=owner, num_responses=num_responses,

@@ -15,7 +15,8 @@ Two layouts, the same log-probs (within float rounding; tests/unit/test_collate.
   per-response layout's. The last prompt token opens each segment (its hidden state predicts y_0, one
   copy per response keeps one label per position) at the cost of N - 1 extra tokens. The prompt runs once
   instead of N times: for pairs with a prompt as long as a response, 1/4 fewer tokens; listwise N = 4,
-  more. The model side turns `segment_ids` into the 4D attention mask (`models.shared_prompt_mask`).
+  more. The model side turns `segment_ids` into the 4D attention mask (`attention.shared_prompt_mask`), or
+  on a GPU in bf16 into causal sequences for the varlen flash kernel (`attention.varlen_sequences`).
 
 Either layout can also be **packed** (`pack=True`): the rows of the micro-batch's prompts laid end to end in
 one row, without padding between them. A token attends only within its own row of the unpacked layout (a

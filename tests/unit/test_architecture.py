@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mallows_ray"
 LAYERS = [
     ("mallows_ray", "mallows_ray.losses", "mallows_ray.lambdas", "mallows_ray.runtime", "mallows_ray.console"),
     ("mallows_ray.config", "mallows_ray.typed_config"),
-    ("mallows_ray.models", "mallows_ray.data", "mallows_ray.export_format"),
+    ("mallows_ray.models", "mallows_ray.attention", "mallows_ray.data", "mallows_ray.export_format"),
     ("mallows_ray.train",),
     ("mallows_ray.drivers", "mallows_ray.tune"),
     ("mallows_ray.demo", "mallows_ray.bandit"),

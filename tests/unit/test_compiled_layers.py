@@ -6,8 +6,9 @@ import pytest
 import torch
 from test_shared_prompt import batch_of_prompts, statistics_and_gradients, tiny_llama
 
+from mallows_ray.attention import GROUPED_SDPA
 from mallows_ray.config import ConfigError, load_config
-from mallows_ray.models import GROUPED_SDPA, compile_layers
+from mallows_ray.models import compile_layers
 
 TOLERANCE = 1e-5  # float32: the compiled kernels fuse and reorder the same arithmetic
 

@@ -10,20 +10,21 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mallows_ray.data.collate import pack_responses
-from mallows_ray.models import (
+from mallows_ray.attention import (
     GROUPED_SDPA,
+    VARLEN,
     packed_group_bounds,
-    register_grouped_sdpa,
-    response_stats,
+    register_packed_attention,
     shared_prompt_mask,
 )
+from mallows_ray.data.collate import pack_responses
+from mallows_ray.models import response_stats
 
 TOLERANCE = 1e-5  # float32 rounding: the two layouts sum the same terms in a different order
 
 
 def tiny_llama(attn_implementation: str) -> LlamaForCausalLM:
-    register_grouped_sdpa()
+    register_packed_attention()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
@@ -41,16 +42,16 @@ def batch_of_prompts(seed: int = 0):
     return prompts, responses
 
 
-def statistics_and_gradients(model, prompts, responses, **layout):
+def statistics_and_gradients(model, prompts, responses, device: str = "cpu", **layout):
     model.zero_grad(set_to_none=True)
-    packed = pack_responses(prompts, responses, pad_id=0, **layout)
+    packed = pack_responses(prompts, responses, pad_id=0, **layout).to(torch.device(device))
     stats = response_stats(model, **packed.model_inputs(), with_entropy=True)
-    weights = torch.linspace(-1.0, 2.0, packed.num_responses)  # any downstream use of the sums
+    weights = torch.linspace(-1.0, 2.0, packed.num_responses, device=device)  # any downstream use of the sums
     (stats.logp_sum * weights).sum().backward()
     return stats, {name: p.grad.clone() for name, p in model.named_parameters()}, packed
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", GROUPED_SDPA])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", GROUPED_SDPA, VARLEN])  # VARLEN: grouped on CPU
 @pytest.mark.parametrize("share, pack", [(True, False), (False, True), (True, True)])
 def test_same_statistics_and_gradients_as_one_row_per_response(attn_implementation, share, pack):
     model = tiny_llama(attn_implementation)
@@ -107,7 +108,7 @@ def test_grouped_attention_runs_each_prompt_of_a_packed_row_alone(share):
 def test_a_bf16_model_attends_in_fp32_on_the_cpu(group_bounds):
     """bf16 query/key/value on the CPU: the fp32 attention of the same values, rounded to bf16 (torch's CPU
     bf16 flash-attention kernels are the slow ones), with bf16 gradients flowing back."""
-    from mallows_ray.models import grouped_sdpa_attention
+    from mallows_ray.attention import packed_attention
 
     module = tiny_llama(GROUPED_SDPA).model.layers[0].self_attn
     g = torch.Generator().manual_seed(0)
@@ -116,8 +117,8 @@ def test_a_bf16_model_attends_in_fp32_on_the_cpu(group_bounds):
     mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None]
     if group_bounds:
         mask[..., 5:, :5] = False
-    out, _ = grouped_sdpa_attention(module, query, key, value, mask, group_bounds)
-    upcast, _ = grouped_sdpa_attention(module, query.float(), key.float(), value.float(), mask, group_bounds)
+    out, _ = packed_attention(module, query, key, value, mask, group_bounds)
+    upcast, _ = packed_attention(module, query.float(), key.float(), value.float(), mask, group_bounds)
     assert out.dtype == torch.bfloat16 and torch.equal(out, upcast.bfloat16())
     out.float().square().sum().backward()
     assert query.grad.dtype == torch.bfloat16 and query.grad.abs().sum() > 0

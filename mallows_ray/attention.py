@@ -75,15 +75,18 @@ def varlen_sequences(segment_ids: torch.Tensor) -> VarlenSequences:
 
 def varlen_applies(model, device: torch.device) -> bool:
     """Whether `model`'s packed rows on `device` run the varlen flash kernel: `VARLEN` is its implementation,
-    the device a CUDA GPU with flash attention (Ampere or later), the weights bf16 / fp16, and every layer full
-    causal attention without soft-capping, or dropout while training (the kernel has neither)."""
+    the device an NVIDIA GPU with flash attention (Ampere or later; ROCm's kernel aligns a causal window to a
+    sequence's first key, not its last), the weights bf16 / fp16, and every layer full causal attention
+    without a sliding window, soft-capping, or dropout while training (the kernel is given none of them)."""
     config = model.config
-    if config._attn_implementation != VARLEN or device.type != "cuda":
+    if config._attn_implementation != VARLEN or device.type != "cuda" or torch.version.hip is not None:
         return False
     layers = getattr(config, "layer_types", None) or ["full_attention"]
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     return (model.get_input_embeddings().weight.dtype in HALF_DTYPES
+            and torch.backends.cuda.is_flash_attention_available()
             and torch.cuda.get_device_capability(device) >= (8, 0)
-            and all(kind == "full_attention" for kind in layers)
+            and all(kind == "full_attention" for kind in layers) and not sliding
             and not getattr(config, "attn_logit_softcapping", None)
             and not (model.training and getattr(config, "attention_dropout", 0.0)))
 
@@ -115,8 +118,10 @@ def packed_attention(module, query, key, value, attention_mask, group_bounds=Non
     if causal_sequences is not None:
         from torch.nn.attention.varlen import varlen_attn
 
-        if kwargs.get("dropout"):
-            raise ValueError("varlen attention has no dropout (`varlen_applies` should have ruled it out)")
+        if kwargs.get("dropout") or not query.is_cuda or query.dtype not in HALF_DTYPES:
+            raise ValueError(f"the varlen flash kernel takes bf16/fp16 CUDA tensors without dropout, not "
+                             f"{query.dtype} on {query.device} (dropout {kwargs.get('dropout')}): `varlen_applies` "
+                             f"judged this model by its embedding weights")
         return varlen_attention(query, key, value, causal_sequences, varlen_attn, scale=kwargs.get("scaling")), None
     if query.device.type == "cpu" and query.dtype in HALF_DTYPES:
         # torch's CPU flash-attention kernels run bf16 far slower than fp32 (the backward ~6x on SmolLM2's
@@ -141,7 +146,7 @@ def varlen_attention(query, key, value, sequences: VarlenSequences, kernel, scal
     """One row's attention as causal `sequences` through `kernel` (torch's `varlen_attn` or a function of its
     signature): query [1, H, T, D], key / value [1, H_kv, T, D] -> [1, T, H, D]. The keys are gathered into
     sequence order (a prefix once per response segment of its group); the gather's backward adds each copy's
-    gradient back into the prefix's."""
+    gradient back into the prefix's (on a GPU with atomic adds: in bf16 not bitwise reproducible)."""
     q = query[0].transpose(0, 1).contiguous()                                       # [T, H, D]
     k, v = (x[0].transpose(0, 1).index_select(0, sequences.key_index) for x in (key, value))  # [K, H_kv, D]
     out = kernel(q, k, v, sequences.cu_seq_q, sequences.cu_seq_k, sequences.max_q, sequences.max_k, scale=scale,

@@ -142,10 +142,11 @@ def test_varlen_applies_only_to_varlen_models_on_a_gpu():
 
 
 def cuda_with_flash() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    return (torch.cuda.is_available() and torch.version.hip is None
+            and torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability() >= (8, 0))
 
 
-@pytest.mark.skipif(not cuda_with_flash(), reason="torch's varlen flash kernel needs a CUDA GPU (Ampere or later)")
+@pytest.mark.skipif(not cuda_with_flash(), reason="torch's varlen flash kernel needs an NVIDIA GPU (Ampere or later)")
 @pytest.mark.parametrize("share", [True, False])
 def test_on_a_gpu_the_varlen_kernel_gives_the_grouped_paths_statistics_and_gradients(share):
     """bf16 on the GPU: the real kernel through a whole model, against the grouped sdpa path on the same

@@ -51,7 +51,7 @@ def varlen_sequences(segment_ids: torch.Tensor) -> VarlenSequences:
     last key, query j of a response segment sees the whole prefix and the segment's first j + 1 tokens: the
     rule of `shared_prompt_mask`."""
     values, lengths = torch.unique_consecutive(segment_ids[0], return_counts=True)
-    keys: list[range] = []
+    keys = []  # per sequence: the row positions of its keys
     cu_q, cu_k, start = [0], [0], 0
     prefix, prefix_group = range(0), None
     for value, length in zip(values.tolist(), lengths.tolist()):
@@ -93,9 +93,9 @@ def varlen_applies(model, device: torch.device) -> bool:
 
 def attention_inputs(model, segment_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The attention mask and the extra attention arguments of a forward over `segment_ids`' layout [rows, T]:
-    the [rows] 2D mask as it is and the row's `varlen_sequences` where `varlen_applies` (a single row of real
+    the 2D [1, T] mask as it is and the row's `varlen_sequences` where `varlen_applies` (a single row of real
     tokens: transformers then builds no mask either), else `shared_prompt_mask`, with a packed row's
-    `group_bounds` for `GROUPED_SDPA`."""
+    `group_bounds` for `GROUPED_SDPA` and `VARLEN`."""
     implementation = model.config._attn_implementation
     if segment_ids.shape[0] == 1 and varlen_applies(model, segment_ids.device):
         return attention_mask, {"causal_sequences": varlen_sequences(segment_ids)}

@@ -130,6 +130,12 @@ def test_varlen_attention_gives_the_grouped_paths_values_and_gradients(share):
     assert want_grads[1].abs().sum() > 0  # the key gradients (summed over the prefix's copies) are compared
 
 
+def test_load_model_gives_an_sdpa_model_the_varlen_implementation(tiny_model_dir):
+    from mallows_ray.models import load_model
+
+    assert load_model(tiny_model_dir).config._attn_implementation == VARLEN
+
+
 def test_varlen_applies_only_to_varlen_models_on_a_gpu():
     """On the CPU (and for GROUPED_SDPA anywhere) a packed row gets its mask and group bounds."""
     packed = packed_row(share=True)

@@ -19,7 +19,6 @@ its siblings nor of the other groups of a packed row. Three ways to run that, on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 
@@ -50,27 +49,26 @@ def varlen_sequences(segment_ids: torch.Tensor) -> VarlenSequences:
     trailing padding to itself (no softmax row is empty). With each sequence's causal window aligned to its
     last key, query j of a response segment sees the whole prefix and the segment's first j + 1 tokens: the
     rule of `shared_prompt_mask`."""
-    values, lengths = torch.unique_consecutive(segment_ids[0], return_counts=True)
-    keys = []  # per sequence: the row positions of its keys
+    values, lengths = (t.tolist() for t in torch.unique_consecutive(segment_ids[0], return_counts=True))
+    spans = []  # (start, end) row spans of the keys, sequence after sequence: its prefix's, then its own
     cu_q, cu_k, start = [0], [0], 0
-    prefix, prefix_group = range(0), None
-    for value, length in zip(values.tolist(), lengths.tolist()):
-        run = range(start, start + length)
+    prefix, prefix_group = (0, 0), None
+    for value, length in zip(values, lengths):
+        run = (start, start + length)
         group, segment = value >> SEGMENT_BITS, value & SEGMENT_MASK
         if value >= 0 and segment == 0:
             prefix, prefix_group = run, group
-        shared = prefix if value >= 0 and segment > 0 and prefix_group == group else range(0)
-        keys.append(chain(shared, run))
-        cu_q.append(start + length)
-        cu_k.append(cu_k[-1] + len(shared) + length)
+        shared = prefix if value >= 0 and segment > 0 and prefix_group == group else (start, start)
+        spans += [shared, run]
+        cu_q.append(run[1])
+        cu_k.append(cu_k[-1] + (shared[1] - shared[0]) + length)
         start += length
     device = segment_ids.device
-    counts = torch.tensor(cu_k).diff()
     return VarlenSequences(
         cu_seq_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
         cu_seq_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
-        key_index=torch.tensor(list(chain.from_iterable(keys)), dtype=torch.long, device=device),
-        max_q=int(lengths.max()), max_k=int(counts.max()))
+        key_index=torch.cat([torch.arange(s, e) for s, e in spans]).to(device),  # per span, not per token
+        max_q=max(lengths), max_k=max(b - a for a, b in zip(cu_k, cu_k[1:])))
 
 
 def varlen_applies(model, device: torch.device) -> bool:

@@ -8,7 +8,8 @@ The measurements (run.py's `measurement_plan`): `mallows_step` is the mallows_ra
 `mallows_step_unpacked` the same without packing, `mallows_step_per_response` one row per response, unpacked;
 `trl_default` and `trl_precompute` TRL's `DPOTrainer` as users run it (glibc's default malloc), and
 `trl_default_workers_allocator` its default mode under the workers' malloc settings (rows 1g, 1g');
-`mallows_step_compiled` the default step with model.compile (row 1h: what the switch buys once compiled).
+`mallows_step_compiled` the default step with model.compile (row 1h: what the switch buys once compiled);
+`step_matmuls` the default step's matmuls alone at its shapes (row 2'': row 2's upper bound).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ CAUSES = {
            "tokens (row 2'), so the shared prompt does not inflate it. Larger micro-batches run larger, faster "
            "matmuls. model.compile (off by default) fuses the elementwise ops and attention's neighbours in "
            "each decoder layer: its step and its share of the peak are rows 1h and 2 (model.compile), after "
-           "the first step's compiling (benchmarks/README.md).",
+           "the first step's compiling (benchmarks/README.md). Row 2'' times the same step's matmuls alone at its "
+           "shapes (benchmarks/step_matmuls.py): the share it would reach with nothing else in the step; the "
+           "distance from row 2 to it is the rest of the step's time, not the matmuls.",
     "share_prompt": "the shared prompt runs each prompt once for both of its responses instead of once per "
                     "response (1/3 fewer tokens run at 64/64), at the price of a per-response attention mask over "
                     "the prompt row; a miss means the saved tokens did not pay for that mask at these lengths, or "
@@ -186,6 +189,10 @@ def rows(m: Measurements) -> list[Row]:
         row = _ratio_row(f"2. achieved / fp32 matmul peak, {label}", achieved, peak, target, ok, CAUSES["mfu"],
                          gflops)
         out.append(Row(row.item, row.measured.replace("x**", "**", 1), row.target, row.met, row.cause))
+    ceiling = _ratio_row("2''. the default step's linear-layer and head matmuls alone, timed at its shapes (an upper "
+                         "bound on row 2: no attention, elementwise ops, grad norm or AdamW) / fp32 matmul peak",
+                         _get(m, "step_matmuls", "median_flops"), peak, "(context)", None, "", gflops)
+    out.append(Row(ceiling.item, ceiling.measured.replace("x**", "**", 1), ceiling.target, ceiling.met))
     rps = lambda a, b: f"{a:.2f} vs {b:.2f} rows/s"  # noqa: E731
     out.append(_ratio_row(f"3a. reference scoring rows/s at this run's {m.scoring_pairs} pairs, actor pool / plain "
                           "loop (the issue's target, >= 0.9x at >= 2000 rows, is measured by `python -m "

@@ -39,7 +39,7 @@ from benchmarks.report import Measurements, render  # noqa: E402
 from benchmarks.sections import get_section, replace_section, section_names  # noqa: E402
 
 # the names of `measurement_plan`'s measurements (what `--skip` accepts)
-MEASUREMENTS = ("matmul", "mallows_step", "mallows_step_unpacked", "mallows_step_per_response",
+MEASUREMENTS = ("matmul", "step_matmuls", "mallows_step", "mallows_step_unpacked", "mallows_step_per_response",
                 "mallows_step_compiled", "trl_default", "trl_precompute", "trl_default_workers_allocator",
                 "scoring_loop", "chunked", "naive", "pool", "e2e_mallows", "e2e_trl")
 
@@ -135,6 +135,8 @@ def measurement_plan(workload: Workload, e2e: Workload, scoring_pairs: int,
                                           f"--threads={e2e.threads}", *lengths]),
         "e2e_trl": ("step_trl", [*workload_flags(e2e), "--epoch"]),
         "matmul": ("matmul_peak", [f"--threads={workload.threads}", f"--repeats={5 if quick else 20}"]),
+        # row 2's upper bound: the default step's matmuls alone, at its shapes
+        "step_matmuls": ("step_matmuls", workload_flags(workload)),
         # the default configuration: shared prompt, packed (model.pack), the workers' allocator settings
         "mallows_step": ("step_mallows", [*workload_flags(workload), "--pack=1"]),
         "mallows_step_unpacked": ("step_mallows", [*workload_flags(workload), "--pack=0"]),

@@ -20,6 +20,7 @@ def _measurements(**overrides) -> Measurements:
     """Every measurement present, every target met; `overrides` replace (or, with None, fail) measurements."""
     results = {
         "matmul": {"peak_flops": 1e12},
+        "step_matmuls": {"median_flops": 9e11},
         # achieved = 6 x 1e8 x 1200 = 7.2e11: 0.72 of the peak on the tokens the model ran
         "mallows_step": _step(1600.0, rss_mib=1900.0, model_tokens_per_s=1200.0),
         "mallows_step_unpacked": _step(1200.0, rss_mib=2000.0, model_tokens_per_s=800.0),
@@ -69,6 +70,7 @@ def test_bench_table_rows_targets_and_met_flags():
         "2. achieved / fp32 matmul peak, mallows_ray packed, model.compile": ("(context)", None),
         "1h. step tokens/s, mallows_ray with model.compile / without": ("(context)", None),
         "2. achieved / fp32 matmul peak, TRL default under the workers' allocator settings": ("(context)", None),
+        "2''. the default step's linear-layer and head matmuls alone": ("(context)", None),
         "3a. reference scoring rows/s": ("(context)", None),
         "3b. scoring time": ("<= 1.10x", True),
         "3c. scoring forward peak-memory increment": ("< 1.0x", True),
@@ -77,7 +79,7 @@ def test_bench_table_rows_targets_and_met_flags():
     for prefix, (target, met) in expected.items():
         row = _row(m, prefix)
         assert (row.target, row.met, row.cause) == (target, met, ""), prefix
-    assert len(table) == 12 + 7 + 4  # step rows, row 2 (x7), rows 3a-3c and 4
+    assert len(table) == 12 + 8 + 4  # step rows, row 2 (x7) and its upper bound, rows 3a-3c and 4
     # 1h: the compiled step against the default one, and what compiling cost (the first step; here none recorded)
     assert _row(m, "1h.").measured == "**1.12x** (1800 vs 1600 tokens/s; first step 210 s against ?)"
     # the measurements each ratio is taken from: 1e is the shared prompt alone, 1f packing alone
@@ -86,6 +88,7 @@ def test_bench_table_rows_targets_and_met_flags():
     assert _row(m, "1a.").measured.startswith("**3.20x** (1600 vs 500 tokens/s)")
     assert _row(m, "2. achieved / fp32 matmul peak, mallows_ray packed, the default").measured == \
         "**0.72** (720.0 of 1000.0 GFLOP/s)"
+    assert _row(m, "2''.").measured == "**0.90** (900.0 of 1000.0 GFLOP/s)"
     assert "python -m benchmarks.scale" in _row(m, "3a.").item and ">= 0.9x at >= 2000 rows" in _row(m, "3a.").item
     text = render(m)
     assert "## Missed targets" not in text
@@ -151,7 +154,8 @@ def test_bench_row_2_threshold_is_the_issue_target():
 def test_bench_failed_or_skipped_measurements_say_so():
     m = _measurements(trl_default_workers_allocator=None)
     del m.results["mallows_step_unpacked"]  # skipped: never run
-    for prefix in ("1e.", "1f.", "1f'.", "1g.", "1g'.", "2. achieved / fp32 matmul peak, mallows_ray unpacked",
+    del m.results["step_matmuls"]
+    for prefix in ("2''.", "1e.", "1f.", "1f'.", "1g.", "1g'.", "2. achieved / fp32 matmul peak, mallows_ray unpacked",
                    "2. achieved / fp32 matmul peak, TRL default under"):
         row = _row(m, prefix)
         assert (row.measured, row.met) == ("not measured (failed or skipped; see logs/)", None), prefix
@@ -166,9 +170,24 @@ def test_bench_plan_flags_and_skip_names():
     base = [f"--{k}" for k in ("pairs=8", "micro-batch=2", "max-prompt-length=64", "max-response-length=64",
                                "warmup-steps=1", "measured-steps=4", "threads=2")]
     assert plan["mallows_step"] == ("step_mallows", [*base, "--pack=1"])
+    assert plan["step_matmuls"] == ("step_matmuls", base)  # row 2'': the same micro-batches as mallows_step
     assert plan["mallows_step_unpacked"] == ("step_mallows", [*base, "--pack=0"])
     assert plan["mallows_step_per_response"] == ("step_mallows", [*base, "--share-prompt=0", "--pack=0"])
     assert plan["trl_default"] == ("step_trl", base)
     assert plan["trl_precompute"] == ("step_trl", [*base, "--precompute"])
     assert plan["trl_default_workers_allocator"] == ("step_trl", [*base, "--allocator=workers"])
     assert "mallows_step_packed" not in plan
+
+
+def test_step_matmuls_times_every_linear_layer_of_the_body_not_the_head():
+    """Row 2'' shapes: each linear layer of the body as [out, in] with its count (the head is timed apart)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.step_matmuls import linear_shapes
+
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert linear_shapes(model) == {(32, 32): 6, (16, 32): 6, (48, 32): 6, (32, 48): 3}  # q, o; k, v; gate, up; down

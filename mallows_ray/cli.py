@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="score an exported model on a split of the config's data (listwise: under given lambdas)",
         description="Prepares (or reuses) the config's data, loads the export (full weights or a LoRA adapter) "
         "and prints the loss and reward metrics on --split as JSON. Listwise data: once per lambda (default: "
-        "each objective's vertex and the uniform vector), with lambda rendered into the prompt as in training; "
+        "each objective's vertex and the uniform vector, as lambdas.eval_vertices / lambdas.eval_uniform "
+        "choose), with lambda rendered into the prompt as in training; "
         "rewards/accuracy is the listwise top-1 accuracy against that lambda's mixed target.",
     )
     _add_config_args(evaluate)

@@ -17,7 +17,8 @@ from mallows_ray.train.objective import policy_outputs
 def evaluate_export(config: Config, model_dir: str, *, split: str = "validation",
                     lambdas: Mapping[str, Sequence[float]] | None = None, address: str | None = None,
                     conditioning: dict | None = None) -> dict[str, dict[str, float]]:
-    """Listwise data: {lambda name: metrics} under `lambdas` (default: each vertex and the uniform vector),
+    """Listwise data: {lambda name: metrics} under `lambdas` (default: each vertex and the uniform vector, as
+    `lambdas.eval_vertices` and `lambdas.eval_uniform` choose, like the training run's evaluation),
     conditioned as the export records (or as `conditioning` says: e.g. the untrained model evaluated exactly
     like a trained one); pairwise: {"pairwise": metrics}."""
     prepared = scored_data(config, address)
@@ -46,4 +47,6 @@ def evaluate_export(config: Config, model_dir: str, *, split: str = "validation"
                          f"{objectives}")
     conditioner = Conditioner(tokenizer, objectives, condition=settings_of["condition"],
                               placement=settings_of["placement"])
-    return evaluate_under_lambdas(policy, batches, lambdas or evaluation_lambdas(objectives), conditioner, settings)
+    lambdas = lambdas or evaluation_lambdas(objectives, vertices=config.lambdas.eval_vertices,
+                                            uniform=config.lambdas.eval_uniform)
+    return evaluate_under_lambdas(policy, batches, lambdas, conditioner, settings)

@@ -111,8 +111,10 @@ def training_rows(conditioner: Conditioner, rows: list[Row], draws: Sequence[Seq
     return conditioner.apply(rows, draws)
 
 
-def evaluation_lambdas(objectives: Sequence[str]) -> dict[str, tuple[float, ...]]:
-    """The lambdas the eval pass reports (issue: each vertex and the uniform vector), keyed by metric name."""
+def evaluation_lambdas(objectives: Sequence[str], *, vertices: bool = True,
+                       uniform: bool = True) -> dict[str, tuple[float, ...]]:
+    """The lambdas an eval pass reports, keyed by metric name: each objective's vertex with `vertices`, the
+    uniform vector ("uniform") with `uniform` (`lambdas.eval_vertices` / `lambdas.eval_uniform`)."""
     k = len(objectives)
-    named = {name: lambda_vector({name: 1.0}, objectives) for name in objectives}
-    return {**named, "uniform": tuple([1.0 / k] * k)}
+    named = {name: lambda_vector({name: 1.0}, objectives) for name in objectives} if vertices else {}
+    return {**named, "uniform": tuple([1.0 / k] * k)} if uniform else named

@@ -115,8 +115,8 @@ class ListwiseTraining(PairwiseTraining):
         """With `lambdas.eval_vertices` under each objective's vertex (`<objective>/...`), with `eval_uniform`
         under the uniform lambda (`uniform/...`); unprefixed: the uniform pass's, else the mean over the
         vertices."""
-        lambdas = {name: lam for name, lam in evaluation_lambdas(self.conditioner.objectives).items()
-                   if (self.cfg.eval_uniform if name == "uniform" else self.cfg.eval_vertices)}
+        lambdas = evaluation_lambdas(self.conditioner.objectives, vertices=self.cfg.eval_vertices,
+                                     uniform=self.cfg.eval_uniform)
         per_lambda = evaluate_under_lambdas(engine, lambda: batches, lambdas, self.conditioner, self.settings)
         metrics = {f"{name}/{key}": value for name, values in per_lambda.items()
                    for key, value in values.items() if key not in COUNTS}

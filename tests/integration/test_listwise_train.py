@@ -141,6 +141,7 @@ def test_generate_and_eval_commands_on_the_export(trained, capsys):
     from mallows_ray.cli import main
 
     result = trained("conditioned")
+    capsys.readouterr()  # what training printed (Ray Data's banner) when this test is the first to train it
     export = result.export_dir
     assert main(["generate", "--model", export, "--prompt", "Tell me about the apple.", "--lambda", "loud=1",
                  "--lambda", "calm=1", "--max-new-tokens", "4"]) == 0
@@ -158,6 +159,10 @@ def test_generate_and_eval_commands_on_the_export(trained, capsys):
     # the same weights, rows and conditioning as the run's final evaluation under the loud vertex
     assert metrics["examples"] == 10
     assert metrics["loss"] == pytest.approx(result.history[-1]["eval/loud/loss"], abs=1e-4)
+    # without --lambda: the passes lambdas.eval_vertices / lambdas.eval_uniform choose, as in training's evaluation
+    config.write_text(config.read_text() + "lambdas: {eval_uniform: false}\n")
+    assert main(["eval", "--config", str(config), "--model", export]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)) == ["calm", "loud"]
 
 
 def test_learned_scheduler_two_workers_zero2(trained):

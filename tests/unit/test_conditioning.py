@@ -91,6 +91,9 @@ def test_step_lambdas_depend_only_on_seed_step_and_scheduler_state():
 def test_evaluation_lambdas_are_the_vertices_and_uniform():
     assert evaluation_lambdas(["a", "b", "c"]) == {"a": (1.0, 0.0, 0.0), "b": (0.0, 1.0, 0.0), "c": (0.0, 0.0, 1.0),
                                                    "uniform": (1 / 3, 1 / 3, 1 / 3)}
+    # lambdas.eval_vertices / lambdas.eval_uniform pick the passes (training's evaluation and `mallows-ray eval`)
+    assert evaluation_lambdas(["a", "b"], uniform=False) == {"a": (1.0, 0.0), "b": (0.0, 1.0)}
+    assert evaluation_lambdas(["a", "b"], vertices=False) == {"uniform": (0.5, 0.5)}
 
 
 def test_lambda_config_validates_scheduler_and_parameters():

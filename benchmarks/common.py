@@ -111,6 +111,13 @@ def model_path() -> Path:
     return resolve_model_path(EMBEDDED_MODEL)
 
 
+def step_rows(rows: list[dict[str, Any]], step: int, micro_batch: int) -> list[dict[str, Any]]:
+    """The micro-batch of step `step` (0 = the first warm-up step): `rows` cycled in order, `micro_batch` at a
+    time, as TRL's sequential sampler feeds them."""
+    start = (step * micro_batch) % len(rows)
+    return (rows + rows)[start:start + micro_batch]
+
+
 def untruncated_pairs(tokenizer, workload: Workload, n: int | None = None) -> list[dict[str, Any]]:
     """The first `n` HH pairs (normalised + tokenized by mallows_ray) that fit the limits without truncation.
 

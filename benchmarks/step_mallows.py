@@ -34,6 +34,7 @@ from benchmarks.common import (
     peak_rss_mib,
     quiet_libraries,
     set_threads,
+    step_rows,
     synchronize,
     untruncated_pairs,
     workload_from_args,
@@ -92,12 +93,10 @@ def main() -> None:
     optimizer = build_optimizer(list(policy.parameters()), OptimConfig(lr=1e-6))
     loss_fn = build_loss("dpo", beta=0.1)
     n_params = sum(p.numel() for p in policy.parameters())
-    mb = workload.micro_batch
 
     seconds, cpu_seconds, tokens, model_tokens, warmup_seconds = [], [], [], [], []
     for step in range(workload.warmup_steps + workload.measured_steps):
-        start_row = (step * mb) % len(rows)
-        batch_rows = (rows + rows)[start_row:start_row + mb]
+        batch_rows = step_rows(rows, step, workload.micro_batch)
         synchronize(args.device)
         t0, c0 = time.perf_counter(), time.process_time()
         batch = collate(batch_rows, tokenizer.pad_token_id, with_scores=False, share_prompt=share,

@@ -24,6 +24,7 @@ from benchmarks.common import (
     median,
     model_path,
     set_threads,
+    step_rows,
     untruncated_pairs,
     workload_from_args,
 )
@@ -86,10 +87,9 @@ def main() -> None:
     parameters = sum(p.numel() for p in model.parameters())
     vocab, hidden = model.get_output_embeddings().weight.shape
     shapes = linear_shapes(model)
-    mb, rates, step_tokens, step_seconds = workload.micro_batch, [], [], []
+    rates, step_tokens, step_seconds = [], [], []
     for step in range(workload.warmup_steps, workload.warmup_steps + workload.measured_steps):
-        start_row = (step * mb) % len(rows)   # step_mallows's order: its measured steps' micro-batches
-        batch_rows = (rows + rows)[start_row:start_row + mb]
+        batch_rows = step_rows(rows, step, workload.micro_batch)   # step_mallows's measured steps' micro-batches
         packed = pack_responses([r["prompt_ids"] for r in batch_rows], [r["response_ids"] for r in batch_rows],
                                 tokenizer.pad_token_id, share_prompt=True, pack=True)
         tokens = packed.model_tokens
